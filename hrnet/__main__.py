@@ -1,0 +1,5 @@
+import sys
+
+from hrnet.cli import main
+
+sys.exit(main())

@@ -1,0 +1,77 @@
+"""The ``hrnet`` command line.
+
+Each command lives beside the library code it runs: the module named in COMMANDS defines
+``add_arguments(parser)`` and ``run(args) -> int``. Only the chosen command's module is
+imported, so ``hrnet --help`` and ``hrnet launch`` start without loading TensorFlow.
+"""
+import argparse
+import importlib
+import logging
+import os
+import sys
+from typing import List, Optional
+
+from hrnet.errors import HrnetError
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "info": ("hrnet.model.summary", "parameter count, GMACs and a per-stage summary of a model"),
+    "import-weights": ("hrnet.weights", "convert an official / timm PyTorch checkpoint to a TF checkpoint"),
+    "demo-data": ("hrnet.data.demo", "write the bundled demo data set (handwritten digits) as JPEG folders"),
+    "convert": ("hrnet.data.convert", "convert an image tree (ImageNet layout or class folders) to TFRecords"),
+    "train": ("hrnet.train.loop", "train a model on TFRecords (cpu, gpu or npu)"),
+    "launch": ("hrnet.runtime.launch", "start one training process per device (1, 2, 4 or 8)"),
+    "evaluate": ("hrnet.evaluate", "top-1 / top-5 / per-class accuracy of a checkpoint on the validation split"),
+    "export": ("hrnet.export", "export a checkpoint as SavedModel, frozen graph (.pb) and ONNX"),
+}
+
+
+class CliError(Exception):
+    """An error the user can fix; printed as one line, without a traceback."""
+
+
+def build_parser(command: str) -> argparse.ArgumentParser:
+    """The argument parser of one command (importing only its module)."""
+    if command not in COMMANDS:
+        raise CliError("unknown command %r; commands: %s" % (command, ", ".join(COMMANDS)))
+    module_name, help_text = COMMANDS[command]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog="hrnet " + command, description=help_text)
+    module.add_arguments(parser)
+    parser.set_defaults(_run=module.run)
+    return parser
+
+
+def _usage() -> str:
+    lines = ["usage: hrnet COMMAND [options]   (hrnet COMMAND --help for its options)", "", "commands:"]
+    lines += ["  %-15s %s" % (name, text) for name, (_, text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        from hrnet import __version__
+
+        print(__version__)
+        return 0
+    # TF's C++ start-up chatter (oneDNN, missing CUDA) buries our own messages.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        parser = build_parser(argv[0])
+        args = parser.parse_args(argv[1:])
+        return int(args._run(args) or 0)
+    except (CliError, HrnetError, ValueError, FileNotFoundError) as e:
+        # Bad input: say what is wrong in one line; the traceback helps nobody.
+        print("hrnet %s: error: %s" % (argv[0], e), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""manifest.json: what a step produced, written last.
+
+Every step (convert, train, evaluate, export) writes a manifest.json beside its outputs
+once they are complete: what it is (``kind``), counts, config, and the size and sha256 of
+each file. A reader that finds no manifest treats the output as incomplete.
+"""
+import hashlib
+import json
+import os
+import time
+from typing import Any, Dict, Optional
+
+from hrnet.errors import IncompleteError
+
+MANIFEST = "manifest.json"
+
+
+def file_digest(path: str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_entry(path: str, root: str) -> Dict[str, Any]:
+    """{'path', 'bytes', 'sha256'} of a file, its path relative to root."""
+    return {"path": os.path.relpath(path, root).replace(os.sep, "/"),
+            "bytes": os.path.getsize(path), "sha256": file_digest(path)}
+
+
+def write_manifest(directory: str, manifest: Dict[str, Any]) -> str:
+    """Write ``directory/manifest.json`` atomically (temp file, fsync, rename)."""
+    if "kind" not in manifest:
+        raise ValueError("a manifest needs a 'kind'")
+    body = dict(manifest)
+    body.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    path = os.path.join(directory, MANIFEST)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(body, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest(directory: str, kind: Optional[str] = None) -> Dict[str, Any]:
+    """The manifest of a finished output; IncompleteError if there is none."""
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError("no such directory: %s" % directory)
+    if not os.path.exists(path):
+        raise IncompleteError(
+            "%s has no %s: it is incomplete (still being written, or its writer died)" % (directory, MANIFEST)
+        )
+    with open(path) as f:
+        manifest = json.load(f)
+    if kind is not None and manifest.get("kind") != kind:
+        raise IncompleteError("%s holds a %r, not a %r" % (directory, manifest.get("kind"), kind))
+    return manifest
