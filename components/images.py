@@ -17,7 +17,7 @@ TAG = "0.1.0"  # follows hrnet.__version__; images are tagged with the release t
 TARGETS = ("ascend", "gpu", "cpu")
 
 # The image each target's steps run in; every step of one target uses the same image.
-IMAGES = {target: "%s/hrnet-%s:%s" % (REGISTRY, target, TAG) for target in TARGETS}
+IMAGES = {target: f"{REGISTRY}/hrnet-{target}:{TAG}" for target in TARGETS}
 
 # Object-store credentials reach the steps as environment variables from this Secret
 # (created by manifests/base from its template), never as pipeline parameters.
@@ -29,6 +29,11 @@ OBJECT_STORE_ENV = {
     "secretkey": "AWS_SECRET_ACCESS_KEY",
 }
 
+# The data PVC (raw image trees, e.g. ImageNet) the convert step mounts at DATA_MOUNT,
+# so source_uri may be a path under it as well as an s3:// / minio:// URI.
+DATA_PVC = "hrnet-data"
+DATA_MOUNT = "/data"
+
 # The ServiceAccount runs are submitted with: it may get pods, so the train step can
 # read the Ascend device plugin's pod annotation to build the HCCL rank table.
 SERVICE_ACCOUNT = "hrnet-pipeline"
@@ -36,7 +41,7 @@ SERVICE_ACCOUNT = "hrnet-pipeline"
 
 def check_target(target: str) -> str:
     if target not in TARGETS:
-        raise ValueError("unknown target %r; choose one of: %s" % (target, ", ".join(TARGETS)))
+        raise ValueError("unknown target {!r}; choose one of: {}".format(target, ", ".join(TARGETS)))
     return target
 
 
@@ -48,4 +53,4 @@ def image_for(target: str, registry: Optional[str] = None, tag: Optional[str] = 
         return full
     registry = registry or os.environ.get("HRNET_IMAGE_REGISTRY") or REGISTRY
     tag = tag or os.environ.get("HRNET_IMAGE_TAG") or TAG
-    return "%s/hrnet-%s:%s" % (registry.rstrip("/"), target, tag)
+    return "{}/hrnet-{}:{}".format(registry.rstrip("/"), target, tag)

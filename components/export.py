@@ -1,0 +1,14 @@
+"""Export a checkpoint for serving (SavedModel) and for Ascend ATC (frozen graph)."""
+from kfp import dsl
+from kfp.dsl import Input, Model, Output
+
+from components.images import IMAGES
+
+
+@dsl.component(base_image=IMAGES["cpu"], install_kfp_package=False)
+def export(model: Input[Model], exported: Output[Model]):
+    """saved_model/, frozen/ (.pb, node names, the atc command) and manifest.json in ``exported``."""
+    from hrnet.export import export_model
+
+    manifest = export_model(model.path, exported.path)
+    exported.metadata.update({"formats": sorted(k for k in ("saved_model", "frozen", "onnx") if k in manifest)})

@@ -1,0 +1,36 @@
+"""Train on 1 or 8 devices: ``hrnet launch`` starts one ``hrnet train`` process per device."""
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Model, Output
+
+from components.images import IMAGES
+
+
+@dsl.component(base_image=IMAGES["cpu"], install_kfp_package=False)
+def train(
+    dataset: Input[Dataset],
+    model: Output[Model],
+    model_name: str,
+    devices: int,
+    device: str,
+    batch_size: int,
+    epochs: float,
+    train_steps: int,
+    lr: float,
+    precision: str,
+    image_size: int,
+    seed: int,
+):
+    """Checkpoints, portable weights, history.jsonl and TensorBoard logs in ``model``."""
+    from hrnet.runtime.launch import launch
+
+    # 0 / "" mean "the library's default", so those flags are left out.
+    flags = {"--data": dataset.path, "--out": model.path, "--model": model_name, "--device": device,
+             "--batch-size": batch_size, "--image-size": image_size, "--epochs": epochs,
+             "--train-steps": train_steps, "--lr": lr, "--precision": precision, "--seed": seed}
+    command = ["hrnet", "train"]
+    for flag, value in flags.items():
+        if value not in (0, "", None):
+            command += [flag, str(value)]
+    code = launch(devices, command, device=device)
+    if code:
+        raise RuntimeError(f"hrnet launch exited with code {code} (see the log above)")

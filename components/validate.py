@@ -1,0 +1,41 @@
+"""First step: check the run's parameters before any pod asks for accelerators.
+
+A bad value (devices 3, an unknown model, no data source) fails this step in seconds with
+a message naming it, instead of a train pod failing after it got its chips.
+"""
+from kfp import dsl
+
+from components.images import IMAGES
+
+
+@dsl.component(base_image=IMAGES["cpu"], install_kfp_package=False)
+def validate(
+    source_uri: str,
+    tfrecords_uri: str,
+    model: str,
+    devices: int,
+    device: str,
+    batch_size: int,
+    epochs: float,
+    train_steps: int,
+    lr: float,
+    precision: str,
+    image_size: int,
+) -> str:
+    """Raise ValueError naming the first bad parameter; return the data source to use:
+    "convert" (an image tree to convert) or "tfrecords" (records converted before)."""
+    from hrnet.configs import canonical_name
+    from hrnet.runtime.launch import check_nproc
+    from hrnet.train.config import TrainConfig
+
+    if bool(source_uri) == bool(tfrecords_uri):
+        raise ValueError("give exactly one data source: source_uri (an image tree to convert) or tfrecords_uri "
+                         "(TFRecords made by `hrnet convert` or slim); "
+                         f"got source_uri={source_uri!r} tfrecords_uri={tfrecords_uri!r}")
+    canonical_name(model)
+    check_nproc(devices)
+    # 0 / "" stand for "the library's default" (pipeline parameters cannot be None).
+    TrainConfig(data=source_uri or tfrecords_uri, out="(the train step's Model artifact)", model=model,
+                device=device, batch_size=batch_size, epochs=epochs or None, train_steps=train_steps or None,
+                lr=lr or None, precision=precision or None, image_size=image_size).validate()
+    return "convert" if source_uri else "tfrecords"

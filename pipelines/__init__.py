@@ -1,0 +1,1 @@
+"""The HRNet Kubeflow pipeline and ``python -m pipelines compile | submit | run-local``."""

@@ -1,0 +1,164 @@
+"""The HRNet pipeline: validate -> convert (or import TFRecords) -> train -> evaluate -> export.
+
+One YAML per target (ascend | gpu | cpu), chosen when compiling; everything else is a
+run-time parameter. ``kfp dsl compile --py pipelines/hrnet_pipeline.py --output x.yaml``
+compiles the target named by ``HRNET_TARGET`` (default ascend); ``python -m pipelines
+compile --target ...`` does the same with flags.
+
+Per target the train step gets (the rest of the steps are plain CPU pods):
+
+- ascend: ``huawei.com/Ascend910`` = devices, node selector accelerator=huawei-Ascend910,
+  a toleration for the chips' taint, a memory emptyDir at /dev/shm;
+- gpu: ``nvidia.com/gpu`` = devices, a toleration, /dev/shm;
+- cpu: cpu and memory requests only.
+
+``hrnet launch`` starts one process per device; on Ascend it builds the HCCL rank table
+from the device plugin's pod annotation (read with the run's ServiceAccount).
+"""
+import os
+from typing import Dict, Optional
+
+from kfp import dsl, kubernetes
+from kfp.dsl import Dataset, Input
+
+from components import images
+from components.convert import convert
+from components.evaluate import evaluate
+from components.export import export
+from components.record import record_run
+from components.train import train
+from components.validate import validate
+
+PIPELINE_NAME = "hrnet-classification"
+
+# What each target asks of Kubernetes for the train step.
+TARGETS: Dict[str, Dict] = {
+    "ascend": dict(device="npu", accelerator="huawei.com/Ascend910",
+                   node_selector={"accelerator": "huawei-Ascend910"},
+                   cpu=("16", "96"), memory=("64G", "384G"), shm="32Gi"),
+    "gpu": dict(device="gpu", accelerator="nvidia.com/gpu", node_selector={},
+                cpu=("8", "64"), memory=("32G", "256G"), shm="16Gi"),
+    "cpu": dict(device="cpu", accelerator=None, node_selector={},
+                cpu=("8", "32"), memory=("16G", "64G"), shm=None),
+}
+# (request, limit) of the CPU-only steps: convert decodes and re-encodes JPEGs in parallel,
+# evaluate runs the model over the validation split, the others are light.
+STEP_RESOURCES = {
+    "validate": (("100m", "1"), ("256M", "1G")),
+    "convert": (("4", "16"), ("8G", "32G")),
+    "evaluate": (("4", "16"), ("8G", "32G")),
+    "export": (("2", "8"), ("8G", "16G")),
+    "record-run": (("100m", "1"), ("256M", "1G")),
+}
+
+
+def _configure(task, step: str, image: str, secret: bool = True):
+    (cpu_req, cpu_lim), (mem_req, mem_lim) = STEP_RESOURCES[step]
+    task.set_container_image(image)
+    task.set_cpu_request(cpu_req).set_cpu_limit(cpu_lim).set_memory_request(mem_req).set_memory_limit(mem_lim)
+    if secret:
+        kubernetes.use_secret_as_env(task, images.OBJECT_STORE_SECRET, images.OBJECT_STORE_ENV)
+    return task
+
+
+def _configure_train(task, target: str, image: str, devices):
+    spec = TARGETS[target]
+    task.set_container_image(image)
+    task.set_cpu_request(spec["cpu"][0]).set_cpu_limit(spec["cpu"][1])
+    task.set_memory_request(spec["memory"][0]).set_memory_limit(spec["memory"][1])
+    if spec["accelerator"]:
+        task.set_accelerator_type(spec["accelerator"]).set_accelerator_limit(devices)
+        # Accelerator nodes are commonly tainted with their resource name to keep other pods off.
+        kubernetes.add_toleration(task, key=spec["accelerator"], operator="Exists", effect="NoSchedule")
+    for key, value in spec["node_selector"].items():
+        kubernetes.add_node_selector(task, key, value)
+    if spec["shm"]:
+        # The container runtime's 64 MB /dev/shm is too small for the collective libraries
+        # (HCCL, NCCL) and the input pipeline's shared buffers.
+        kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
+                                   size_limit=spec["shm"])
+    kubernetes.use_secret_as_env(task, images.OBJECT_STORE_SECRET, images.OBJECT_STORE_ENV)
+    # Node loss, a preempted pod or an HCCL connect timeout deserve another try.
+    task.set_retry(num_retries=2, backoff_duration="60s", backoff_factor=2.0)
+    return task
+
+
+def build_pipeline(target: str = "ascend", image: Optional[str] = None, data_pvc: Optional[str] = images.DATA_PVC):
+    """The pipeline function for ``target``; ``image`` overrides components.images.image_for(target),
+    ``data_pvc`` (None: none) is mounted at /data in the convert step."""
+    images.check_target(target)
+    image = image or images.image_for(target)
+    device = TARGETS[target]["device"]
+
+    @dsl.pipeline(name="train-evaluate-export", description="HRNet: train, evaluate and export one data set")
+    def train_evaluate_export(
+        dataset: Input[Dataset],
+        model: str,
+        devices: int,
+        batch_size: int,
+        epochs: float,
+        train_steps: int,
+        lr: float,
+        precision: str,
+        image_size: int,
+        seed: int,
+    ):
+        train_task = train(dataset=dataset, model_name=model, devices=devices, device=device,
+                           batch_size=batch_size, epochs=epochs, train_steps=train_steps, lr=lr,
+                           precision=precision, image_size=image_size, seed=seed)
+        _configure_train(train_task, target, image, devices)
+        evaluate_task = evaluate(dataset=dataset, model=train_task.outputs["model"])
+        _configure(evaluate_task, "evaluate", image)
+        export_task = export(model=train_task.outputs["model"])
+        _configure(export_task, "export", image)
+
+    @dsl.pipeline(
+        name=PIPELINE_NAME,
+        description=f"HRNet image classification ({target}): convert -> train -> evaluate -> export",
+    )
+    def hrnet_pipeline(
+        source_uri: str = "",
+        tfrecords_uri: str = "",
+        model: str = "w18",
+        devices: int = 1,
+        batch_size: int = 32,
+        epochs: float = 100.0,
+        train_steps: int = 0,
+        lr: float = 0.0,
+        precision: str = "",
+        image_size: int = 224,
+        seed: int = 0,
+    ):
+        """source_uri: an image tree to convert (ImageNet layout or class folders; a path
+        under /data or an s3:// / minio:// URI). tfrecords_uri: TFRecords converted before
+        (an s3:// / minio:// URI). Give exactly one. devices: 1, 2, 4 or 8 per pod.
+        batch_size: per device. train_steps 0: train for ``epochs``. lr 0: 0.1 x global
+        batch / 256. precision "": mixed_fp16 on Ascend, fp32 elsewhere. seed 0: random."""
+        record_task = record_run()
+        _configure(record_task, "record-run", image, secret=False)
+        record_task.set_caching_options(False)
+        with dsl.ExitHandler(record_task, name="hrnet-run"):
+            check = validate(source_uri=source_uri, tfrecords_uri=tfrecords_uri, model=model, devices=devices,
+                             device=device, batch_size=batch_size, epochs=epochs, train_steps=train_steps, lr=lr,
+                             precision=precision, image_size=image_size)
+            _configure(check, "validate", image, secret=False)
+            check.set_caching_options(False)
+            rest = dict(model=model, devices=devices, batch_size=batch_size, epochs=epochs,
+                        train_steps=train_steps, lr=lr, precision=precision, image_size=image_size, seed=seed)
+            # Both branches run the same sub-pipeline: KFP's local runner cannot merge
+            # artifacts of two branches (dsl.OneOf), and a sub-pipeline reads as one step anyway.
+            with dsl.If(check.output == "convert", name="convert-images"):
+                convert_task = convert(source_uri=source_uri)
+                _configure(convert_task, "convert", image)
+                if data_pvc:
+                    kubernetes.mount_pvc(convert_task, pvc_name=data_pvc, mount_path=images.DATA_MOUNT)
+                train_evaluate_export(dataset=convert_task.outputs["dataset"], **rest)
+            with dsl.Else(name="use-tfrecords"):
+                records = dsl.importer(artifact_uri=tfrecords_uri, artifact_class=Dataset, reimport=False)
+                train_evaluate_export(dataset=records.output, **rest)
+
+    return hrnet_pipeline
+
+
+# The module-level pipeline `kfp dsl compile --py pipelines/hrnet_pipeline.py` finds.
+hrnet_pipeline = build_pipeline(os.environ.get("HRNET_TARGET", "ascend"))
