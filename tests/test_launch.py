@@ -77,7 +77,7 @@ def _by_rank(text):
     out = {}
     for line in text.splitlines():
         m = re.match(r"\[rank (\d+)\] (.*)$", line)
-        assert m, "line without a rank prefix: %r" % line
+        assert m, f"line without a rank prefix: {line!r}"
         out.setdefault(int(m.group(1)), []).append(m.group(2))
     return out
 
@@ -162,13 +162,13 @@ def _npu_env(**extra):
 
 def test_npu_ranks_from_visible_devices_and_hccn_conf(capfd, child, tmp_path):
     conf = tmp_path / "hccn.conf"
-    conf.write_text("".join("address_%d=192.168.10%d.1\n" % (i, i) for i in range(8)))
+    conf.write_text("".join(f"address_{i}=192.168.10{i}.1\n" for i in range(8)))
     env = _npu_env(ASCEND_VISIBLE_DEVICES="4,5,6,7", SERVER_ID="10.0.0.9")
     assert launcher.launch(4, child + ["env"], device="npu", env=env, hccn_conf=str(conf), job_id="77") == 0
     ranks = _rank_json(capfd, 4)
     table = ranks[0]["rank_table"]
     assert table["server_list"][0]["server_id"] == "10.0.0.9"
-    assert [d["device_ip"] for d in table["server_list"][0]["device"]] == ["192.168.10%d.1" % i for i in (4, 5, 6, 7)]
+    assert [d["device_ip"] for d in table["server_list"][0]["device"]] == [f"192.168.10{i}.1" for i in (4, 5, 6, 7)]
     for r, chip in zip(range(4), (4, 5, 6, 7)):
         info = ranks[r]
         assert (info["RANK_ID"], info["RANK_SIZE"]) == (str(r), "4")
@@ -226,8 +226,8 @@ def test_each_output_line_is_prefixed_and_kept_in_the_log_dir(capfd, child, tmp_
     for r in (0, 1):
         assert _by_rank(out)[r] == ["out one", "10%", "50%", "100%", "no newline at the end"]
         assert _by_rank(err)[r] == ["err one"]
-        kept = (tmp_path / "logs" / ("rank-%d.log" % r)).read_text().splitlines()
-        assert sorted(kept) == sorted("[rank %d] %s" % (r, s) for s in
+        kept = (tmp_path / "logs" / f"rank-{r}.log").read_text().splitlines()
+        assert sorted(kept) == sorted(f"[rank {r}] {s}" for s in
                                       ["out one", "err one", "10%", "50%", "100%", "no newline at the end"])
 
 
@@ -250,7 +250,7 @@ def test_ranks_deaf_to_sigterm_are_killed_after_the_grace_period(child, tmp_path
     assert launcher.launch(4, child + ["die", "deaf", str(tmp_path)], grace_period=0.5) == 3
     assert time.monotonic() - start < 20
     for r in (0, 2, 3):
-        _assert_gone(tmp_path / ("pid-%d" % r))
+        _assert_gone(tmp_path / f"pid-{r}")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -261,7 +261,7 @@ def test_signals_are_forwarded_to_every_rank(signum, child):
         ready = 0
         while ready < 2:
             line = proc.stdout.readline()
-            assert line, "launcher ended early: %s" % proc.stderr.read()
+            assert line, f"launcher ended early: {proc.stderr.read()}"
             ready += line.endswith("] ready\n")
         proc.send_signal(signum)
         out, err = proc.communicate(timeout=30)
@@ -271,7 +271,7 @@ def test_signals_are_forwarded_to_every_rank(signum, child):
             proc.wait()
     assert proc.returncode == 128 + signum, err
     got = _by_rank(out)
-    assert got == {0: ["got signal %d" % signum], 1: ["got signal %d" % signum]}, (out, err)
+    assert got == {0: [f"got signal {signum}"], 1: [f"got signal {signum}"]}, (out, err)
 
 
 # ----------------------------------------------------------------------------- command line and imports
