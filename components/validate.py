@@ -25,7 +25,7 @@ def validate(
     """Raise ValueError naming the first bad parameter; return the data source to use:
     "convert" (an image tree to convert) or "tfrecords" (records converted before)."""
     from hrnet.configs import canonical_name
-    from hrnet.runtime.launch import check_nproc
+    from hrnet.runtime.launch import VALID_NPROC
     from hrnet.train.config import TrainConfig
 
     if bool(source_uri) == bool(tfrecords_uri):
@@ -33,7 +33,9 @@ def validate(
                          "(TFRecords made by `hrnet convert` or slim); "
                          f"got source_uri={source_uri!r} tfrecords_uri={tfrecords_uri!r}")
     canonical_name(model)
-    check_nproc(devices)
+    if devices not in VALID_NPROC:
+        raise ValueError(f"devices must be one of {', '.join(map(str, VALID_NPROC))} (one training process per "
+                         f"device, on one node), got {devices}")
     # 0 / "" stand for "the library's default" (pipeline parameters cannot be None).
     TrainConfig(data=source_uri or tfrecords_uri, out="(the train step's Model artifact)", model=model,
                 device=device, batch_size=batch_size, epochs=epochs or None, train_steps=train_steps or None,

@@ -12,6 +12,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from typing import Any, Dict, List, Optional
 
 from components import images
@@ -83,6 +84,8 @@ def submit(host: str, package: str, arguments: Dict[str, Any], experiment: str =
     import urllib3
     from kfp import Client
 
+    # kfp.Client warns on every start that it needs a v2 API server; that is all we support.
+    warnings.filterwarnings("ignore", message="This client only works", category=FutureWarning)
     try:
         client = Client(host=host, namespace=namespace)
         result = client.create_run_from_pipeline_package(

@@ -1,0 +1,240 @@
+"""The compiled pipeline (IR YAML) of every target: what each step asks of Kubernetes."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from components import images
+from pipelines.__main__ import compile_pipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = ("validate", "convert", "train", "evaluate", "export", "record-run")
+STORAGE_STEPS = ("convert", "train", "evaluate", "export")
+
+
+def compile_ir(tmp_path, target, **kwargs):
+    path = str(tmp_path / f"hrnet-{target}.yaml")
+    compile_pipeline(target, path, **kwargs)
+    with open(path) as f:
+        text = f.read()
+    ir, platform = yaml.safe_load_all(text)
+    return ir, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"], text
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ir")
+    return {target: compile_ir(tmp, target) for target in images.TARGETS}
+
+
+def executors_of(ir, step):
+    """Executor labels of every use of component ``step`` (it appears once per data-source branch)."""
+    found = [spec["executorLabel"] for name, spec in ir["components"].items()
+             if re.fullmatch(f"comp-{step}(-\\d+)?", name) and "executorLabel" in spec]
+    assert found, f"no executor for step {step}"
+    return found
+
+
+def container(ir, label):
+    return ir["deploymentSpec"]["executors"][label]["container"]
+
+
+def trace_to_root(ir, component, param):
+    """Follow a component input up through the DAGs; returns ('root', name) or ('constant', value)."""
+    callers = [(parent, task) for parent, spec in list(ir["components"].items()) + [("root", ir["root"])]
+               for task in spec.get("dag", {}).get("tasks", {}).values()
+               if task["componentRef"]["name"] == component]
+    assert callers, f"nothing calls {component}"
+    ends = set()
+    for parent, task in callers:
+        source = task["inputs"]["parameters"][param]
+        if "runtimeValue" in source:
+            ends.add(("constant", source["runtimeValue"]["constant"]))
+        elif parent == "root":
+            ends.add(("root", source["componentInputParameter"]))
+        else:
+            ends |= trace_to_root(ir, parent, source["componentInputParameter"])
+    return ends
+
+
+def test_ascend_chip_count_follows_the_devices_parameter(compiled):
+    ir, _, _ = compiled["ascend"]
+    for label in executors_of(ir, "train"):
+        accelerator = container(ir, label)["resources"]["accelerator"]
+        assert accelerator["resourceType"] == "huawei.com/Ascend910"
+        placeholder = re.fullmatch(r"\{\{\$\.inputs\.parameters\['(.+)'\]\}\}", accelerator["resourceCount"])
+        assert placeholder, accelerator
+        component = next(n for n, c in ir["components"].items() if c.get("executorLabel") == label)
+        assert trace_to_root(ir, component, placeholder.group(1)) == {("root", "devices")}
+    # The same parameter reaches the launcher as its process count.
+    for component in ("comp-train", "comp-train-2"):
+        assert trace_to_root(ir, component, "devices") == {("root", "devices")}
+        assert trace_to_root(ir, component, "device") == {("constant", "npu")}
+
+
+def test_ascend_train_pod_lands_on_a_chip_node(compiled):
+    ir, k8s, _ = compiled["ascend"]
+    for label in executors_of(ir, "train"):
+        assert k8s[label]["nodeSelector"]["labels"] == {"accelerator": "huawei-Ascend910"}
+        toleration = {"key": "huawei.com/Ascend910", "operator": "Exists", "effect": "NoSchedule"}
+        assert toleration in k8s[label]["tolerations"]
+        shm = [m for m in k8s[label]["emptyDirMounts"] if m["mountPath"] == "/dev/shm"]
+        assert shm and shm[0]["medium"] == "Memory"
+        resources = container(ir, label)["resources"]
+        assert resources["resourceCpuRequest"] and resources["resourceMemoryRequest"]
+    # Only training needs the chips: the other steps may run on any node.
+    for step in ("validate", "convert", "evaluate", "export", "record-run"):
+        for label in executors_of(ir, step):
+            assert "accelerator" not in container(ir, label).get("resources", {})
+            assert "nodeSelector" not in k8s.get(label, {}) and "tolerations" not in k8s.get(label, {})
+
+
+def test_gpu_train_requests_gpus(compiled):
+    ir, k8s, _ = compiled["gpu"]
+    for label in executors_of(ir, "train"):
+        accelerator = container(ir, label)["resources"]["accelerator"]
+        assert accelerator["resourceType"] == "nvidia.com/gpu"
+        assert "pipelinechannel--devices" in accelerator["resourceCount"]
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in k8s[label]["tolerations"]
+        assert any(m["mountPath"] == "/dev/shm" for m in k8s[label]["emptyDirMounts"])
+        assert "nodeSelector" not in k8s[label]
+    assert trace_to_root(ir, "comp-train", "device") == {("constant", "gpu")}
+
+
+def test_cpu_train_asks_for_cpu_and_memory_only(compiled):
+    ir, k8s, _ = compiled["cpu"]
+    for label in executors_of(ir, "train"):
+        resources = container(ir, label)["resources"]
+        assert "accelerator" not in resources
+        assert float(resources["cpuRequest"]) >= 1 and resources["resourceMemoryRequest"].endswith("G")
+        assert "tolerations" not in k8s[label] and "nodeSelector" not in k8s[label]
+    assert trace_to_root(ir, "comp-train", "device") == {("constant", "cpu")}
+
+
+@pytest.mark.parametrize("target", images.TARGETS)
+def test_every_step_states_requests_and_limits(compiled, target):
+    ir, _, _ = compiled[target]
+    for step in STEPS:
+        for label in executors_of(ir, step):
+            resources = container(ir, label)["resources"]
+            assert resources["cpuRequest"] <= resources["cpuLimit"], (step, resources)
+            assert resources["memoryRequest"] <= resources["memoryLimit"], (step, resources)
+    # convert decodes every image and evaluate runs the model: more than the bookkeeping steps.
+    for step in ("convert", "evaluate"):
+        for label in executors_of(ir, step):
+            assert container(ir, label)["resources"]["cpuRequest"] >= 2
+
+
+@pytest.mark.parametrize("target", images.TARGETS)
+def test_object_store_credentials_come_from_the_secret(compiled, target):
+    ir, k8s, _ = compiled[target]
+    for step in STORAGE_STEPS:
+        for label in executors_of(ir, step):
+            (secret,) = k8s[label]["secretAsEnv"]
+            assert secret["secretName"] == images.OBJECT_STORE_SECRET
+            assert {e["secretKey"]: e["envVar"] for e in secret["keyToEnv"]} == images.OBJECT_STORE_ENV
+    for step in ("validate", "record-run"):
+        for label in executors_of(ir, step):
+            assert "secretAsEnv" not in k8s.get(label, {})
+    # Credentials are never pipeline parameters.
+    params = ir["root"]["inputDefinitions"]["parameters"]
+    assert not [p for p in params if re.search("key|secret|password|token|credential", p, re.I)]
+
+
+def test_no_credential_value_in_any_yaml(tmp_path, monkeypatch):
+    canaries = {"AWS_ACCESS_KEY_ID": "AKIACANARYACCESS1234", "AWS_SECRET_ACCESS_KEY": "canary/secret+Value9876",
+                "S3_ENDPOINT": "http://canary-endpoint.internal:9000", "MINIO_SECRET_KEY": "canary-minio-secret"}
+    for name, value in canaries.items():
+        monkeypatch.setenv(name, value)
+    for target in images.TARGETS:
+        _, _, text = compile_ir(tmp_path, target)
+        for value in canaries.values():
+            assert value not in text
+        assert "canary" not in text.lower()
+
+
+@pytest.mark.parametrize("target", images.TARGETS)
+def test_every_step_runs_the_targets_image_without_pip(compiled, target):
+    ir, _, _ = compiled[target]
+    executors = ir["deploymentSpec"]["executors"]
+    used = {e["container"]["image"] for e in executors.values() if "container" in e}
+    assert used == {images.image_for(target)} == {images.IMAGES[target]}
+    for e in executors.values():
+        if "container" in e:
+            script = " ".join(e["container"]["command"])
+            # install_kfp_package=False: the images bring kfp; nothing is installed at start.
+            assert "pip install" not in script
+            assert "from hrnet" in script
+
+
+def test_image_registry_and_tag_are_set_when_compiling(tmp_path, monkeypatch):
+    monkeypatch.setenv("HRNET_IMAGE_REGISTRY", "registry.example.com/ml")
+    monkeypatch.setenv("HRNET_IMAGE_TAG", "2024.06")
+    ir, _, _ = compile_ir(tmp_path, "ascend")
+    assert {e["container"]["image"] for e in ir["deploymentSpec"]["executors"].values() if "container" in e} == {
+        "registry.example.com/ml/hrnet-ascend:2024.06"}
+    ir, _, _ = compile_ir(tmp_path, "gpu", image="mirror.local/hrnet:dev")
+    assert {e["container"]["image"] for e in ir["deploymentSpec"]["executors"].values() if "container" in e} == {
+        "mirror.local/hrnet:dev"}
+
+
+def test_train_retries_and_the_exit_handler_records_the_run(compiled):
+    ir, _, _ = compiled["ascend"]
+    for parent in ("comp-train-evaluate-export", "comp-train-evaluate-export-2"):
+        policy = ir["components"][parent]["dag"]["tasks"]["train"]["retryPolicy"]
+        assert policy["maxRetryCount"] >= 1
+    root_tasks = ir["root"]["dag"]["tasks"]
+    record = root_tasks["record-run"]
+    assert record["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+    assert record["inputs"]["parameters"]["status"]["taskFinalStatus"]["producerTask"] == "exit-handler-1"
+    # Everything else runs inside the exit handler, so any failure is recorded.
+    assert set(root_tasks) == {"exit-handler-1", "record-run"}
+
+
+def test_validate_runs_first_and_picks_the_data_source(compiled):
+    ir, _, _ = compiled["cpu"]
+    handler = ir["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    assert handler["validate"].get("dependentTasks") is None
+    others = [t for name, t in handler.items() if name != "validate"]
+    assert others and all(t.get("dependentTasks") == ["validate"] for t in others)
+    branches = ir["components"][others[0]["componentRef"]["name"]]["dag"]["tasks"]
+    conditions = sorted(t["triggerPolicy"]["condition"] for t in branches.values())
+    assert all("pipelinechannel--validate-Output" in c for c in conditions)
+    assert any("'convert'" in c for c in conditions)
+    # The convert branch converts; the other imports the given TFRecords URI.
+    branch_steps = {name: set(ir["components"][t["componentRef"]["name"]]["dag"]["tasks"])
+                    for name, t in branches.items()}
+    assert sorted(map(sorted, branch_steps.values())) == [["convert", "train-evaluate-export"],
+                                                         ["importer", "train-evaluate-export-2"]]
+
+
+def test_run_time_parameters(compiled):
+    ir, _, _ = compiled["ascend"]
+    params = ir["root"]["inputDefinitions"]["parameters"]
+    expected = {"source_uri": "STRING", "tfrecords_uri": "STRING", "model": "STRING", "devices": "NUMBER_INTEGER",
+                "epochs": "NUMBER_DOUBLE", "train_steps": "NUMBER_INTEGER", "batch_size": "NUMBER_INTEGER",
+                "lr": "NUMBER_DOUBLE", "precision": "STRING", "image_size": "NUMBER_INTEGER",
+                "seed": "NUMBER_INTEGER"}
+    assert {name: p["parameterType"] for name, p in params.items()} == expected
+    assert params["devices"]["defaultValue"] == 1 and params["model"]["defaultValue"] == "w18"
+
+
+def test_the_three_ways_to_compile_agree(tmp_path):
+    """``python -m pipelines compile`` and ``kfp dsl compile --py`` give the same IR."""
+    env = dict(os.environ, HRNET_TARGET="gpu")
+    ours, theirs = tmp_path / "ours.yaml", tmp_path / "kfp.yaml"
+    subprocess.run([sys.executable, "-m", "pipelines", "compile", "--target", "gpu", "-o", str(ours)],
+                   cwd=ROOT, check=True, env=env)
+    kfp_cli = os.path.join(os.path.dirname(sys.executable), "kfp")
+    subprocess.run([kfp_cli, "dsl", "compile", "--py", os.path.join(ROOT, "pipelines", "hrnet_pipeline.py"),
+                    "--output", str(theirs)], cwd=str(tmp_path), check=True, env=env)
+    _, _, in_process = compile_ir(tmp_path, "gpu")
+    assert ours.read_text() == theirs.read_text() == in_process
+
+
+def test_unknown_target_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown target 'tpu'"):
+        compile_pipeline("tpu", str(tmp_path / "x.yaml"))

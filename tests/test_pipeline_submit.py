@@ -1,0 +1,127 @@
+"""``python -m pipelines submit`` through kfp.Client, against a small stand-in for the KFP v2 REST API."""
+import json
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from components import images
+from pipelines.__main__ import UsageError, main, parse_arguments
+
+
+class FakeKfpApi(BaseHTTPRequestHandler):
+    """Answers the calls kfp.Client makes to create a run (healthz, experiments, runs) and records them."""
+
+    requests = []
+    run_state = "SUCCEEDED"
+
+    def _reply(self, body):
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        self.requests.append(("GET", self.path, None))
+        if self.path.startswith("/apis/v2beta1/healthz"):
+            return self._reply({"multi_user": False})
+        if self.path.startswith("/apis/v2beta1/runs/"):
+            return self._reply({"run_id": "run-1", "state": self.run_state})
+        return self._reply({})  # experiment lookup by name: none yet
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+        self.requests.append(("POST", self.path, body))
+        if self.path.startswith("/apis/v2beta1/experiments"):
+            return self._reply({"experiment_id": "exp-1", "display_name": body.get("display_name")})
+        if self.path.startswith("/apis/v2beta1/runs"):
+            return self._reply({"run_id": "run-1", "display_name": body.get("display_name")})
+        self.send_error(404)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def kfp_api():
+    FakeKfpApi.requests = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeKfpApi)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}", FakeKfpApi
+    server.shutdown()
+    server.server_close()
+
+
+def test_submit_creates_a_run_with_typed_parameters(kfp_api, capsys):
+    host, api = kfp_api
+    code = main(["submit", "--host", host, "--target", "ascend", "--experiment", "imagenet",
+                 "-p", "source_uri=/data/imagenet", "-p", "devices=8", "-p", "lr=0.4", "-p", "epochs=90"])
+    assert code == 0
+    assert "submitted run run-1" in capsys.readouterr().out
+    (_, _, experiment), = [r for r in api.requests if r[0] == "POST" and r[1].endswith("/experiments")]
+    assert experiment["display_name"] == "imagenet"
+    (_, _, run), = [r for r in api.requests if r[0] == "POST" and r[1].endswith("/runs")]
+    assert run["experiment_id"] == "exp-1"
+    assert run["runtime_config"]["parameters"] == {"source_uri": "/data/imagenet", "devices": 8, "lr": 0.4,
+                                                   "epochs": 90.0}
+    assert run["service_account"] == images.SERVICE_ACCOUNT
+    spec = run["pipeline_spec"]
+    assert spec["pipeline_spec"]["pipelineInfo"]["name"] == "hrnet-classification"
+    train = spec["pipeline_spec"]["deploymentSpec"]["executors"]["exec-train"]["container"]
+    assert train["resources"]["accelerator"]["resourceType"] == "huawei.com/Ascend910"
+    assert "exec-train" in spec["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def test_submit_wait_reports_a_failed_run(kfp_api, capsys):
+    host, api = kfp_api
+    api.run_state = "FAILED"
+    try:
+        code = main(["submit", "--host", host, "--target", "cpu", "-p", "source_uri=/data/x", "--wait"])
+    finally:
+        api.run_state = "SUCCEEDED"
+    assert code == 1
+    assert "finished: FAILED" in capsys.readouterr().out
+
+
+def test_submit_a_compiled_package(kfp_api, tmp_path):
+    host, api = kfp_api
+    package = tmp_path / "hrnet-gpu.yaml"
+    assert main(["compile", "--target", "gpu", "-o", str(package)]) == 0
+    assert main(["submit", "--host", host, "--package", str(package), "--service-account", "",
+                 "-p", "tfrecords_uri=s3://bucket/imagenet-tfrecords"]) == 0
+    (_, _, run), = [r for r in api.requests if r[0] == "POST" and r[1].endswith("/runs")]
+    executors = run["pipeline_spec"]["pipeline_spec"]["deploymentSpec"]["executors"]
+    assert executors["exec-train"]["container"]["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    assert "service_account" not in run or not run["service_account"]
+
+
+def test_unreachable_host_is_one_clear_line(capsys):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = main(["submit", "--host", f"http://127.0.0.1:{port}", "-p", "source_uri=/data/x"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"cannot reach Kubeflow Pipelines at http://127.0.0.1:{port}" in err
+    assert "Traceback" not in err
+
+
+def test_parameters_are_typed_and_checked():
+    assert parse_arguments(["devices=8", "lr=0.1", "model=w32", "seed=3"]) == {
+        "devices": 8, "lr": 0.1, "model": "w32", "seed": 3}
+    with pytest.raises(UsageError, match="unknown pipeline parameter 'device'.*devices"):
+        parse_arguments(["device=8"])
+    with pytest.raises(UsageError, match="devices='eight' is not a valid int"):
+        parse_arguments(["devices=eight"])
+    with pytest.raises(UsageError, match="not key=value"):
+        parse_arguments(["devices"])
+
+
+def test_missing_package_is_reported(tmp_path, capsys):
+    code = main(["submit", "--host", "http://127.0.0.1:1", "--package", str(tmp_path / "nope.yaml")])
+    assert code == 2
+    assert "no such pipeline package" in capsys.readouterr().err

@@ -1,0 +1,58 @@
+"""Bad run parameters stop the pipeline in its first step, with a message naming them.
+
+These run the real pipeline with KFP's local runner; the run stops in the validate step,
+so nothing heavy starts.
+"""
+import glob
+import json
+import os
+
+import pytest
+from kfp import local
+
+from components.validate import validate
+from pipelines.hrnet_pipeline import build_pipeline
+
+GOOD = dict(source_uri="/data/raw", tfrecords_uri="", model="w18_small_v1", devices=1, device="cpu",
+            batch_size=32, epochs=1.0, train_steps=0, lr=0.0, precision="", image_size=32)
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
+    return root
+
+
+def test_devices_3_fails_the_first_step_and_the_run_is_recorded(runs_dir, capfd):
+    pipeline = build_pipeline("cpu", data_pvc=None)
+    with pytest.raises(RuntimeError, match="validate"):
+        pipeline(source_uri="/data/raw", devices=3)
+    out = capfd.readouterr()
+    assert "devices must be one of 1, 2, 4, 8" in out.out + out.err
+    (run_dir,) = glob.glob(str(runs_dir / "hrnet-classification-*"))
+    # Nothing after the check started; the exit handler wrote down the failure.
+    assert os.listdir(run_dir) == ["record-run"]
+    with open(os.path.join(run_dir, "record-run", "run_record", "manifest.json")) as f:
+        record = json.load(f)
+    assert record["kind"] == "run-status" and record["state"] == "FAILED"
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(model="w99"), "unknown HRNet model 'w99'"),
+    (dict(source_uri=""), "give exactly one data source"),
+    (dict(tfrecords_uri="s3://bucket/records"), "give exactly one data source"),
+    (dict(precision="fp8"), "precision must be one of fp32, mixed_fp16, bf16"),
+    (dict(image_size=100), "image_size must be a positive multiple of 32"),
+    (dict(device="npu", precision="bf16"), "Ascend 910 has no bf16"),
+])
+def test_bad_parameters_are_named(runs_dir, capfd, change, message):
+    with pytest.raises(RuntimeError, match="validate"):
+        validate(**dict(GOOD, **change))
+    out = capfd.readouterr()
+    assert message in out.out + out.err
+
+
+def test_good_parameters_pick_the_data_source(runs_dir):
+    assert validate(**GOOD).output == "convert"
+    assert validate(**dict(GOOD, source_uri="", tfrecords_uri="s3://bucket/records", devices=8)).output == "tfrecords"
