@@ -11,7 +11,19 @@ Other modules use ``from hrnet.compat import keras`` and the helpers below, neve
 import tensorflow as tf
 
 keras = tf.keras
-KERAS_VERSION = tuple(int(p) for p in keras.__version__.split(".")[:2])
+
+
+def _keras_version() -> str:
+    # tf.keras has __version__ under Keras 3 and TF 2.6, but not as tf-keras's API module.
+    version = getattr(keras, "__version__", None)
+    if version is None:
+        import tf_keras
+
+        version = tf_keras.__version__
+    return version
+
+
+KERAS_VERSION = tuple(int(p) for p in _keras_version().split(".")[:2])
 KERAS3 = KERAS_VERSION[0] >= 3
 
 
@@ -37,3 +49,39 @@ def set_mixed_precision(policy: str) -> None:
 def make_sgd(learning_rate, momentum: float, nesterov: bool):
     """SGD with momentum; on Keras 2.6+ and 3 the same class and arguments."""
     return keras.optimizers.SGD(learning_rate=learning_rate, momentum=momentum, nesterov=nesterov)
+
+
+# Loss scaling (float16 training). Keras 2: get_scaled_loss / get_unscaled_gradients, and
+# apply_gradients takes unscaled gradients. Keras 3: scale_loss, and apply_gradients unscales.
+def scale_loss(optimizer, loss):
+    return optimizer.scale_loss(loss) if KERAS3 else optimizer.get_scaled_loss(loss)
+
+
+def unscale_gradients(optimizer, grads):
+    """The gradients apply_gradients expects from gradients of a scaled loss."""
+    return list(grads) if KERAS3 else optimizer.get_unscaled_gradients(grads)
+
+
+def loss_scale_value(optimizer) -> float:
+    return float(optimizer.dynamic_scale if KERAS3 else optimizer.loss_scale)
+
+
+def build_optimizer(optimizer, variables) -> None:
+    """Create the optimizer's slot variables now: Keras 3 restores a checkpoint only into
+    variables that exist (and scales losses only once built); Keras 2 creates them on the
+    first apply_gradients and restores them then."""
+    if KERAS3:
+        optimizer.build(variables)
+
+
+def data_options(deterministic: bool, private_threadpool_size: int = 0):
+    """tf.data.Options; TF 2.6 spells some of them ``experimental_*``."""
+    options = tf.data.Options()
+    if hasattr(options, "deterministic"):
+        options.deterministic = deterministic
+    else:
+        options.experimental_deterministic = deterministic
+    if private_threadpool_size:
+        threading = options.threading if hasattr(options, "threading") else options.experimental_threading
+        threading.private_threadpool_size = private_threadpool_size
+    return options

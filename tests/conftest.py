@@ -1,3 +1,6 @@
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# The S3 test server fixtures (s3_server, s3_env) for every test module: see tests/s3server.py.
+from s3server import s3_env, s3_server  # noqa: E402, F401

@@ -21,10 +21,18 @@ layers = keras.layers
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 EXPANSION = {"BASIC": 1, "BOTTLENECK": 4}
-# PyTorch's kaiming_normal_(mode='fan_out', nonlinearity='relu'), as the official init.
-CONV_INIT = keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal")
-# PyTorch's nn.Linear default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-DENSE_INIT = keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+# A new initializer per layer: Keras 2 (tf-keras) gives an unseeded instance identical
+# values on every call, which would start all same-shaped convs with the same kernel.
+def conv_init():
+    """PyTorch's kaiming_normal_(mode='fan_out', nonlinearity='relu'), the official init."""
+    return keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal")
+
+
+def dense_init():
+    """PyTorch's nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    return keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform")
 
 
 def conv(x, filters: int, kernel: int, stride: int, name: str, bias: bool = False):
@@ -37,7 +45,7 @@ def conv(x, filters: int, kernel: int, stride: int, name: str, bias: bool = Fals
         padding = "same"
     return layers.Conv2D(
         filters, kernel, strides=stride, padding=padding, use_bias=bias,
-        kernel_initializer=CONV_INIT, name=name,
+        kernel_initializer=conv_init(), name=name,
     )(x)
 
 
@@ -204,5 +212,5 @@ def build_model(
         return keras.Model(inputs, xs, name=model_name + "_features")
     y = classification_head(xs, cfg["head_channels"], cfg["final_channels"])
     y = layers.GlobalAveragePooling2D(name="avgpool")(y)
-    logits = layers.Dense(num_classes, kernel_initializer=DENSE_INIT, dtype="float32", name="classifier")(y)
+    logits = layers.Dense(num_classes, kernel_initializer=dense_init(), dtype="float32", name="classifier")(y)
     return keras.Model(inputs, logits, name=model_name)

@@ -42,7 +42,7 @@ def summarize(model) -> List[str]:
     lines = ["%-12s %14s %10s" % ("part", "params", "GMACs")]
     for part, (p, m) in parts.items():
         if p or m:
-            lines.append("%-12s %14s %10.3f" % (part, "{:,}".format(p), m / 1024 ** 3))
+            lines.append("%-12s %14s %10.3f" % (part, f"{p:,}", m / 1024 ** 3))
     return lines
 
 
@@ -72,7 +72,7 @@ def run(args) -> int:
     model = build_model(name, num_classes=args.num_classes, input_size=size)
     macs = count_macs(model)
     print("model        hrnet_%s (%d classes, input %dx%d)" % (name, args.num_classes, size[0], size[1]))
-    print("params       {:,}".format(count_params(model)))
+    print(f"params       {count_params(model):,}")
     print("GMACs        %.3f   (conv + dense multiply-adds / 1024^3, the official 'GFLOPs')" % (macs / 1024 ** 3))
     print()
     print("\n".join(summarize(model)))

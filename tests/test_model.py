@@ -1,0 +1,124 @@
+"""The HRNet classification family against the official architecture (REFERENCE.md s.1)."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from hrnet import configs
+from hrnet.compat import keras
+from hrnet.model import build_model, count_macs, count_params
+
+pytestmark = pytest.mark.keras2
+
+# Official models, instantiated: (trainable parameters, 'GFLOPs' = MACs at 224 / 1024^3)
+OFFICIAL = {
+    "w18_small_v1": (13_187_464, 1.49),
+    "w18_small_v2": (15_597_464, 2.42),
+    "w18": (21_299_004, 3.99),
+    "w30": (37_712_220, 7.55),
+    "w32": (41_232_680, 8.31),
+    "w40": (57_557_160, 11.8),
+    "w44": (67_064_984, 13.9),
+    "w48": (77_469_864, 16.1),
+    "w64": (128_059_944, 26.9),
+}
+
+
+def test_all_official_configs_present():
+    assert sorted(configs.available()) == sorted(OFFICIAL)
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL))
+def test_official_params_and_gmacs(name):
+    model = build_model(name, input_size=(224, 224))
+    params, gflops = OFFICIAL[name]
+    assert count_params(model) == params
+    assert count_macs(model) / 1024 ** 3 == pytest.approx(gflops, rel=0.01)
+
+
+@pytest.mark.parametrize("alias,name", [("w18_s4", "w18"), ("w30_s4", "w30"), ("hrnet_w18_small", "w18_small_v1")])
+def test_aliases(alias, name):
+    assert configs.canonical_name(alias) == name
+    assert configs.load(alias) == configs.load(name)
+
+
+def test_unknown_model_lists_known_ones():
+    with pytest.raises(ValueError, match="unknown HRNet model 'w17'.*w18_small_v1.*w64"):
+        build_model("w17")
+
+
+@pytest.mark.parametrize("size", [(100, 224), (224, 0), (225, 225)])
+def test_input_size_must_be_multiple_of_32(size):
+    with pytest.raises(ValueError, match="multiples of 32"):
+        build_model("w18_small_v1", input_size=size)
+
+
+def test_official_head_and_bn_details():
+    model = build_model("w18_small_v1", num_classes=7)
+    layer = model.get_layer
+    # Head convs carry a bias, as in the official model; all others do not.
+    assert layer("downsamp_modules_0_0").use_bias and layer("final_layer_0").use_bias
+    assert not layer("conv1").use_bias and not layer("stage4_0_fuse_layers_0_3_0").use_bias
+    bn = layer("bn1")
+    assert bn.momentum == pytest.approx(0.9) and bn.epsilon == pytest.approx(1e-5)
+    assert model.output.shape[-1] == 7
+
+
+def test_stride2_conv_pads_symmetrically_like_pytorch():
+    # With TF 'SAME' a stride-2 3x3 conv on an even input pads only bottom/right; the
+    # official model pads one pixel on each side. A one-hot input at (0, 0) shows which.
+    model = build_model("w18_small_v1", input_size=(64, 64))
+    conv1 = model.get_layer("conv1")
+    x = np.zeros((1, 64, 64, 3), np.float32)
+    x[0, 0, 0, 0] = 1.0
+    sub = keras.Model(model.input, conv1.output)
+    y = sub(x).numpy()
+    kernel = conv1.kernel.numpy()
+    # Output (0, 0) sees input (0, 0) through kernel tap (1, 1) when padding is symmetric.
+    np.testing.assert_allclose(y[0, 0, 0], kernel[1, 1, 0], rtol=1e-5, atol=1e-6)
+
+
+def test_non_square_input_and_feature_mode():
+    features = build_model("w18_small_v1", features_only=True)
+    outs = features(tf.zeros((1, 256, 192, 3)))
+    assert [tuple(o.shape) for o in outs] == [
+        (1, 64, 48, 16), (1, 32, 24, 32), (1, 16, 12, 64), (1, 8, 6, 128),
+    ]
+    logits = build_model("w18_small_v1", num_classes=10)(tf.zeros((2, 256, 192, 3)))
+    assert tuple(logits.shape) == (2, 10)
+
+
+def test_forward_backward_step():
+    model = build_model("w18_small_v1", num_classes=10, input_size=(64, 64))
+    x = tf.random.stateless_normal((2, 64, 64, 3), seed=(1, 2))
+    y = tf.constant([3, 7])
+    with tf.GradientTape() as tape:
+        logits = model(x, training=True)
+        loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
+    grads = tape.gradient(loss, model.trainable_variables)
+    assert len(grads) == len(model.trainable_variables) > 0
+    assert all(g is not None for g in grads)
+    assert all(bool(tf.reduce_all(tf.math.is_finite(g))) for g in grads)
+    assert sum(float(tf.reduce_sum(tf.abs(g))) for g in grads) > 0
+    # Training mode updated the BN moving statistics.
+    assert not np.allclose(model.get_layer("bn1").moving_mean.numpy(), 0.0)
+
+
+def test_logits_stay_float32_under_mixed_precision():
+    from hrnet.compat import set_mixed_precision
+
+    set_mixed_precision("mixed_bfloat16")
+    try:
+        model = build_model("w18_small_v1", num_classes=5)
+        out = model(tf.zeros((1, 64, 64, 3)))
+        assert model.get_layer("conv1").compute_dtype == "bfloat16"
+        assert out.dtype == tf.float32
+    finally:
+        set_mixed_precision("float32")
+
+
+def test_same_shaped_convs_start_different():
+    # Keras 2 repeats an unseeded initializer's values: each layer needs its own.
+    model = build_model("w18_small_v1")
+    a = model.get_layer("stage2_0_branches_0_0_conv1").kernel.numpy()
+    b = model.get_layer("stage2_0_branches_0_0_conv2").kernel.numpy()
+    assert a.shape == b.shape and not np.allclose(a, b)
