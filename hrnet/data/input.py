@@ -64,8 +64,8 @@ def count_records(path: str) -> int:
             length = struct.unpack("<Q", header[:8])[0]
             f.seek(length + 4, os.SEEK_CUR)
             n += 1
-    if n and f.tell() > size:
-        raise HrnetError(f"{path} is truncated (its last record ends past the end of the file)")
+        if n and f.tell() > size:
+            raise HrnetError(f"{path} is truncated (its last record ends past the end of the file)")
     return n
 
 
