@@ -48,6 +48,10 @@ def feature(example, key):
     return values
 
 
+def by_name(path):
+    return {feature(e, "image/filename")[0].decode(): e for e in read_records(path)}
+
+
 def shards_of(out, split):
     return sorted(n for n in os.listdir(out) if n.startswith(split + "-"))
 
@@ -220,15 +224,15 @@ def test_imagenet_layout_with_loc_csv_boxes_and_slim_labels(tmp_path):
     assert manifest["counts"] == {"train": 6, "validation": 4} and manifest["label_offset"] == 1
     with open(os.path.join(out, "labels.txt")) as f:
         assert f.read().splitlines() == [f"{i + 1}\t{s}\t{t}" for i, (s, t) in enumerate(zip(synsets, texts))]
-    train = {feature(e, "image/filename")[0].decode(): e for e in read_records(os.path.join(out, shards_of(out, "train")[0]))}
+    train = by_name(os.path.join(out, shards_of(out, "train")[0]))
     boxed = train[f"{synsets[1]}/{synsets[1]}_0.JPEG"]
     assert feature(boxed, "image/class/label") == [2]
     assert feature(boxed, "image/class/text") == [texts[1].encode()]
-    np.testing.assert_allclose([feature(boxed, "image/object/bbox/" + k)[0] for k in ("xmin", "ymin", "xmax", "ymax")],
-                               [0.1, 0.1, 0.5, 1.0], atol=1e-6)
+    box = [feature(boxed, "image/object/bbox/" + k)[0] for k in ("xmin", "ymin", "xmax", "ymax")]
+    np.testing.assert_allclose(box, [0.1, 0.1, 0.5, 1.0], atol=1e-6)
     assert feature(boxed, "image/object/bbox/label") == [2]
     assert feature(train[f"{synsets[0]}/{synsets[0]}_1.JPEG"], "image/object/bbox/xmin") == []
-    val = {feature(e, "image/filename")[0].decode(): e for e in read_records(os.path.join(out, shards_of(out, "validation")[0]))}
+    val = by_name(os.path.join(out, shards_of(out, "validation")[0]))
     for i, s in enumerate(val_truth):
         e = val[f"ILSVRC2012_val_{i + 1:08d}.JPEG"]
         assert feature(e, "image/class/synset") == [s.encode()]

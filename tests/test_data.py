@@ -59,7 +59,8 @@ def test_demo_split_is_fixed_and_disjoint():
 def test_demo_data_cli_size_and_bad_size(tmp_path, capsys):
     assert cli_main(["demo-data", "--out", str(tmp_path / "d64"), "--size", "64"]) == 0
     assert "1438 train and 359 validation" in capsys.readouterr().out
-    with Image.open(os.path.join(str(tmp_path / "d64"), "train", "0", os.listdir(str(tmp_path / "d64/train/0"))[0])) as im:
+    zero = str(tmp_path / "d64" / "train" / "0")
+    with Image.open(os.path.join(zero, os.listdir(zero)[0])) as im:
         assert im.size == (64, 64)
     assert cli_main(["demo-data", "--out", str(tmp_path / "bad"), "--size", "40"]) == 2
     assert "multiple of 32" in capsys.readouterr().err
