@@ -6,9 +6,10 @@ from components.images import IMAGES
 
 
 @dsl.component(base_image=IMAGES["cpu"], install_kfp_package=False)
-def export(model: Input[Model], exported: Output[Model]):
-    """saved_model/, frozen/ (.pb, node names, the atc command) and manifest.json in ``exported``."""
+def export(model: Input[Model], exported: Output[Model], onnx: bool):
+    """saved_model/, frozen/ (.pb, node names, the atc command), model.onnx if asked for, and
+    manifest.json in ``exported``."""
     from hrnet.export import export_model
 
-    manifest = export_model(model.path, exported.path)
+    manifest = export_model(model.path, exported.path, onnx=onnx)
     exported.metadata.update({"formats": sorted(k for k in ("saved_model", "frozen", "onnx") if k in manifest)})

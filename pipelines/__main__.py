@@ -9,6 +9,7 @@ import argparse
 import glob
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -18,8 +19,9 @@ from typing import Any, Dict, List, Optional
 from components import images
 
 # run-local's defaults: the demo digits (32x32) learnt to 95%+ top-1 in a few minutes on 2 cores.
+# ONNX is left out by default: tf2onnx adds a minute here and the SavedModel shows the export.
 DEMO = dict(model="w18_small_v1", devices=1, batch_size=32, epochs=12.0, train_steps=0, lr=0.05,
-            precision="fp32", image_size=32, seed=1)
+            precision="fp32", image_size=32, seed=1, export_onnx=False)
 
 
 class UsageError(Exception):
@@ -132,14 +134,20 @@ def run_local(workdir: str, **params) -> Dict[str, Any]:
     from kfp import local
 
     from hrnet.data.demo import write_demo_data
+    from hrnet.errors import IncompleteError
     from hrnet.manifest import read_manifest
     from pipelines.hrnet_pipeline import build_pipeline
 
+    # The steps run as subprocesses of this one: keep TF's C++ start-up chatter out of their logs,
+    # and the local runner's notes that the cluster settings (resources, images) do not apply here.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    warnings.filterwarnings("ignore", message=".*have no effect in the current local runner")
+    warnings.filterwarnings("ignore", message=".*non-Python base image")
     workdir = os.path.abspath(workdir)
     demo_dir = os.path.join(workdir, "demo-data")
     try:
         read_manifest(demo_dir)
-    except Exception:  # absent or half-written: write it (again)
+    except (FileNotFoundError, IncompleteError):  # absent or half-written: write it (again)
         write_demo_data(demo_dir)
     runs_dir = os.path.join(workdir, "runs")
     os.makedirs(runs_dir, exist_ok=True)
@@ -147,19 +155,20 @@ def run_local(workdir: str, **params) -> Dict[str, Any]:
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=runs_dir)
     pipeline = build_pipeline("cpu", data_pvc=None)
     started = time.time()
-    try:
-        pipeline(source_uri=demo_dir, **params)
-    finally:
-        new = sorted(set(os.listdir(runs_dir)) - before)
-    run_dir = os.path.join(runs_dir, new[-1])
+    pipeline(source_uri=demo_dir, **params)  # raises RuntimeError naming the failed step
+    (run_dir,) = [os.path.join(runs_dir, name) for name in set(os.listdir(runs_dir)) - before]
     metrics_files = glob.glob(os.path.join(run_dir, "evaluate*", "evaluation", "metrics.json"))
     exported = glob.glob(os.path.join(run_dir, "export*", "exported"))
     reports = glob.glob(os.path.join(run_dir, "evaluate*", "report"))
     with open(metrics_files[0]) as f:
         metrics = json.load(f)
+    report = None
+    if reports:  # a copy with a name browsers open as a page
+        report = os.path.join(workdir, "report.html")
+        shutil.copyfile(reports[0], report)
     return {"top1": metrics["top1"], "top5": metrics["top5"], "count": metrics["count"],
             "seconds": round(time.time() - started, 1), "run_dir": run_dir,
-            "exported": exported[0] if exported else None, "report": reports[0] if reports else None}
+            "exported": exported[0] if exported else None, "report": report}
 
 
 def _run_local(args) -> int:
@@ -222,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default=DEMO["precision"], help="fp32, mixed_fp16 or bf16 (default fp32)")
     p.add_argument("--image-size", type=int, default=DEMO["image_size"], help="default %(default)s")
     p.add_argument("--seed", type=int, default=DEMO["seed"], help="default %(default)s")
+    p.add_argument("--onnx", dest="export_onnx", action="store_true", help="also export model.onnx (slower)")
     p.set_defaults(_run=_run_local)
     return parser
 

@@ -102,6 +102,7 @@ def build_pipeline(target: str = "ascend", image: Optional[str] = None, data_pvc
         precision: str,
         image_size: int,
         seed: int,
+        export_onnx: bool,
     ):
         train_task = train(dataset=dataset, model_name=model, devices=devices, device=device,
                            batch_size=batch_size, epochs=epochs, train_steps=train_steps, lr=lr,
@@ -109,7 +110,7 @@ def build_pipeline(target: str = "ascend", image: Optional[str] = None, data_pvc
         _configure_train(train_task, target, image, devices)
         evaluate_task = evaluate(dataset=dataset, model=train_task.outputs["model"])
         _configure(evaluate_task, "evaluate", image)
-        export_task = export(model=train_task.outputs["model"])
+        export_task = export(model=train_task.outputs["model"], onnx=export_onnx)
         _configure(export_task, "export", image)
 
     @dsl.pipeline(
@@ -128,12 +129,14 @@ def build_pipeline(target: str = "ascend", image: Optional[str] = None, data_pvc
         precision: str = "",
         image_size: int = 224,
         seed: int = 0,
+        export_onnx: bool = True,
     ):
         """source_uri: an image tree to convert (ImageNet layout or class folders; a path
         under /data or an s3:// / minio:// URI). tfrecords_uri: TFRecords converted before
         (an s3:// / minio:// URI). Give exactly one. devices: 1, 2, 4 or 8 per pod.
         batch_size: per device. train_steps 0: train for ``epochs``. lr 0: 0.1 x global
-        batch / 256. precision "": mixed_fp16 on Ascend, fp32 elsewhere. seed 0: random."""
+        batch / 256. precision "": mixed_fp16 on Ascend, fp32 elsewhere. seed 0: random.
+        export_onnx: also export model.onnx (besides the SavedModel and the frozen graph)."""
         record_task = record_run()
         _configure(record_task, "record-run", image, secret=False)
         record_task.set_caching_options(False)
@@ -144,7 +147,8 @@ def build_pipeline(target: str = "ascend", image: Optional[str] = None, data_pvc
             _configure(check, "validate", image, secret=False)
             check.set_caching_options(False)
             rest = dict(model=model, devices=devices, batch_size=batch_size, epochs=epochs,
-                        train_steps=train_steps, lr=lr, precision=precision, image_size=image_size, seed=seed)
+                        train_steps=train_steps, lr=lr, precision=precision, image_size=image_size, seed=seed,
+                        export_onnx=export_onnx)
             # Both branches run the same sub-pipeline: KFP's local runner cannot merge
             # artifacts of two branches (dsl.OneOf), and a sub-pipeline reads as one step anyway.
             with dsl.If(check.output == "convert", name="convert-images"):
