@@ -1,0 +1,224 @@
+"""``hrnet export``: a checkpoint as a SavedModel, a frozen graph for Ascend ATC, and ONNX.
+
+    hrnet export --checkpoint DIR --out DIR [--atc-batch-size 1] [--soc-version Ascend910]
+
+- ``saved_model/`` with two signatures:
+  ``serving_default``: ``images`` float32 [N, H, W, 3], RGB normalized as in training
+  ((x / 255 - mean) / std) -> ``logits`` and ``probabilities`` [N, classes];
+  ``classify_bytes``: ``image_bytes`` string [N] (encoded JPEG / PNG / BMP / GIF) ->
+  ``classes`` int32 [N, 5], ``names`` string [N, 5], ``probabilities`` float32 [N, 5], using
+  hrnet.data's evaluation preprocessing (decode, resize the shorter side, center crop).
+- ``frozen/hrnet.pb``: the float-images graph with the weights folded in as constants and a
+  fixed batch size (what ATC wants), ``frozen/nodes.json`` (input / output node names and
+  shapes) and ``frozen/atc.sh`` (the ATC command line for Ascend offline conversion).
+- ``model.onnx`` when tf2onnx is installed (the ``onnx`` extra); the manifest says why not
+  otherwise.
+- ``manifest.json`` describing all of them, written last.
+"""
+import json
+import logging
+import os
+import shutil
+from typing import Any, Dict, List
+
+from hrnet import storage
+from hrnet.errors import HrnetError
+
+log = logging.getLogger(__name__)
+
+TOP_K = 5
+FROZEN_NAME = "hrnet.pb"
+ONNX_OPSET = 13
+
+
+def _class_names(checkpoint_dir: str, num_classes: int) -> List[str]:
+    """Readable class names by 0-based label, from the checkpoint's labels.txt."""
+    from hrnet.data import schema
+
+    path = os.path.join(checkpoint_dir, schema.LABELS_FILE)
+    if not os.path.exists(path):
+        return [str(i) for i in range(num_classes)]
+    rows = schema.parse_labels_file(path)
+    names = [(r[2] if len(r) > 2 and r[2] else r[1]) for r in rows]
+    if len(names) != num_classes:
+        raise HrnetError("%s lists %d classes, the checkpoint has %d" % (path, len(names), num_classes))
+    return names
+
+
+def build_serving_module(model, image_size: int, class_names: List[str]):
+    """A tf.Module holding the model and the two serving functions."""
+    import tensorflow as tf
+
+    from hrnet.compat import tf_variable
+    from hrnet.data import preprocess_for_eval
+
+    k = min(TOP_K, len(class_names))
+
+    class Serving(tf.Module):
+        def __init__(self):
+            super().__init__(name="hrnet_serving")
+            self.model = model
+            # Tracked explicitly: Keras 3 wraps its tf.Variables, and a SavedModel must hold them.
+            self.model_variables = [tf_variable(v) for v in model.variables]
+            self.class_names = tf.constant(class_names)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name="images")])
+        def serve_images(self, images):
+            logits = tf.cast(self.model(images, training=False), tf.float32)
+            return {"logits": logits, "probabilities": tf.nn.softmax(logits)}
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+        def classify_bytes(self, image_bytes):
+            images = tf.map_fn(lambda b: preprocess_for_eval(b, image_size), image_bytes,
+                               fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32))
+            probabilities = tf.nn.softmax(tf.cast(self.model(images, training=False), tf.float32))
+            top = tf.math.top_k(probabilities, k=k)
+            return {"classes": top.indices, "names": tf.gather(self.class_names, top.indices),
+                    "probabilities": top.values}
+
+    return Serving()
+
+
+def _freeze(model, image_size: int, batch_size: int, out_dir: str) -> Dict[str, Any]:
+    """The frozen inference graph (.pb) with its node names; returns its description."""
+    import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    fn = tf.function(lambda images: tf.cast(model(images, training=False), tf.float32))
+    concrete = fn.get_concrete_function(tf.TensorSpec([batch_size, image_size, image_size, 3], tf.float32,
+                                                      name="images"))
+    frozen = convert_variables_to_constants_v2(concrete)
+    graph_def = frozen.graph.as_graph_def()
+    os.makedirs(out_dir, exist_ok=True)
+    tf.io.write_graph(graph_def, out_dir, FROZEN_NAME, as_text=False)
+    inputs = [t.name for t in frozen.inputs]
+    outputs = [t.name for t in frozen.outputs]
+    return {"graph": FROZEN_NAME, "inputs": inputs, "outputs": outputs, "nodes": len(graph_def.node),
+            "input_shape": [batch_size, image_size, image_size, 3]}
+
+
+def atc_command(frozen: Dict[str, Any], output: str, soc_version: str) -> str:
+    """The ATC command that converts the frozen graph to an Ascend offline model (.om)."""
+    in_node = frozen["inputs"][0].split(":")[0]
+    shape = ",".join(str(d) for d in frozen["input_shape"])
+    return ("atc --model=%s --framework=3 --output=%s --soc_version=%s --input_format=NHWC "
+            '--input_shape="%s:%s" --out_nodes="%s"'
+            % (frozen["graph"], output, soc_version, in_node, shape, ";".join(frozen["outputs"])))
+
+
+def _onnx(model, image_size: int, path: str) -> Dict[str, Any]:
+    """model.onnx through tf2onnx when it is installed; otherwise the reason it was skipped."""
+    try:
+        import tf2onnx
+    except ImportError:
+        return {"skipped": "tf2onnx is not installed (pip install 'hrnet[onnx]')"}
+    import tensorflow as tf
+
+    fn = tf.function(lambda images: {"logits": tf.cast(model(images, training=False), tf.float32)})
+    spec = [tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name="images")]
+    try:
+        tf2onnx.convert.from_function(fn, input_signature=spec, opset=ONNX_OPSET, output_path=path)
+    except Exception as e:  # tf2onnx fails in many ways on new TF versions; the other formats still stand
+        log.warning("ONNX export failed: %s", e)
+        return {"skipped": "tf2onnx failed: %s" % str(e).splitlines()[0][:300]}
+    return {"path": os.path.basename(path), "opset": ONNX_OPSET, "inputs": ["images"], "outputs": ["logits"]}
+
+
+def export_model(checkpoint: str, out: str, atc_batch_size: int = 1, soc_version: str = "Ascend910",
+                 onnx: bool = True) -> Dict[str, Any]:
+    """Export the checkpoint at ``checkpoint`` into ``out``; returns the manifest."""
+    import tensorflow as tf
+
+    from hrnet.compat import set_mixed_precision
+    from hrnet.evaluate import load_checkpoint_model
+    from hrnet.manifest import file_entry, write_manifest
+
+    if atc_batch_size < 1:
+        raise ValueError("atc_batch_size must be >= 1, got %r" % atc_batch_size)
+    set_mixed_precision("float32")  # serve in float32 whatever the training precision was
+    ckpt_dir = storage.local_input(checkpoint)
+    model, ckpt = load_checkpoint_model(ckpt_dir)
+    size = ckpt["image_size"]
+    names = _class_names(ckpt_dir, ckpt["num_classes"])
+    with storage.local_output(out) as out_dir:
+        saved_dir = os.path.join(out_dir, "saved_model")
+        if os.path.exists(saved_dir):
+            shutil.rmtree(saved_dir)  # a re-run replaces an earlier (possibly partial) export
+        module = build_serving_module(model, size, names)
+        tf.saved_model.save(module, saved_dir, signatures={
+            "serving_default": module.serve_images.get_concrete_function(),
+            "classify_bytes": module.classify_bytes.get_concrete_function(),
+        })
+        log.info("SavedModel written to %s", saved_dir)
+
+        frozen_dir = os.path.join(out_dir, "frozen")
+        frozen = _freeze(model, size, atc_batch_size, frozen_dir)
+        om_name = "hrnet_%s" % ckpt["model"].replace("/", "_").replace(".yaml", "")
+        frozen["atc"] = atc_command(frozen, om_name, soc_version)
+        frozen["preprocessing"] = "RGB NHWC float32, (x / 255 - mean) / std, mean %s std %s" % (
+            list(_mean_std()[0]), list(_mean_std()[1]))
+        with open(os.path.join(frozen_dir, "nodes.json"), "w") as f:
+            json.dump(frozen, f, indent=2)
+            f.write("\n")
+        with open(os.path.join(frozen_dir, "atc.sh"), "w") as f:
+            f.write("#!/bin/sh\n# Ascend offline model from the frozen graph (run where CANN's atc is installed).\n")
+            f.write('cd "$(dirname "$0")"\n' + frozen["atc"] + "\n")
+        log.info("frozen graph %s: inputs %s, outputs %s", os.path.join(frozen_dir, FROZEN_NAME), frozen["inputs"],
+                 frozen["outputs"])
+
+        onnx_info = _onnx(model, size, os.path.join(out_dir, "model.onnx")) if onnx else {"skipped": "not asked for"}
+        files = []
+        for root, _, fnames in os.walk(out_dir):
+            for fname in sorted(fnames):
+                if fname != "manifest.json":
+                    files.append(file_entry(os.path.join(root, fname), out_dir))
+        manifest = {
+            "kind": "export",
+            "checkpoint": checkpoint,
+            "model": ckpt["model"],
+            "num_classes": ckpt["num_classes"],
+            "image_size": size,
+            "step": ckpt.get("step"),
+            "saved_model": {
+                "path": "saved_model",
+                "signatures": {
+                    "serving_default": {"inputs": {"images": [None, size, size, 3]},
+                                        "outputs": ["logits", "probabilities"]},
+                    "classify_bytes": {"inputs": {"image_bytes": [None]},
+                                       "outputs": ["classes", "names", "probabilities"]},
+                },
+            },
+            "frozen": dict(frozen, path="frozen/" + FROZEN_NAME),
+            "files": sorted(files, key=lambda e: e["path"]),
+        }
+        if "path" in onnx_info:
+            manifest["onnx"] = onnx_info
+        else:
+            manifest["onnx_skipped"] = onnx_info["skipped"]
+        write_manifest(out_dir, manifest)
+    return manifest
+
+
+def _mean_std():
+    from hrnet.data import MEAN_RGB, STDDEV_RGB
+
+    return MEAN_RGB, STDDEV_RGB
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="checkpoint folder or URI (output of `hrnet train`)")
+    parser.add_argument("--out", required=True, help="folder or URI for the exported model")
+    parser.add_argument("--atc-batch-size", type=int, default=1, help="fixed batch size of the frozen graph (ATC)")
+    parser.add_argument("--soc-version", default="Ascend910", help="ATC --soc_version (Ascend910, Ascend310, ...)")
+    parser.add_argument("--no-onnx", dest="onnx", action="store_false", help="skip the ONNX export")
+
+
+def run(args) -> int:
+    m = export_model(args.checkpoint, args.out, atc_batch_size=args.atc_batch_size, soc_version=args.soc_version,
+                     onnx=args.onnx)
+    formats = ["saved_model", "frozen"] + (["onnx"] if "onnx" in m else [])
+    print("exported %s (%d classes, %dx%d) to %s: %s%s" % (m["model"], m["num_classes"], m["image_size"],
+                                                           m["image_size"], args.out, ", ".join(formats),
+                                                           "" if "onnx" in m else " (onnx: %s)" % m["onnx_skipped"]))
+    print("atc: " + m["frozen"]["atc"])
+    return 0

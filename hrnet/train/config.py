@@ -1,0 +1,312 @@
+"""The training configuration: one dataclass, from CLI flags and/or a YAML file.
+
+Every field is a CLI flag (``--batch-size`` for ``batch_size``) and a YAML key; flags
+override the file, the file overrides the defaults. Fields left as None are filled in by
+``resolve`` once the data set and the device count are known (number of classes, global
+batch, lr by the linear scaling rule, number of steps), and the resolved config is saved
+as ``train_config.yaml`` beside the checkpoints: it is what evaluate/export read, and
+what a resumed run is checked against.
+
+Defaults are the official HRNet recipe (REFERENCE.md section 1): SGD momentum 0.9 with
+nesterov, lr 0.1 per 256 images, x0.1 at epochs 30/60/90 of 100, L2 1e-4 over all
+trainable weights, RandomResizedCrop(area 0.08-1, aspect 3/4-4/3) and horizontal flip.
+"""
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import yaml
+
+from hrnet.errors import HrnetError
+
+CONFIG_FILE = "train_config.yaml"
+DEVICES = ("cpu", "gpu", "npu")
+PRECISIONS = ("fp32", "mixed_fp16", "bf16")
+SCHEDULES = ("piecewise", "cosine")
+# The Ascend adapter's precision modes (npu_bridge names, also accepted by npu_device).
+NPU_PRECISION_MODES = ("allow_mix_precision", "allow_fp32_to_fp16", "force_fp32", "must_keep_origin_dtype")
+
+
+def _f(default, help_text: str, **kw):
+    """A field with its CLI help text (the flags are generated from the fields)."""
+    if isinstance(default, (list, tuple, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=dict(help=help_text, **kw))
+    return field(default=default, metadata=dict(help=help_text, **kw))
+
+
+@dataclass
+class TrainConfig:
+    # What to train on and where to write.
+    data: str = _f("", "data set folder or URI (output of `hrnet convert`)")
+    out: str = _f("", "checkpoint folder or URI; an existing one is resumed from its latest checkpoint")
+    model: str = _f("w18", "HRNet config name (w18_small_v1, w18, ..., w64; aliases w18_s4, w30_s4) or YAML path")
+    num_classes: Optional[int] = _f(None, "number of classes (default: from the data set)")
+    label_offset: Optional[int] = _f(None, "label of class 0 in the records (default: from the data set; 1 for slim)")
+    image_size: int = _f(224, "training crop size in pixels (a multiple of 32)")
+    # Devices.
+    device: str = _f("cpu", "cpu, gpu or npu", choices=DEVICES)
+    mirrored: bool = _f(False, "gpu: one process drives all visible GPUs (MirroredStrategy) instead of one per GPU")
+    # Batch and length.
+    batch_size: int = _f(32, "images per device per step (the seed's --batch_size)")
+    global_batch_size: Optional[int] = _f(None, "images per step over all devices (default: batch_size x devices)")
+    epochs: Optional[float] = _f(None, "epochs to train (default 100 unless --train-steps is given)")
+    train_steps: Optional[int] = _f(None, "optimizer steps to train (overrides --epochs)")
+    nb_train_samples: Optional[int] = _f(None, "images per epoch (default: the train split's size; the seed's "
+                                               "--nb_smpls_train)")
+    # Optimizer and schedule.
+    lr: Optional[float] = _f(None, "peak learning rate (default: 0.1 x global batch / 256)")
+    schedule: str = _f("piecewise", "lr schedule", choices=SCHEDULES)
+    lr_decay_epochs: Optional[List[float]] = _f(None, "piecewise: epochs where lr is multiplied by --lr-decay "
+                                                      "(default: 30/60/90 scaled to the run's epochs)", nargs="+")
+    lr_decay: float = _f(0.1, "piecewise: lr multiplier at each decay epoch")
+    warmup_epochs: float = _f(0.0, "linear lr warmup, in epochs")
+    label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy")
+    weight_decay: float = _f(1e-4, "L2 penalty over all trainable weights (wd/2 * sum w^2, as PyTorch's weight decay)")
+    momentum: float = _f(0.9, "SGD momentum")
+    nesterov: bool = _f(True, "Nesterov momentum")
+    # Numerics.
+    precision: Optional[str] = _f(None, "fp32, mixed_fp16 (dynamic loss scaling) or bf16 (default: mixed_fp16 on "
+                                        "npu, fp32 elsewhere)", choices=PRECISIONS)
+    precision_mode: Optional[str] = _f(None, "npu: the adapter's precision_mode (default: allow_mix_precision for "
+                                             "mixed_fp16, allow_fp32_to_fp16 for fp32)", choices=NPU_PRECISION_MODES)
+    # Fine-tuning.
+    init_from: Optional[str] = _f(None, "start from these weights (prefix written by `hrnet import-weights` or a "
+                                        "checkpoint folder); the classifier is re-initialised if the class count "
+                                        "differs")
+    # Augmentation (train split only).
+    area_range: Tuple[float, float] = _f((0.08, 1.0), "RandomResizedCrop area range", nargs=2)
+    aspect_range: Tuple[float, float] = _f((0.75, 4.0 / 3.0), "RandomResizedCrop aspect ratio range", nargs=2)
+    flip: bool = _f(True, "random horizontal flip")
+    # Bookkeeping.
+    checkpoint_every: int = _f(1000, "save a checkpoint every N steps (and always at the end)")
+    keep_checkpoints: int = _f(3, "keep the last K checkpoints")
+    log_every: int = _f(100, "a log line (and history.jsonl, TensorBoard) every N steps")
+    seed: Optional[int] = _f(None, "random seed for weights and input order (default: random)")
+
+    # ---- construction -------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError("unknown train config key(s): %s" % ", ".join(unknown))
+        values = dict(values)
+        for name in ("area_range", "aspect_range"):
+            if values.get(name) is not None:
+                values[name] = tuple(float(v) for v in values[name])
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str) -> "TrainConfig":
+        if not os.path.exists(path):
+            raise FileNotFoundError("no such train config file: %s" % path)
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+        if not isinstance(values, dict):
+            raise ValueError("%s: a train config must be a mapping of keys to values" % path)
+        return cls.from_dict(values)
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for name in ("area_range", "aspect_range"):
+            d[name] = list(d[name])
+        return d
+
+    def save(self, directory: str) -> str:
+        path = os.path.join(directory, CONFIG_FILE)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+        os.replace(tmp, path)
+        return path
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ---- checks -------------------------------------------------------------------
+    def validate(self) -> "TrainConfig":
+        """Raise ValueError naming the first bad value; returns self."""
+        if not self.data:
+            raise ValueError("no data set: give --data DIR")
+        if not self.out:
+            raise ValueError("no output folder: give --out DIR")
+        _choice("device", self.device, DEVICES)
+        _choice("schedule", self.schedule, SCHEDULES)
+        if self.precision is not None:
+            _choice("precision", self.precision, PRECISIONS)
+        if self.precision_mode is not None:
+            _choice("precision_mode", self.precision_mode, NPU_PRECISION_MODES)
+            if self.device != "npu":
+                raise ValueError("precision_mode is an Ascend adapter option; use it with device npu")
+        if self.device == "npu" and self.precision == "bf16":
+            raise ValueError("Ascend 910 has no bf16; use precision mixed_fp16 or fp32 on npu")
+        if self.image_size <= 0 or self.image_size % 32:
+            raise ValueError("image_size must be a positive multiple of 32, got %s" % self.image_size)
+        for name in ("batch_size", "checkpoint_every", "keep_checkpoints", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError("%s must be >= 1, got %s" % (name, getattr(self, name)))
+        for name in ("global_batch_size", "train_steps", "nb_train_samples", "num_classes"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError("%s must be >= 1, got %s" % (name, value))
+        if self.epochs is not None and self.epochs <= 0:
+            raise ValueError("epochs must be > 0, got %s" % self.epochs)
+        if self.lr is not None and self.lr <= 0:
+            raise ValueError("lr must be > 0, got %s" % self.lr)
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError("label_smoothing must be in [0, 1), got %s" % self.label_smoothing)
+        if self.weight_decay < 0 or self.warmup_epochs < 0 or not 0 <= self.momentum < 1:
+            raise ValueError("weight_decay and warmup_epochs must be >= 0 and momentum in [0, 1)")
+        lo, hi = self.area_range
+        if not 0 < lo <= hi <= 1:
+            raise ValueError("area_range must satisfy 0 < min <= max <= 1, got %s" % (self.area_range,))
+        lo, hi = self.aspect_range
+        if not 0 < lo <= hi:
+            raise ValueError("aspect_range must satisfy 0 < min <= max, got %s" % (self.aspect_range,))
+        return self
+
+    # ---- resolution -----------------------------------------------------------------
+    def resolve(self, num_classes: int, label_offset: int, train_count: int, num_replicas: int) -> "TrainConfig":
+        """Fill in what depends on the data set and the device count; returns a new config.
+
+        num_replicas: devices taking part in one synchronous step (all workers together).
+        """
+        self.validate()
+        if self.num_classes is not None and self.num_classes != num_classes:
+            raise HrnetError(
+                "num_classes %d was asked for, but the data set has %d classes" % (self.num_classes, num_classes)
+            )
+        if self.global_batch_size is not None:
+            if self.global_batch_size % num_replicas:
+                raise ValueError(
+                    "global_batch_size %d is not divisible by the %d devices" % (self.global_batch_size, num_replicas)
+                )
+            batch_size = self.global_batch_size // num_replicas
+        else:
+            batch_size = self.batch_size
+        global_batch = batch_size * num_replicas
+        samples = self.nb_train_samples or train_count
+        if samples < global_batch:
+            raise HrnetError(
+                "an epoch of %d images is smaller than one global batch of %d; lower --batch-size"
+                % (samples, global_batch)
+            )
+        steps_per_epoch = samples / global_batch
+        if self.train_steps is not None:
+            train_steps = self.train_steps
+            epochs = train_steps / steps_per_epoch
+        else:
+            epochs = self.epochs if self.epochs is not None else 100.0
+            train_steps = max(1, int(round(epochs * steps_per_epoch)))
+        from hrnet.train import schedules
+
+        decay_epochs = self.lr_decay_epochs
+        if decay_epochs is None and self.schedule == "piecewise":
+            decay_epochs = [round(e, 6) for e in schedules.scaled_boundaries(epochs)]
+        precision = self.precision or ("mixed_fp16" if self.device == "npu" else "fp32")
+        precision_mode = self.precision_mode
+        if self.device == "npu" and precision_mode is None:
+            precision_mode = "allow_mix_precision" if precision == "mixed_fp16" else "allow_fp32_to_fp16"
+        return self.replace(
+            num_classes=num_classes,
+            label_offset=label_offset,
+            batch_size=batch_size,
+            global_batch_size=global_batch,
+            nb_train_samples=samples,
+            epochs=round(epochs, 6),
+            train_steps=train_steps,
+            lr=self.lr if self.lr is not None else schedules.scaled_lr(global_batch),
+            lr_decay_epochs=list(decay_epochs) if decay_epochs is not None else None,
+            precision=precision,
+            precision_mode=precision_mode,
+        )
+
+    @property
+    def steps_per_epoch(self) -> float:
+        """Steps in one epoch (fractional); valid on a resolved config."""
+        return self.nb_train_samples / float(self.global_batch_size)
+
+    def lr_schedule(self):
+        """step -> lr of a resolved config (hrnet.train.schedules)."""
+        from hrnet.train import schedules
+
+        return schedules.make_schedule(
+            self.schedule, self.lr, self.train_steps, self.steps_per_epoch,
+            decay_epochs=self.lr_decay_epochs or (), warmup_epochs=self.warmup_epochs, decay=self.lr_decay,
+        )
+
+
+# These must match between a checkpoint folder and the run resuming into it: anything else
+# (length, logging, checkpoint cadence) may change on a resume.
+RESUME_KEYS = ("model", "num_classes", "image_size", "precision")
+
+
+def check_resumable(saved: "TrainConfig", new: "TrainConfig") -> None:
+    for key in RESUME_KEYS:
+        a, b = getattr(saved, key), getattr(new, key)
+        if a != b:
+            raise HrnetError(
+                "%s already holds a run with %s=%s, but this run asks for %s=%s; use another --out"
+                % (new.out, key, a, key, b)
+            )
+
+
+def _choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError("%s must be one of %s, got %r" % (name, ", ".join(choices), value))
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, plus --config FILE.yaml. Flags left out do not
+    appear in the parsed namespace, so they never override the YAML file."""
+    parser.add_argument("--config", help="YAML file of TrainConfig fields; flags override it")
+    hints = _type_hints()
+    for f in dataclasses.fields(TrainConfig):
+        meta = dict(f.metadata)
+        help_text = meta.pop("help")
+        kind = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if "default" not in help_text:
+            help_text = "%s (default: %s)" % (help_text, default)
+        if kind is bool:
+            parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
+            continue
+        parser.add_argument(_flag(f.name), dest=f.name, type=kind, default=argparse.SUPPRESS,
+                            help=help_text, **meta)
+
+
+def _type_hints() -> Dict[str, type]:
+    """The scalar type of each field, for argparse."""
+    out = {}
+    for f in dataclasses.fields(TrainConfig):
+        text = str(f.type)
+        if "bool" in text:
+            out[f.name] = bool
+        elif "float" in text:
+            out[f.name] = float
+        elif "int" in text:
+            out[f.name] = int
+        else:
+            out[f.name] = str
+    return out
+
+
+def from_args(args: argparse.Namespace) -> TrainConfig:
+    """The config from --config (if any) with the given flags on top."""
+    base = TrainConfig.from_yaml(args.config).to_dict() if getattr(args, "config", None) else {}
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    base.update({k: v for k, v in vars(args).items() if k in names})
+    return TrainConfig.from_dict(base)
+
+
+def load_saved(directory: str) -> Optional[TrainConfig]:
+    """The resolved config saved in a checkpoint folder, or None if there is none."""
+    path = os.path.join(directory, CONFIG_FILE)
+    return TrainConfig.from_yaml(path) if os.path.exists(path) else None

@@ -1,0 +1,408 @@
+"""``hrnet train``: the training loop (custom, tf.function, any tf.distribute strategy or the NPU).
+
+    hrnet train --data DIR --out DIR --model w18 [--epochs 100 | --train-steps N] ...
+
+One step: forward in training mode, softmax cross-entropy (optionally label-smoothed)
+averaged over the global batch, plus L2 over all trainable weights, backward, gradients
+averaged over the devices, SGD with Nesterov momentum. The lr is a pure function of the
+step (hrnet.train.schedules) and the step is part of the checkpoint, so a resumed run
+continues the schedule exactly where it stopped.
+
+The output folder holds the checkpoint contract (see the team brief): train_config.yaml,
+labels.txt, ckpt-<step> (tf.train.CheckpointManager: step, model, optimizer slots),
+weights.* (portable, hrnet.weights), history.jsonl, logs/ (TensorBoard) and, last,
+manifest.json. Running the same command again resumes from the latest checkpoint; a
+finished run is left as it is.
+"""
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+from hrnet import storage
+from hrnet.errors import HrnetError
+from hrnet.train.config import CONFIG_FILE, TrainConfig, check_resumable, from_args, load_saved
+from hrnet.train.config import add_arguments as _config_arguments
+
+log = logging.getLogger(__name__)
+
+HISTORY = "history.jsonl"
+LABELS = "labels.txt"
+WEIGHTS = "weights"
+CHECKPOINT_NAME = "ckpt"
+
+
+class NonFiniteLossError(HrnetError):
+    """The loss became NaN or Inf and loss scaling could not absorb it."""
+
+
+# ----------------------------------------------------------------------------- data seam
+
+def _data_info(cfg: TrainConfig, data_dir: str):
+    """hrnet.data.DatasetInfo: classes, label offset, counts and files per split."""
+    from hrnet import data
+
+    return data.dataset_info(data_dir, num_classes=cfg.num_classes, label_offset=cfg.label_offset)
+
+
+def _train_input(cfg: TrainConfig, info, batch_size: int, worker_index: int, num_workers: int):
+    """This worker's share of the training stream, batched per device (hrnet.data)."""
+    from hrnet import data
+
+    return data.train_dataset(
+        info, batch_size=batch_size, image_size=cfg.image_size, worker_index=worker_index,
+        num_workers=num_workers, label_offset=cfg.label_offset, num_classes=cfg.num_classes,
+        area_range=tuple(cfg.area_range), aspect_range=tuple(cfg.aspect_range), flip=cfg.flip, seed=cfg.seed,
+    )
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def set_seed(seed: Optional[int]) -> None:
+    """Seed Python, numpy and TF (Keras 3 initializers draw from Python's random)."""
+    if seed is None:
+        return
+    import tensorflow as tf
+
+    random.seed(seed)
+    np.random.seed(seed)
+    tf.random.set_seed(seed)
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return "%d:%02d:%02d" % (seconds // 3600, seconds % 3600 // 60, seconds % 60)
+
+
+def _truncate_history(path: str, step: int) -> None:
+    """Drop log lines written after the checkpoint being resumed (the killed run's tail)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip()]
+    kept = []
+    for ln in lines:
+        try:
+            if json.loads(ln)["step"] <= step:
+                kept.append(ln)
+        except (ValueError, KeyError):
+            continue  # a line cut by the kill
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+def _write_labels(out_dir: str, data_dir: str, info) -> None:
+    """labels.txt of the data set; for slim-made records without one, from the class names."""
+    src = os.path.join(data_dir, LABELS)
+    dst = os.path.join(out_dir, LABELS)
+    if os.path.exists(src):
+        shutil.copyfile(src, dst)
+        return
+    with open(dst, "w") as f:
+        for i, (name, text) in enumerate(zip(info.class_names, info.class_texts)):
+            f.write("%d\t%s\t%s\n" % (i + info.label_offset, name, text))
+
+
+def _write_scalars(writer, step: int, values: Dict[str, Any]) -> None:
+    """TensorBoard scalars through tf.summary.write with the scalars plugin's metadata:
+    tf.summary.scalar needs the tensorboard package, which TF 2.21 no longer installs."""
+    import tensorflow as tf
+    from tensorflow.core.framework import summary_pb2
+
+    metadata = summary_pb2.SummaryMetadata()
+    metadata.plugin_data.plugin_name = "scalars"
+    with writer.as_default():
+        for key in ("loss", "top1", "lr", "images_per_sec", "loss_scale"):
+            if key in values:
+                tf.summary.write("train/" + key, tf.constant(float(values[key]), tf.float32), step=step,
+                                 metadata=metadata.SerializeToString())
+    writer.flush()
+
+
+# ----------------------------------------------------------------------------- training
+
+def train(config) -> Dict[str, Any]:
+    """Train (or resume) as ``config`` says; returns the checkpoint manifest.
+
+    config: a TrainConfig, or a dict of its fields.
+    """
+    cfg = TrainConfig.from_dict(config) if isinstance(config, dict) else config
+    cfg.validate()
+    # TF's own INFO lines (collective set-up, checkpoint sharding) drown the progress lines.
+    logging.getLogger("tensorflow").setLevel(logging.WARNING)
+    # Device set-up first: strategies and the NPU must exist before any other TF op runs.
+    from hrnet.runtime import devices
+
+    precision = cfg.precision or ("mixed_fp16" if cfg.device == "npu" else "fp32")
+    backend = devices.setup(cfg.device, precision, cfg.precision_mode, cfg.mirrored)
+    with storage.local_output(cfg.out) as out_dir:
+        # Non-chief workers take part in every save (reading mirrored variables is a collective
+        # op under MultiWorkerMirroredStrategy) but write into a scratch folder.
+        scratch = None if backend.is_chief else tempfile.mkdtemp(prefix="hrnet-worker%d-" % backend.worker_index)
+        try:
+            return _train(cfg, backend, out_dir, scratch or out_dir)
+        finally:
+            if scratch:
+                shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _train(cfg: TrainConfig, backend, out_dir: str, write_dir: str) -> Dict[str, Any]:
+    import tensorflow as tf
+
+    from hrnet import compat, configs, weights
+    from hrnet.manifest import MANIFEST, file_entry, read_manifest, write_manifest
+    from hrnet.model import build_model, count_params
+
+    if storage.is_remote(cfg.out):
+        storage.restore(cfg.out, out_dir)  # a pod restarted elsewhere resumes from the bucket
+    data_dir = storage.local_input(cfg.data)
+    info = _data_info(cfg, data_dir)
+    if not info.counts.get("train"):
+        raise HrnetError("%s has no training records" % cfg.data)
+    cfg = cfg.resolve(info.num_classes, info.label_offset, info.counts["train"], backend.num_replicas)
+    cfg = cfg.replace(model=configs.canonical_name(cfg.model) if not cfg.model.endswith((".yaml", ".yml"))
+                      else cfg.model)
+    saved = load_saved(out_dir)
+    if saved is not None:
+        check_resumable(saved, cfg)
+    chief = backend.is_chief
+    if chief:
+        os.makedirs(out_dir, exist_ok=True)
+        cfg.save(out_dir)
+        _write_labels(out_dir, data_dir, info)
+
+    set_seed(cfg.seed)
+    strategy = backend.strategy
+    per_replica_batch = cfg.batch_size
+    loss_batch = per_replica_batch * strategy.num_replicas_in_sync
+    schedule = cfg.lr_schedule()
+    with strategy.scope():
+        model = build_model(cfg.model, num_classes=cfg.num_classes, input_size=(cfg.image_size, cfg.image_size))
+        step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step",
+                               aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        # The lr is read from the step at every update (a zero-argument callable is a valid
+        # learning_rate in Keras 2 and 3), so it is never stored and cannot go stale on resume.
+        optimizer = compat.make_sgd(lambda: schedule(step_var), momentum=cfg.momentum, nesterov=cfg.nesterov)
+        optimizer = backend.wrap_optimizer(optimizer)
+        compat.build_optimizer(optimizer, model.trainable_variables)
+    checkpoint = tf.train.Checkpoint(step=step_var, model=model, optimizer=optimizer)
+    manager = tf.train.CheckpointManager(checkpoint, directory=write_dir, max_to_keep=cfg.keep_checkpoints,
+                                         checkpoint_name=CHECKPOINT_NAME)
+    latest = tf.train.latest_checkpoint(out_dir)
+    if latest:
+        checkpoint.restore(latest).assert_existing_objects_matched()
+        log.info("resuming from %s (step %d)", os.path.basename(latest), int(step_var.numpy()))
+    elif cfg.init_from:
+        _init_from(model, cfg.init_from, cfg.num_classes)
+    backend.broadcast_variables(model.variables)
+    start_step = int(step_var.numpy())
+    history_path = os.path.join(out_dir, HISTORY)
+    if chief:
+        _truncate_history(history_path, start_step)
+
+    if start_step >= cfg.train_steps and os.path.exists(os.path.join(out_dir, MANIFEST)):
+        log.info("%s is complete (step %d of %d); nothing to do", cfg.out, start_step, cfg.train_steps)
+        return read_manifest(out_dir, kind="checkpoint")
+    if chief and os.path.exists(os.path.join(out_dir, MANIFEST)):
+        os.remove(os.path.join(out_dir, MANIFEST))  # more steps asked for: incomplete again
+
+    # ---- input -------------------------------------------------------------------
+    if strategy.num_replicas_in_sync > 1:
+        # One input pipeline per worker, batched per replica, sharded by worker.
+        dist_ds = strategy.distribute_datasets_from_function(lambda ctx: _train_input(
+            cfg, info, ctx.get_per_replica_batch_size(cfg.global_batch_size), ctx.input_pipeline_id,
+            ctx.num_input_pipelines))
+    else:
+        dist_ds = _train_input(cfg, info, per_replica_batch, backend.worker_index, backend.num_workers)
+    iterator = iter(dist_ds)
+
+    # ---- one step -------------------------------------------------------------------
+    trainable = model.trainable_variables
+    num_classes = cfg.num_classes
+    smoothing = cfg.label_smoothing
+
+    def step_fn(images, labels):
+        labels = tf.cast(labels, tf.int32)
+        with tf.GradientTape() as tape:
+            logits = tf.cast(model(images, training=True), tf.float32)
+            targets = tf.one_hot(labels, num_classes)
+            if smoothing:
+                targets = targets * (1.0 - smoothing) + smoothing / num_classes
+            per_example = tf.nn.softmax_cross_entropy_with_logits(labels=targets, logits=logits)
+            data_loss = tf.reduce_sum(per_example) / loss_batch
+            l2 = tf.add_n([tf.nn.l2_loss(tf.cast(compat.tf_variable(v), tf.float32)) for v in trainable])
+            loss = data_loss + cfg.weight_decay * l2 / strategy.num_replicas_in_sync
+            scaled = compat.scale_loss(optimizer, loss) if backend.loss_scaling else loss
+        grads = tape.gradient(scaled, trainable)
+        if backend.loss_scaling:
+            grads = compat.unscale_gradients(optimizer, grads)
+        grads = backend.all_reduce_gradients(grads)
+        optimizer.apply_gradients(zip(grads, trainable))
+        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), labels),
+                                        tf.float32))
+        return data_loss, correct
+
+    @tf.function
+    def train_step(it):
+        images, labels = next(it)
+        loss, correct = strategy.run(step_fn, args=(images, labels))
+        step_var.assign_add(1)
+        return (strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None),
+                strategy.reduce(tf.distribute.ReduceOp.SUM, correct, axis=None))
+
+    # ---- loop --------------------------------------------------------------------
+    writer = tf.summary.create_file_writer(os.path.join(out_dir, "logs")) if chief else None
+    params = count_params(model)
+    log.info("training %s (%s params, %d classes) at %dx%d on %d images/epoch: %d steps of %d images "
+             "(%.2f epochs), lr %.4g %s, %s, %s", cfg.model, f"{params:,}", cfg.num_classes,
+             cfg.image_size, cfg.image_size, cfg.nb_train_samples, cfg.train_steps, cfg.global_batch_size,
+             cfg.epochs, cfg.lr, cfg.schedule, cfg.precision, backend.describe())
+
+    def save(step: int) -> None:
+        manager.save(checkpoint_number=step)
+        if chief:
+            storage.mirror(out_dir, cfg.out)
+
+    step = start_step
+    window = {"loss": 0.0, "correct": 0.0, "steps": 0}
+    window_start = time.time()
+    run_start = time.time()
+    timed_steps, timed_seconds = 0, 0.0
+    last_log: Dict[str, Any] = {}
+    while step < cfg.train_steps:
+        t0 = time.time()
+        loss_t, correct_t = train_step(iterator)
+        loss = float(loss_t)
+        step += 1
+        if not math.isfinite(loss):
+            kept = tf.train.latest_checkpoint(out_dir)
+            raise NonFiniteLossError(
+                "the loss became %s at step %d (lr %.4g)%s; the run stopped, the last good checkpoint %s is kept. "
+                "Lower --lr, add --warmup-epochs, or use --precision fp32"
+                % (loss, step, schedule(step - 1),
+                   " and dynamic loss scaling could not absorb it" if backend.loss_scaling else "",
+                   os.path.basename(kept) if kept else "(none yet)")
+            )
+        window["loss"] += loss
+        window["correct"] += float(correct_t)
+        window["steps"] += 1
+        if step > start_step + 1:  # the first step includes tracing
+            timed_steps += 1
+            timed_seconds += time.time() - t0
+        if step % cfg.log_every == 0 or step == cfg.train_steps:
+            elapsed = time.time() - window_start
+            per_step = timed_seconds / timed_steps if timed_steps else elapsed / max(1, window["steps"])
+            last_log = {
+                "step": step,
+                "epoch": round(step / cfg.steps_per_epoch, 4),
+                "loss": window["loss"] / window["steps"],
+                "top1": window["correct"] / (window["steps"] * cfg.global_batch_size),
+                "lr": float(schedule(step - 1)),
+                "images_per_sec": cfg.global_batch_size / per_step if per_step > 0 else 0.0,
+            }
+            if backend.loss_scaling:
+                last_log["loss_scale"] = compat.loss_scale_value(optimizer)
+            eta = per_step * (cfg.train_steps - step)
+            log.info("step %d/%d epoch %.2f loss %.4f top1 %.4f lr %.5g images/s %.1f eta %s",
+                     step, cfg.train_steps, last_log["epoch"], last_log["loss"], last_log["top1"], last_log["lr"],
+                     last_log["images_per_sec"], _fmt_duration(eta))
+            if chief:
+                with open(history_path, "a") as f:
+                    f.write(json.dumps(last_log) + "\n")
+                _write_scalars(writer, step, last_log)
+            window = {"loss": 0.0, "correct": 0.0, "steps": 0}
+            window_start = time.time()
+            timed_steps, timed_seconds = 0, 0.0
+        if step % cfg.checkpoint_every == 0 and step < cfg.train_steps:
+            save(step)
+    if step > start_step or manager.latest_checkpoint is None:
+        save(step)
+
+    # ---- outputs: portable weights, then the manifest, last -------------------------
+    weights.save_weights(model, os.path.join(write_dir, WEIGHTS))
+    manifest = {
+        "kind": "checkpoint",
+        "model": cfg.model,
+        # The model's config itself, so that evaluate / export rebuild it anywhere (also
+        # when it came from a YAML file that only the training machine has).
+        "model_config": configs.load(cfg.model),
+        "num_classes": cfg.num_classes,
+        "label_offset": cfg.label_offset,
+        "image_size": cfg.image_size,
+        "step": step,
+        "train_steps": cfg.train_steps,
+        "epochs": cfg.epochs,
+        "optimizer_iterations": int(compat.tf_variable(optimizer.iterations).numpy()),
+        "precision": cfg.precision,
+        "device": cfg.device,
+        "num_replicas": backend.num_replicas,
+        "global_batch_size": cfg.global_batch_size,
+        "params": params,
+        "weights": WEIGHTS,
+        "checkpoint": os.path.basename(manager.latest_checkpoint),
+        "final": last_log,
+        "seconds": round(time.time() - run_start, 1),
+        "tensorflow": tf.__version__,
+        "keras": ".".join(str(v) for v in compat.KERAS_VERSION),
+        "out": cfg.out,
+    }
+    _barrier(strategy)  # no worker leaves (and tears down the cluster) while another still saves
+    if not chief:
+        return manifest
+    manifest["files"] = [file_entry(os.path.join(out_dir, f), out_dir) for f in sorted(os.listdir(out_dir))
+                         if f.startswith(WEIGHTS + ".") or f in (LABELS, CONFIG_FILE)]
+    write_manifest(out_dir, manifest)
+    storage.mirror(out_dir, cfg.out)
+    log.info("done: step %d, checkpoint %s, weights %s", step, manifest["checkpoint"],
+             os.path.join(cfg.out, WEIGHTS))
+    return manifest
+
+
+def _barrier(strategy) -> None:
+    """Wait for every worker (a one-number all-reduce); a no-op with one replica."""
+    if strategy.num_replicas_in_sync > 1:
+        import tensorflow as tf
+
+        ones = strategy.run(lambda: tf.ones([]))
+        strategy.reduce(tf.distribute.ReduceOp.SUM, ones, axis=None).numpy()
+
+
+def _init_from(model, source: str, num_classes: int) -> None:
+    """Start from imported weights (``hrnet import-weights`` output or a checkpoint folder);
+    a classifier of another class count is left freshly initialised."""
+    from hrnet import weights
+
+    prefix = source
+    if os.path.isdir(source):
+        prefix = os.path.join(source, WEIGHTS)
+    values = weights.read_weights(prefix)
+    kernel = values.get(weights.CLASSIFIER + "/kernel")
+    skip = kernel is not None and int(kernel.shape[-1]) != num_classes
+    if skip:
+        values = {k: v for k, v in values.items() if not k.startswith(weights.CLASSIFIER + "/")}
+    n = weights.assign_weights(model, values, skip_classifier=skip, source=prefix)
+    log.info("initialised %d tensors from %s%s", n, prefix,
+             " (classifier re-initialised for %d classes)" % num_classes if skip else "")
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def add_arguments(parser) -> None:
+    _config_arguments(parser)
+
+
+def run(args) -> int:
+    manifest = train(from_args(args))
+    final = manifest.get("final") or {}
+    print("trained %s to step %d: loss %.4f, train top-1 %.4f; checkpoint in %s" % (
+        manifest.get("model"), manifest.get("step", 0), final.get("loss", float("nan")),
+        final.get("top1", float("nan")), manifest.get("out", "")))
+    return 0
