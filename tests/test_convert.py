@@ -335,3 +335,22 @@ def test_sigkill_then_rerun_equals_a_clean_run(tmp_path):
     for key in ("counts", "counts_per_class", "shards", "skipped", "fingerprint"):
         assert resumed[key] == clean[key]
     assert json.load(open(os.path.join(killed, "manifest.json")))["shards"] == clean["shards"]
+
+
+def test_convert_from_a_bucket_of_images_to_a_bucket(s3_env, tmp_path):
+    from hrnet import data, storage
+
+    local = str(tmp_path / "src")
+    for c in ("a", "b"):
+        for i in range(3):
+            save(os.path.join(local, "train", c, f"{i}.jpg"), Image.fromarray(noise(40, 32, i)))
+        save(os.path.join(local, "validation", c, "v.jpg"), Image.fromarray(noise(40, 32, 9)))
+    storage.mirror(local, s3_env.uri("raw"))  # a plain bucket of images: no manifest.json
+    out = s3_env.uri("records")
+    manifest = convert_dataset(s3_env.uri("raw"), out, workers=1, progress=False)
+    assert manifest["counts"] == {"train": 6, "validation": 2}
+    assert storage.exists(out + "/manifest.json")
+    info = data.dataset_info(out)  # read back through the verified local cache
+    assert info.counts == manifest["counts"] and info.class_names == ["a", "b"]
+    x, y = next(iter(data.eval_dataset(out, 8, 32)))
+    assert x.shape == (2, 32, 32, 3) and sorted(y.numpy().tolist()) == [0, 1]

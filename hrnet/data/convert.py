@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from hrnet import storage
 from hrnet.data import schema
-from hrnet.errors import HrnetError
+from hrnet.errors import HrnetError, IncompleteError
 from hrnet.manifest import MANIFEST, file_entry, read_manifest, write_manifest
 
 log = logging.getLogger(__name__)
@@ -554,6 +554,20 @@ def _run_tasks(tasks: List[Dict[str, Any]], workers: int, total: int, done: int,
     return states
 
 
+def _local_source(src: str) -> str:
+    """A local folder holding the image tree at ``src``. A remote tree that one of our steps
+    published (demo-data) comes through the verified cache; a plain bucket of images has
+    no manifest.json and is downloaded as it is."""
+    if not storage.is_remote(src):
+        return src
+    try:
+        return storage.local_input(src)
+    except IncompleteError:
+        local = storage.cache_path(src)
+        storage.restore(src, local)
+        return local
+
+
 def convert_dataset(src: str, out: str, *, train_shards: Optional[int] = None,
                     validation_shards: Optional[int] = None, workers: Optional[int] = None,
                     label_offset: int = 0, train_dir: Optional[str] = None, validation_dir: Optional[str] = None,
@@ -573,7 +587,7 @@ def convert_dataset(src: str, out: str, *, train_shards: Optional[int] = None,
     local = {k: storage.local_input(v) if v is not None and storage.is_remote(v) else v
              for k, v in dict(train_dir=train_dir, validation_dir=validation_dir, val_labels=val_labels,
                               devkit=devkit, synset_names=synset_names, bbox_dir=bbox_dir).items()}
-    plan = make_plan(storage.local_input(src), train_shards=train_shards, validation_shards=validation_shards,
+    plan = make_plan(_local_source(src), train_shards=train_shards, validation_shards=validation_shards,
                      label_offset=label_offset, seed=seed, **local)
     if strict and plan["skipped"]:
         first = plan["skipped"][0]
