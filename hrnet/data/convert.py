@@ -360,12 +360,11 @@ def make_plan(src: str, *, train_dir: Optional[str] = None, validation_dir: Opti
     unknown = sorted(set(class_sets.get("validation", [])) - set(classes))
     if unknown:
         raise HrnetError("validation classes missing from train/: {}".format(", ".join(unknown[:5])))
-    label_of = {c: i + label_offset for i, c in enumerate(classes)}
+    class_index = {c: i for i, c in enumerate(classes)}
 
     names_path = synset_names or _find_first([src] + roots, SYNSET_NAME_FILES)
     names = _read_synset_names(names_path) if names_path else {}
     texts = [names.get(c, c) for c in classes]
-    text_of = dict(zip(classes, texts))
 
     xml_by_stem = {}
     if bbox_dir is not None:
@@ -375,17 +374,13 @@ def make_plan(src: str, *, train_dir: Optional[str] = None, validation_dir: Opti
             if path.lower().endswith(".xml"):
                 xml_by_stem[os.path.splitext(os.path.basename(path))[0]] = path
 
+    # Items are small tuples (ImageNet has 1.3 million): (path, class index, pixel boxes, xml path).
     shards, plan_items = {}, {}
     for split, items in per_split.items():
-        records = []
-        for path, c, boxes in items:
-            xml = xml_by_stem.get(os.path.splitext(os.path.basename(path))[0])
-            records.append({"path": path, "rel": os.path.relpath(path, src),
-                            "name": os.path.relpath(path, train_dir if split == "train" else validation_dir),
-                            "label": label_of[c], "synset": c, "text": text_of[c],
-                            "boxes": boxes or [], "xml": xml})
+        records = [(path, class_index[c], boxes or [],
+                    xml_by_stem.get(os.path.splitext(os.path.basename(path))[0])) for path, c, boxes in items]
         # Fixed shuffle (as slim): each shard mixes classes, the same on every run.
-        records.sort(key=lambda r: r["rel"])
+        records.sort()
         random.Random(seed).shuffle(records)
         requested = train_shards if split == "train" else validation_shards
         n = requested or _auto_shards(len(records), split)
@@ -394,11 +389,12 @@ def make_plan(src: str, *, train_dir: Optional[str] = None, validation_dir: Opti
         shards[split] = n
         plan_items[split] = records
     fingerprint = hashlib.sha256(json.dumps({
-        "items": {s: [(r["rel"], r["label"], r["xml"] and os.path.basename(r["xml"])) for r in recs]
+        "items": {s: [(os.path.relpath(path, src), c, xml and os.path.basename(xml)) for path, c, _, xml in recs]
                   for s, recs in plan_items.items()},
         "shards": shards, "label_offset": label_offset, "seed": seed,
     }, sort_keys=True).encode()).hexdigest()
     return {"src": src, "classes": classes, "texts": texts, "label_offset": label_offset, "items": plan_items,
+            "split_dirs": {"train": train_dir, "validation": validation_dir},
             "shards": shards, "skipped": skipped, "fingerprint": fingerprint}
 
 
@@ -440,33 +436,35 @@ def write_shard(task: Dict[str, Any]) -> Dict[str, Any]:
     out_dir, name, strict = task["out_dir"], task["name"], task["strict"]
     final = os.path.join(out_dir, name)
     tmp = os.path.join(out_dir, TEMP_PREFIX + name)
+    classes, texts, offset = task["classes"], task["texts"], task["label_offset"]
     per_class: Dict[str, int] = {}
     reencoded: Dict[str, int] = {}
     skipped = []
     with tf.io.TFRecordWriter(tmp) as writer:
-        for r in task["items"]:
+        for path, c, boxes, xml in task["items"]:
             try:
-                data, height, width, why = read_image(r["path"], task["quality"], task["verify"])
-                boxes = r["boxes"]
-                if r["xml"]:
-                    ref, boxes = read_xml_boxes(r["xml"])
-                else:
-                    ref = None
+                data, height, width, why = read_image(path, task["quality"], task["verify"])
+                ref = None
+                if xml:
+                    ref, boxes = read_xml_boxes(xml)
                 if boxes:
-                    raw = _raw_size(r["path"]) if why and "EXIF" in why else (width, height)
-                    boxes = normalize_boxes(boxes, ref or raw)
-                    if why and "EXIF" in why:
-                        boxes = orient_boxes(boxes, _raw_orientation(r["path"]))
+                    rotated = bool(why and "EXIF" in why)
+                    boxes = normalize_boxes(boxes, ref or (_raw_size(path) if rotated else (width, height)))
+                    if rotated:
+                        boxes = orient_boxes(boxes, _raw_orientation(path))
             except (BadImage, ET.ParseError, OSError, ValueError) as e:
                 reason = str(e) if isinstance(e, BadImage) else f"unreadable ({e})"
+                rel = os.path.relpath(path, task["src"])
                 if strict:
-                    raise HrnetError("{}: {} (strict mode: stopping)".format(r["rel"], reason)) from None
-                skipped.append({"split": task["split"], "path": r["rel"], "reason": reason})
+                    raise HrnetError(f"{rel}: {reason} (strict mode: stopping)") from None
+                skipped.append({"split": task["split"], "path": rel, "reason": reason})
                 continue
-            example = schema.make_example(data, r["name"], r["label"], r["synset"], r["text"], height, width, boxes)
+            # The file name relative to the split folder ("n01440764/n01440764_10026.JPEG"): unique.
+            name_in_split = os.path.relpath(path, task["split_dir"]).replace(os.sep, "/")
+            example = schema.make_example(data, name_in_split, c + offset, classes[c], texts[c], height, width, boxes)
             # deterministic=True: map keys in a fixed order, so a re-run writes identical bytes.
             writer.write(example.SerializeToString(deterministic=True))
-            per_class[r["synset"]] = per_class.get(r["synset"], 0) + 1
+            per_class[classes[c]] = per_class.get(classes[c], 0) + 1
             if why:
                 reencoded[why] = reencoded.get(why, 0) + 1
     _fsync(tmp)
@@ -617,8 +615,10 @@ def convert_dataset(src: str, out: str, *, train_shards: Optional[int] = None,
                     done_images += end - start
                 else:
                     tasks.append({"out_dir": out_dir, "name": name, "split": split, "items": items[start:end],
-                                  "strict": strict, "verify": verify, "quality": quality,
-                                  "fingerprint": fingerprint})
+                                  "src": plan["src"], "split_dir": plan["split_dirs"][split],
+                                  "classes": plan["classes"], "texts": plan["texts"],
+                                  "label_offset": plan["label_offset"], "strict": strict, "verify": verify,
+                                  "quality": quality, "fingerprint": fingerprint})
         if states:
             log.info("resuming: %d of %d shards already complete", len(states), len(states) + len(tasks))
         workers = min(workers or os.cpu_count() or 1, max(1, len(tasks)))
