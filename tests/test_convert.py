@@ -258,6 +258,18 @@ def test_devkit_ground_truth_and_missing_labels(tmp_path):
     got = {feature(e, "image/filename")[0].decode(): feature(e, "image/class/label")[0] for e in val}
     assert got == {f"ILSVRC2012_val_{i + 1:08d}.JPEG": synsets.index(s) for i, s in enumerate(val_truth)}
 
+    # The devkit's own meta.mat, found in SRC/ILSVRC2012_devkit_t12/data/ (non-leaf synsets have IDs > 1000).
+    from scipy.io import savemat
+
+    rows = [(i + 1, s, 0) for i, s in enumerate(devkit_order)] + [(1001, "n00001740", 3)]
+    meta = np.array(rows, dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("num_children", "O")])
+    os.makedirs(os.path.join(root, "ILSVRC2012_devkit_t12", "data"))
+    savemat(os.path.join(root, "ILSVRC2012_devkit_t12", "data", "meta.mat"), {"synsets": meta.reshape(-1, 1)})
+    out_mat = str(tmp_path / "out_mat")
+    convert_dataset(root, out_mat, workers=1, progress=False)
+    val = read_records(os.path.join(out_mat, shards_of(out_mat, "validation")[0]))
+    assert {feature(e, "image/filename")[0].decode(): feature(e, "image/class/label")[0] for e in val} == got
+
     # A labels file naming an image that is not there, or one image short of labels.
     with open(truth, "a") as f:
         f.write("1\n")
