@@ -91,10 +91,11 @@ def odd_tree(tmp_path_factory):
         f.write("this is not a JPEG")
     with open(os.path.join(t, "cat", "notes.txt"), "w") as f:
         f.write("photographer: someone")
+    save(os.path.join(t, "loose.jpg"), Image.fromarray(noise(20, 20, 11)))  # in no class folder
     v = os.path.join(root, "validation")
     for i, c in enumerate(["cat", "dog", "dog"]):
         save(os.path.join(v, c, f"val{i}.jpg"), Image.fromarray(noise(64, 48, 20 + i)), quality=95)
-    bad = {"train/dog/truncated.jpg", "train/cat/fake.jpg", "train/cat/notes.txt"}
+    bad = {"train/dog/truncated.jpg", "train/cat/fake.jpg", "train/cat/notes.txt", "train/loose.jpg"}
     return root, expected, bad
 
 
@@ -132,6 +133,7 @@ def test_odd_images_become_rgb_records_and_bad_files_are_reported(odd_tree, tmp_
     assert "truncated" in reasons[os.path.join("train", "dog", "truncated.jpg")]
     assert "not a readable image" in reasons[os.path.join("train", "cat", "fake.jpg")]
     assert "not an image file" in reasons[os.path.join("train", "cat", "notes.txt")]
+    assert "not inside a class folder" in reasons[os.path.join("train", "loose.jpg")]
     assert manifest["reencoded"] == {"PNG": 1, "CMYK": 1, "L": 1, "EXIF-rotated": 1, "BMP": 1, "WEBP": 1}
 
     files = sum(len(fs) for _, _, fs in os.walk(root))

@@ -331,7 +331,7 @@ def make_plan(src: str, *, train_dir: Optional[str] = None, validation_dir: Opti
             continue
         folders, others = _scan_class_folders(split_dir)
         loose_images = [p for p in others if os.path.dirname(p) == split_dir and _is_image_name(p)]
-        if not folders and loose_images:  # a flat validation folder: labels come from a file
+        if split == "validation" and not folders and loose_images:  # flat: labels come from a file
             labels_path = val_labels or _find_first([src, os.path.dirname(split_dir)] + roots, VAL_LABEL_FILES)
             if labels_path is None:
                 raise HrnetError(f"{split_dir} holds images but no class folders; give the labels file "
@@ -348,12 +348,15 @@ def make_plan(src: str, *, train_dir: Optional[str] = None, validation_dir: Opti
                 raise HrnetError("{}: class folder{} without images: {}".format(
                     split_dir, "s" if len(empty) > 1 else "", ", ".join(empty[:5])))
             if not folders:
-                raise HrnetError(f"{split_dir} holds no class folders with images")
+                raise HrnetError(f"{split_dir} holds no class folders (expected {split_dir}/<class>/<images>)")
             items = [(p, c, None) for c, files in folders.items() for p in files]
             class_sets[split] = sorted(folders)
         for p in others:
-            skipped.append({"split": split, "path": os.path.relpath(p, src),
-                            "reason": "not an image file (%s)" % (os.path.splitext(p)[1] or "no extension")})
+            if os.path.dirname(p) == split_dir and _is_image_name(p):
+                reason = "not inside a class folder"
+            else:
+                reason = "not an image file ({})".format(os.path.splitext(p)[1] or "no extension")
+            skipped.append({"split": split, "path": os.path.relpath(p, src), "reason": reason})
         per_split[split] = items
 
     classes = class_sets.get("train") or class_sets["validation"]

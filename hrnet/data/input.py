@@ -5,6 +5,7 @@ flip, normalize) composed in one visible chain each for train and eval. Randomne
 stateless and seeded per image (from its position in the stream), so a seeded pipeline
 is deterministic however many threads run it.
 """
+import numbers
 import os
 import random
 import struct
@@ -143,8 +144,8 @@ def _files_and_offset(data: Union[str, DatasetInfo], split: str, label_offset: O
 # --------------------------------------------------------------------------------------
 
 def _hw(image_size: Union[int, Sequence[int]]) -> Tuple[int, int]:
-    if isinstance(image_size, int):
-        return image_size, image_size
+    if isinstance(image_size, numbers.Integral):
+        return int(image_size), int(image_size)
     h, w = image_size
     return int(h), int(w)
 
