@@ -710,11 +710,10 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    manifest = convert_dataset(
+    convert_dataset(  # logs the summary line
         args.src, args.out, train_shards=args.train_shards, validation_shards=args.validation_shards,
         workers=args.workers, label_offset=args.label_offset, train_dir=args.train_dir,
         validation_dir=args.validation_dir, val_labels=args.val_labels, devkit=args.devkit,
         synset_names=args.synset_names, bbox_dir=args.bbox_dir, strict=args.strict, verify=args.verify,
         quality=args.quality, progress=not args.no_progress)
-    print(summary_line(manifest))
     return 0

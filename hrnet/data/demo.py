@@ -101,8 +101,5 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    manifest = write_demo_data(args.out, size=args.size, validation_fraction=args.validation_fraction)
-    counts, size = manifest["counts"], manifest["image_size"]
-    print(f"wrote {counts['train']} train and {counts['validation']} validation images "
-          f"({manifest['num_classes']} classes, {size}x{size}) to {args.out}")
+    write_demo_data(args.out, size=args.size, validation_fraction=args.validation_fraction)  # logs what it wrote
     return 0
