@@ -36,5 +36,54 @@ demo: setup
 bench: setup
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
 
+# ---- images/ and manifests/ (infra) -------------------------------------------------------
+# `make images [IMAGE_TARGETS="cpu gpu ascend"] [REGISTRY=...] [TAG=...] [PUSH=1]`: the step images,
+# named <REGISTRY>/hrnet-<target>:<TAG> as components/images.py names them for the pipeline, built
+# with docker, podman or buildah (CONTAINER_TOOL). The ascend image needs CANN_BASE: an
+# ascend-toolkit (or ascend-tensorflow) image with Python 3.9 (see images/ascend/Dockerfile).
+IMAGE_DEFAULT    = $(shell $(PY) -c "import runpy; print(runpy.run_path('components/images.py')['$(1)'])")
+REGISTRY        ?= $(call IMAGE_DEFAULT,REGISTRY)
+TAG             ?= $(call IMAGE_DEFAULT,TAG)
+IMAGE_TARGETS   ?= cpu gpu ascend
+CANN_BASE       ?=
+CONTAINER_TOOL  ?= $(firstword $(shell command -v docker podman buildah 2>/dev/null))
+LINT_VENV       ?= .venv-lint
+KFP_ASCEND_VENV ?= .venv-kfp-ascend
+CHECKOV_VERSION ?= 3.3.30
+
+.PHONY: images lint-infra
+
+images:
+	@test -n "$(CONTAINER_TOOL)" || { echo "make images: no docker, podman or buildah (set CONTAINER_TOOL)" >&2; exit 2; }
+	@set -e; for t in $(IMAGE_TARGETS); do \
+	  case $$t in \
+	    cpu|gpu) args="";; \
+	    ascend) test -n "$(CANN_BASE)" || { echo "make images: the ascend image needs CANN_BASE=<ascend-toolkit image with Python 3.9>" >&2; exit 2; }; \
+	            args="--build-arg CANN_BASE=$(CANN_BASE)";; \
+	    *) echo "make images: unknown target $$t (cpu, gpu, ascend)" >&2; exit 2;; \
+	  esac; \
+	  $(CONTAINER_TOOL) build $$args -f images/$$t/Dockerfile -t $(REGISTRY)/hrnet-$$t:$(TAG) .; \
+	  if [ -n "$(PUSH)" ]; then $(CONTAINER_TOOL) push $(REGISTRY)/hrnet-$$t:$(TAG); fi; \
+	done
+
+# The infra checks (CI runs this after `make test`): the manifest and image tests with every tool
+# present (kubectl, kubernetes-validate and hadolint come with the test extra; the Ascend image's
+# older kfp in its own venv), then checkov in its own venv (its pins clash with kfp's).
+lint-infra: setup $(LINT_VENV)/.installed $(KFP_ASCEND_VENV)/.installed
+	HRNET_REQUIRE_INFRA_TOOLS=1 HRNET_KFP_ASCEND_PYTHON=$(KFP_ASCEND_VENV)/bin/python \
+	  $(PYTEST) -q tests/test_manifests.py tests/test_images.py
+	$(LINT_VENV)/bin/checkov --config-file .checkov.yaml
+
+$(LINT_VENV)/.installed:
+	$(PY) -m venv $(LINT_VENV)
+	$(LINT_VENV)/bin/pip install -q "checkov==$(CHECKOV_VERSION)"
+	touch $@
+
+# kfp, kfp-pipeline-spec and protobuf as pinned in the Ascend image.
+$(KFP_ASCEND_VENV)/.installed: images/ascend/requirements.txt
+	$(PY) -m venv $(KFP_ASCEND_VENV)
+	$(KFP_ASCEND_VENV)/bin/pip install -q $$(grep -E '^(kfp|kfp-pipeline-spec|protobuf)==' $< | cut -d' ' -f1)
+	touch $@
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
