@@ -126,6 +126,10 @@ def test_slim_records_through_our_pipelines(slim_records):
     root, boxes = slim_records
     with pytest.raises(Exception, match="num_classes and label_offset"):
         data.dataset_info(root)
+    with pytest.raises(Exception, match="labels 1..3, outside 0..2 .*label_offset=1"):
+        data.dataset_info(root, num_classes=3, label_offset=0)
+    with pytest.raises(Exception, match="outside"):
+        data.train_dataset(root, 2, 32, num_classes=2, label_offset=1)
     info = data.dataset_info(root, num_classes=3, label_offset=1)
     assert info.counts == {"train": 10, "validation": 5}
     assert info.manifest is None and len(info.files["train"]) == 2

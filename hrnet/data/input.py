@@ -106,11 +106,24 @@ def dataset_info(data_dir: str, num_classes: Optional[int] = None, label_offset:
     if num_classes is None or label_offset is None:
         raise HrnetError(f"{data_dir} has no manifest.json (records made by slim's script?): give num_classes and "
                          "label_offset (slim's ImageNet: 1000 and 1)")
+    _check_labels(data_dir, [f for fs in files.values() for f in fs[:1]], num_classes, label_offset)
     names = [r[1] for r in rows] if rows else [str(i) for i in range(num_classes)]
     texts = [r[2] for r in rows] if rows else list(names)
     counts = {split: sum(count_records(f) for f in fs) if count else 0 for split, fs in files.items() if fs}
     return DatasetInfo(local, num_classes, label_offset, names, texts, counts,
                        {s: f for s, f in files.items() if f})
+
+
+def _check_labels(data_dir: str, files: List[str], num_classes: int, label_offset: int, sample: int = 256) -> None:
+    """Labels of the first records against num_classes / label_offset: a wrong offset for
+    slim's records fails here, clearly, instead of deep inside the loss later."""
+    spec = {schema.LABEL: tf.io.FixedLenFeature([], tf.int64, default_value=-1)}
+    labels = [int(tf.io.parse_single_example(r, spec)[schema.LABEL])
+              for r in tf.data.TFRecordDataset(files).take(sample)]
+    if labels and not label_offset <= min(labels) <= max(labels) < num_classes + label_offset:
+        raise HrnetError(f"{data_dir}: records hold labels {min(labels)}..{max(labels)}, outside "
+                         f"{label_offset}..{num_classes + label_offset - 1} (num_classes={num_classes}, "
+                         f"label_offset={label_offset}); slim's ImageNet records need label_offset=1")
 
 
 def _label_rows(local: str) -> List[List[str]]:
@@ -128,6 +141,8 @@ def _files_and_offset(data: Union[str, DatasetInfo], split: str, label_offset: O
         elif label_offset is None:
             raise HrnetError(f"{data} has no manifest.json (records made by slim's script?): give label_offset "
                              "(slim's ImageNet: 1)")
+        elif num_classes is not None:  # slim's records, checked against what the caller says
+            data = dataset_info(local, num_classes=num_classes, label_offset=label_offset, count=False)
         else:
             files = schema.shard_files(local, split)
             if not files:
