@@ -298,6 +298,18 @@ def test_every_hrnet_command_line_the_pipeline_builds_parses(compiled):
     assert "train" in checked
 
 
+def test_ascend_components_are_python_3_9(compiled, tmp_path):
+    # The Ascend image runs them on its Python 3.9, the rest of the project's code is checked by `make lint`.
+    ir, _ = compiled["ascend"]
+    files = []
+    for name, _, source, _ in component_sources(ir):
+        files.append(tmp_path / f"{name}.py")
+        files[-1].write_text(source)
+    result = subprocess.run([tool("vermin"), "-q", "--no-tips", "--violations", "-t=3.9-", *map(str, files)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and files, result.stdout + result.stderr
+
+
 # ----------------------------------------------------------------------------- kfp in the Ascend image
 
 def kfp_ascend_python():
