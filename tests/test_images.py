@@ -127,8 +127,9 @@ def test_lock_satisfies_hrnet_and_carries_kfp(target):
         needed += [Requirement(r) for r in project["optional-dependencies"]["kfp"]]
     for req in needed:
         name = canonicalize_name(req.name)
-        assert name in pins, f"images/{target}/requirements.txt lacks {req.name}"
-        assert req.specifier.contains(pins[name], prereleases=True), f"{target}: {name}=={pins[name]} vs {req}"
+        assert name in pins, f"images/{target}/requirements.txt lacks {req.name}: re-run images/lock.sh"
+        assert req.specifier.contains(pins[name], prereleases=True), \
+            f"{target}: {name}=={pins[name]} does not meet {req}: re-run images/lock.sh"
     # The KFP executor (python3 -m kfp.dsl.executor_main) runs from the image: no pip at start.
     assert "kfp" in pins and "kfp-pipeline-spec" in pins
 
