@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import kubernetes_validate
@@ -41,7 +42,7 @@ def tool(name: str) -> str:
 def kubectl(*args: str) -> subprocess.CompletedProcess:
     # No kubeconfig: nothing here may reach a real cluster.
     return subprocess.run([tool("kubectl"), *args], capture_output=True, text=True, timeout=120,
-                          env={"PATH": "/usr/bin:/bin", "KUBECONFIG": "/nonexistent", "HOME": str(ROOT)})
+                          env={"PATH": "/usr/bin:/bin", "KUBECONFIG": "/nonexistent", "HOME": tempfile.gettempdir()})
 
 
 def kubectl_files(folder: Path):
