@@ -1104,9 +1104,11 @@ def _cache_matches(s: S3Settings, dest: str, remote: Dict[str, _Obj], manifest: 
 @contextlib.contextmanager
 def local_output(uri: str, cache_dir: Optional[str] = None) -> Iterator[str]:
     """A local folder to write an output into; for a remote ``uri`` it is uploaded when
-    the block exits without error, manifest.json last (objects from an older version of
-    the output that are not in the new one are removed). If the block fails nothing is
-    published and the local files are kept."""
+    the block exits without error, manifest.json last, and the bucket then holds exactly
+    the folder's files (objects of an older version that are not in it are removed). If
+    the block fails nothing is published. The folder (``cache_path(uri, cache_dir)``) is
+    kept between runs, like a local output folder, so a step that resumes from its own
+    output (convert's finished shards) finds it again on the same machine."""
     if not is_remote(uri):
         path = _local_path(uri)
         os.makedirs(path, exist_ok=True)
@@ -1117,9 +1119,7 @@ def local_output(uri: str, cache_dir: Optional[str] = None) -> Iterator[str]:
     # Fail before the work, not after it: a missing bucket or bad credentials.
     _check_bucket(s, bucket, uri)
     dest = cache_path(uri, cache_dir)
-    if os.path.isdir(dest):
-        shutil.rmtree(dest)
-    os.makedirs(dest)
+    os.makedirs(dest, exist_ok=True)
     try:
         yield dest
     except BaseException:

@@ -21,6 +21,7 @@ answer 503 SlowDown, to simulate outages without losing the server's state) and
 wrong-credential tests).
 """
 import contextlib
+import logging
 import os
 import socket
 import subprocess
@@ -101,6 +102,7 @@ class MotoInProcess:
         from moto.server import ThreadedMotoServer
 
         self.port = free_port()
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
 
     def start(self) -> S3Server:

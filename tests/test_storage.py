@@ -3,6 +3,7 @@ by HRNET_TEST_S3_ENDPOINT): every operation, integrity, sync, atomic publish, ba
 import hashlib
 import logging
 import os
+import shutil
 import socket
 import threading
 import time
@@ -222,12 +223,13 @@ def test_atomic_publish_and_incomplete_outputs(s3_env, tmp_path, monkeypatch):
             make_output(out)
             raise RuntimeError("the step failed")
     assert storage.list_files(uri) == []  # nothing published
+    assert "train-00000-of-00003" in os.listdir(storage.cache_path(uri))  # but kept for a re-run to resume from
 
-    with storage.local_output(uri) as out:  # a step that forgot its manifest
+    with storage.local_output(s3_env.uri("out/other")) as out:  # a step that forgot its manifest
         with open(os.path.join(out, "part-0"), "w") as f:
             f.write("x")
     with pytest.raises(IncompleteError, match="has no manifest.json: it is incomplete"):
-        storage.local_input(uri)
+        storage.local_input(s3_env.uri("out/other"))
     with pytest.raises(storage.ObjectNotFoundError, match="does not exist"):
         storage.local_input(s3_env.uri("never/written"))
 
@@ -239,6 +241,7 @@ def test_atomic_publish_and_incomplete_outputs(s3_env, tmp_path, monkeypatch):
     monkeypatch.setattr(storage, "_put_file", lambda s, b, key, *a: calls.append(("put", key)) or put(s, b, key, *a))
     monkeypatch.setattr(storage, "_remove_object", lambda s, b, key: calls.append(("del", key)) or remove(s, b, key))
     with storage.local_output(uri) as out:
+        shutil.rmtree(out)  # the step starts afresh (the failed attempt's files are still there)
         make_output(out, seed=2, shards=2)
         with open(os.path.join(out, "checkpoint"), "w") as f:
             f.write('model_checkpoint_path: "ckpt-2"\n')

@@ -1,0 +1,110 @@
+"""Acceptance: the steps read and write s3:// URIs, and a training run killed mid-way
+resumes from the bucket on a machine that has none of its local files.
+
+    convert --out s3://...                          shards in the bucket, manifest last
+    hrnet train --data s3://... --out s3://...      killed (SIGKILL) after a checkpoint was
+                                                    mirrored; the local cache is deleted; the
+                                                    same command resumes from the bucket
+    evaluate with URIs                              reads the checkpoint from the bucket, writes
+                                                    its metrics to it
+
+Training runs as real `hrnet train` processes (one of them killed) against the test S3
+server (moto, or MinIO with HRNET_TEST_S3_ENDPOINT), with a tiny model on 32x32 images.
+"""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from hrnet import storage
+
+TINY_MODEL = """\
+name: tiny
+stem_width: 8
+stages:
+  - {block: BOTTLENECK, num_modules: 1, num_blocks: [1], num_channels: [4]}
+  - {block: BASIC, num_modules: 1, num_blocks: [1, 1], num_channels: [4, 8]}
+  - {block: BASIC, num_modules: 1, num_blocks: [1, 1, 1], num_channels: [4, 8, 16]}
+  - {block: BASIC, num_modules: 1, num_blocks: [1, 1, 1, 1], num_channels: [4, 8, 16, 32]}
+head_channels: [8, 16, 32, 64]
+final_channels: 64
+"""
+STEPS = 30  # the first run is killed right after its first checkpoint (step 5) reaches the bucket
+
+
+def write_images(root, classes=3, train=8, validation=2):
+    """A tiny class-folder JPEG tree: train/<class>/*.jpg, validation/<class>/*.jpg."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", train), ("validation", validation)):
+        for c in range(classes):
+            os.makedirs(os.path.join(root, split, f"class{c}"))
+            for i in range(n):
+                pixels = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(os.path.join(root, split, f"class{c}", f"{i}.jpg"), quality=90)
+
+
+@pytest.mark.slow
+def test_train_killed_resumes_from_the_bucket(s3_env, tmp_path):
+    from hrnet.data.convert import convert_dataset
+    from hrnet.evaluate import evaluate
+
+    write_images(str(tmp_path / "images"))
+    data, run = s3_env.uri("data"), s3_env.uri("runs/tiny")
+    convert_dataset(str(tmp_path / "images"), data, train_shards=2, validation_shards=1, workers=1, progress=False)
+    assert storage.list_files(data) == ["labels.txt", "manifest.json", "train-00000-of-00002",
+                                        "train-00001-of-00002", "validation-00000-of-00001"]
+
+    (tmp_path / "tiny.yaml").write_text(TINY_MODEL)
+    train = [sys.executable, "-m", "hrnet", "train", "--data", data, "--out", run, "--model",
+             str(tmp_path / "tiny.yaml"), "--image-size", "32", "--batch-size", "8", "--train-steps", str(STEPS),
+             "--checkpoint-every", "5", "--keep-checkpoints", "2", "--log-every", "5", "--seed", "3"]
+    log_path = tmp_path / "first-run.log"
+    with open(log_path, "w") as log:
+        first = subprocess.Popen(train, env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while not storage.exists(run + "/checkpoint"):  # a checkpoint has reached the bucket
+                assert first.poll() is None, log_path.read_text()[-3000:]
+                assert time.monotonic() < deadline, "no checkpoint mirrored in time"
+                time.sleep(0.1)
+            assert first.poll() is None  # still training: the kill interrupts it
+        finally:
+            first.kill()
+            first.wait()
+    assert not storage.exists(run + "/manifest.json")
+    with pytest.raises(storage.IncompleteError, match="incomplete"):
+        storage.local_input(run)  # an unfinished run is not a checkpoint set that evaluate would take
+
+    # Another node: nothing of the first run's local files is left.
+    shutil.rmtree(s3_env.env["HRNET_CACHE_DIR"])
+    result = subprocess.run(train, env=dict(os.environ), capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    resumed = re.search(r"resuming from ckpt-(\d+) \(step (\d+)\)", output)
+    assert resumed, output[-3000:]
+    assert 0 < int(resumed.group(2)) < STEPS
+
+    manifest = json.loads(storage.read_text(run + "/manifest.json"))
+    assert manifest["kind"] == "checkpoint" and manifest["step"] == STEPS
+    steps = [json.loads(line)["step"] for line in storage.read_text(run + "/history.jsonl").splitlines()]
+    assert steps == list(range(5, STEPS + 1, 5))  # one line per log step, none lost or repeated
+    names = storage.list_files(run)
+    assert f"ckpt-{STEPS}.index" in names and "ckpt-5.index" not in names  # only the kept checkpoints
+    checkpoint_dir = storage.local_input(run)  # verified against the manifest
+    with open(os.path.join(checkpoint_dir, "manifest.json")) as f:
+        assert json.load(f)["step"] == STEPS
+
+    # The next step reads the checkpoint and the data from the bucket and writes its output to it.
+    evaluation = s3_env.uri("eval/tiny")
+    evaluate(data, run, out=evaluation, batch_size=4)
+    metrics = json.loads(storage.read_text(evaluation + "/metrics.json"))
+    assert metrics["count"] == 6 and metrics["step"] == STEPS
+    assert json.loads(storage.read_text(evaluation + "/manifest.json"))["kind"] == "evaluation"
