@@ -1,5 +1,6 @@
 """``hrnet launch`` with small Python child programs: the environment of each rank per backend,
 output prefixes, a failing rank stopping the others, signal forwarding, refused device counts."""
+import glob
 import json
 import os
 import re
@@ -197,6 +198,15 @@ def test_npu_keeps_the_users_rank_table_file_and_hccl_timeout(capfd, child, tmp_
     assert path.exists()
 
 
+@pytest.mark.skipif(os.path.exists("/dev/davinci0"), reason="an Ascend chip is present")
+def test_npu_without_any_visible_chip_is_a_clear_error(child):
+    env = {k: v for k, v in _npu_env().items() if k != "ASCEND_VISIBLE_DEVICES"}
+    with pytest.raises(HrnetError, match="no Ascend chip visible"):
+        launcher.launch(1, child + ["env"], device="npu", env=env)
+    with pytest.raises(HrnetError, match="no HCCL rank table"):
+        launcher.launch(2, child + ["env"], device="npu", env=env)
+
+
 def test_single_npu_needs_no_rank_table(capfd, child):
     assert launcher.launch(1, child + ["env"], device="npu", env=_npu_env(ASCEND_VISIBLE_DEVICES="6")) == 0
     info = _rank_json(capfd, 1)[0]
@@ -285,7 +295,8 @@ def test_hrnet_commands_run_with_this_interpreter(capfd):
 
 
 def test_cli_passes_the_command_after_the_double_dash(capfd, child):
-    assert cli.main(["launch", "--nproc", "2", "--", *child, "lines"]) == 0
+    # The command's own flags stay the command's, even where the launcher has the same name.
+    assert cli.main(["launch", "--nproc", "2", "--", *child, "lines", "--nproc", "3"]) == 0
     out = capfd.readouterr().out
     assert sorted(_by_rank(out)) == [0, 1]
 
@@ -310,8 +321,11 @@ def test_launcher_imports_neither_tensorflow_nor_kubernetes():
 
 
 def test_launcher_imports_on_python_3_9():
-    python = shutil.which("python3.9")
-    if not python or subprocess.run([python, "-c", "pass"], capture_output=True).returncode != 0:
+    """The Ascend image runs Python 3.9: the launcher must import there (no TF needed for that)."""
+    pyenv = glob.glob(os.path.expanduser("~/.pyenv/versions/3.9*/bin/python3.9"))
+    candidates = [shutil.which("python3.9")] + sorted(pyenv)
+    working = [p for p in candidates if p and subprocess.run([p, "-c", "pass"], capture_output=True).returncode == 0]
+    if not working:
         pytest.skip("no Python 3.9 here")
-    result = _imports(python)
+    result = _imports(working[0])
     assert result.returncode == 0, result.stderr
