@@ -136,6 +136,10 @@ class ObjectNotFoundError(StorageError, FileNotFoundError):
     """No object (and no folder) at the URI."""
 
 
+class ChangedError(StorageError):
+    """An object changed between listing and reading it: someone is writing the prefix."""
+
+
 class _Mismatch(Exception):
     """Retried once more before it becomes an IntegrityError (a torn transfer)."""
 
@@ -602,7 +606,8 @@ def _remote_digest(s: S3Settings, bucket: str, key: str, obj: _Obj) -> Optional[
         return None
     if info[1] and info[2]:
         _remote_sha[(s.endpoint, bucket, key, info[2])] = info[1]
-    return info[1]
+    # Another version than the one listed: its checksum says nothing about the listed one.
+    return info[1] if not obj.etag or info[2] == obj.etag else None
 
 
 def _put_file(s: S3Settings, bucket: str, key: str, path: str, progress: _Progress) -> int:
@@ -634,8 +639,9 @@ def _put_file(s: S3Settings, bucket: str, key: str, path: str, progress: _Progre
 
 
 def _get_file(s: S3Settings, bucket: str, key: str, dest: str, expect: Optional[Tuple[int, str]],
-              progress: _Progress) -> int:
-    """Download one object to ``dest`` (via a partial file), hashed as it streams; returns its size."""
+              progress: _Progress, etag: str = "") -> int:
+    """Download one object to ``dest`` (via a partial file), hashed as it streams; returns its size.
+    ``etag``: the version listed; another one means the object is being rewritten (ChangedError)."""
     client = _client(s)
     tmp = dest + ".part.hrnet"
 
@@ -645,7 +651,9 @@ def _get_file(s: S3Settings, bucket: str, key: str, dest: str, expect: Optional[
             response = client.get_object(bucket, key)
             try:
                 meta_sha = response.headers.get(SHA256_META)
-                etag = (response.headers.get("ETag") or "").strip('"')
+                got_etag = (response.headers.get("ETag") or "").strip('"')
+                if etag and got_etag and got_etag != etag:
+                    raise ChangedError(f"s3://{bucket}/{key} changed after it was listed: it is being rewritten")
                 h = hashlib.sha256()
                 with open(tmp, "wb") as f:
                     for chunk in response.stream(MIB):
@@ -668,8 +676,8 @@ def _get_file(s: S3Settings, bucket: str, key: str, dest: str, expect: Optional[
             with contextlib.suppress(OSError):
                 os.remove(tmp)
             raise
-        if etag:
-            _remote_sha[(s.endpoint, bucket, key, etag)] = digest
+        if got_etag:
+            _remote_sha[(s.endpoint, bucket, key, got_etag)] = digest
         with _digests_lock:
             st = os.stat(dest)
             _digests[(os.path.abspath(dest), st.st_size, st.st_mtime_ns)] = digest
@@ -844,8 +852,8 @@ def _download_dir(s: S3Settings, uri: str, local_dir: str, delete: bool, progres
     try:
         for rel in todo:
             os.makedirs(os.path.dirname(paths[rel]), exist_ok=True)
-        sizes = _parallel(s, [lambda r=r: _get_file(s, bucket, _key(prefix, r), paths[r], entries.get(r), bar)
-                              for r in todo])
+        sizes = _parallel(s, [lambda r=r: _get_file(s, bucket, _key(prefix, r), paths[r], entries.get(r), bar,
+                                                    remote[r].etag) for r in todo])
     finally:
         bar.close()
     stats = TransferStats(files=len(names) + int(manifest is not None), transferred=len(todo), bytes=sum(sizes),
@@ -1067,22 +1075,32 @@ def local_input(uri: str, cache_dir: Optional[str] = None, verify: bool = True) 
     manifest = current_manifest()
     if manifest is None:
         raise republished()
-    if _cache_matches(s, dest, remote, manifest, verify):
+    if _cache_matches(s, uri, dest, remote, manifest, verify):
         log.info("using the verified local copy of %s in %s", uri, dest)
         return dest
+    def changed():
+        # Same manifest bytes are not enough (v1 -> v2 -> v1 while we read): every object must
+        # still be the version we listed, so that what we hold is one published state.
+        if current_manifest() != manifest:
+            return True
+        now = _list_objects(s, bucket, prefix, uri)
+        return {k: o.etag for k, o in now.items()} != {k: o.etag for k, o in remote.items()}
+
     try:
         _download_dir(s, uri, dest, delete=True, progress=None, remote=remote, manifest=manifest)
+    except ChangedError:
+        raise republished() from None
     except (IntegrityError, ObjectNotFoundError):
-        if current_manifest() != manifest:
+        if changed():
             raise republished() from None
         raise
-    # A writer that republished while we read would leave us a mix of two versions.
-    if current_manifest() != manifest:
+    if changed():
         raise republished()
     return dest
 
 
-def _cache_matches(s: S3Settings, dest: str, remote: Dict[str, _Obj], manifest: bytes, verify: bool) -> bool:
+def _cache_matches(s: S3Settings, uri: str, dest: str, remote: Dict[str, _Obj], manifest: bytes,
+                   verify: bool) -> bool:
     path = os.path.join(dest, MANIFEST)
     try:
         with open(path, "rb") as f:
@@ -1097,8 +1115,17 @@ def _cache_matches(s: S3Settings, dest: str, remote: Dict[str, _Obj], manifest: 
             return False
     if not verify:
         return all(os.path.getsize(local[rel]) == size for rel, (size, _) in entries.items() if rel in local)
-    checks = [lambda r=r: r in local and _local_sha256(local[r])[:2] == entries[r] for r in entries]
-    return all(_parallel(s, checks))
+    bucket, prefix = split_uri(uri)
+
+    def same(rel):
+        if rel in entries:
+            return rel in local and _local_sha256(local[rel])[:2] == entries[rel]
+        # Not in the manifest (logs, checkpoints): the object's own checksum, when it has one.
+        want = _remote_digest(s, bucket, _key(prefix, rel), remote[rel])
+        return want is None or _local_sha256(local[rel])[1] == want
+
+    names = set(entries) | {rel for rel in remote if rel != MANIFEST}
+    return all(_parallel(s, [lambda r=r: same(r) for r in sorted(names)]))
 
 
 @contextlib.contextmanager

@@ -196,6 +196,13 @@ def test_local_input_verifies_and_reuses_its_cache(s3_env, tmp_path, caplog):
     assert storage.local_input(uri) == local
     assert "downloading 1 of 4 files" in caplog.text and tree(local) == tree(src)
 
+    labels = os.path.join(local, "labels.txt")  # no manifest entry: checked against the object's sha256
+    with open(labels, "r+b") as f:
+        f.write(b"9")
+    caplog.clear()
+    assert storage.local_input(uri) == local
+    assert "downloading 1 of 4 files" in caplog.text and tree(local) == tree(src)
+
     other = storage.local_input(uri, cache_dir=str(tmp_path / "elsewhere"))
     assert other.startswith(str(tmp_path / "elsewhere")) and tree(other) == tree(src)
 
@@ -326,6 +333,31 @@ def test_concurrent_reader_never_sees_a_mixed_data_set(s3_env, tmp_path):
     assert "incomplete" in seen and any(result in (tree(v1), tree(v2)) for result in seen)
     for result in seen:
         assert result in ("incomplete", tree(v1), tree(v2))
+
+
+def test_reader_is_not_fooled_by_a_republish_back_to_the_same_manifest(s3_env, tmp_path, monkeypatch):
+    """v1 -> v2 -> v1 while a reader is in the middle: its manifest looks unchanged at the
+    end, but the labels.txt it fetched (no manifest entry) came from v2."""
+    uri = s3_env.uri("aba")
+    v1 = make_output(str(tmp_path / "v1"), seed=1, labels="v1")
+    v2 = make_output(str(tmp_path / "v2"), seed=2, labels="v2")
+    storage.upload(v1, uri)
+    real_get = storage._get_file
+
+    def get_during_republish(s, bucket, key, *args, **kwargs):
+        if not key.endswith("labels.txt"):
+            return real_get(s, bucket, key, *args, **kwargs)
+        storage.upload(v2, uri, delete=True)
+        try:
+            return real_get(s, bucket, key, *args, **kwargs)
+        finally:
+            storage.upload(v1, uri, delete=True)
+
+    monkeypatch.setattr(storage, "_get_file", get_during_republish)
+    with pytest.raises(IncompleteError, match="republished"):
+        storage.local_input(uri)
+    monkeypatch.setattr(storage, "_get_file", real_get)
+    assert tree(storage.local_input(uri)) == tree(v1)
 
 
 # ---------------------------------------------------------------- bad input: clear errors in bounded time
