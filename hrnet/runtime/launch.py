@@ -175,7 +175,7 @@ def _npu_environments(nproc: int, base: Dict[str, str], workdir: Optional[str], 
                 raise HrnetError(f"a rank table was built from the {source} but there is no folder to write it to")
             table_file = ranktable.write_rank_table(table, os.path.join(workdir, "rank_table.json"))
         log.info("HCCL rank table from %s: %s", source, table_file)
-    job_id = str(base.get("JOB_ID") or job_id or os.getpid())
+    job_id = str(job_id or base.get("JOB_ID") or os.getpid())
     envs = []
     for r in ranks:
         e = dict(base)
