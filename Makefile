@@ -4,7 +4,9 @@ PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 PYTEST  := $(BIN)/python -m pytest
-EXTRAS  ?= cpu,legacy-keras,kfp,k8s,test,torch
+EXTRAS  ?= cpu,legacy-keras,kfp,k8s,demo,test,torch
+LINT_VENV       ?= .venv-lint
+KFP_ASCEND_VENV ?= .venv-kfp-ascend
 
 .PHONY: setup test lint test-keras3 test-keras2 demo bench clean
 
@@ -22,13 +24,15 @@ lint: setup
 
 # Everything under Keras 3 (TF 2.21), then the model and training tests again under
 # legacy Keras 2 (tf-keras), which stands in for the Ascend image's TF 2.6 / Keras 2.
-test-keras3: setup
-	$(PYTEST) -q
+# The infra tests need every tool present (kubectl, kubernetes-validate and hadolint come
+# with the test extra; the Ascend image's older kfp lives in its own venv).
+test-keras3: setup $(KFP_ASCEND_VENV)/.installed
+	HRNET_REQUIRE_INFRA_TOOLS=1 HRNET_KFP_ASCEND_PYTHON=$(KFP_ASCEND_VENV)/bin/python $(PYTEST) -q
 
 test-keras2: setup
 	TF_USE_LEGACY_KERAS=1 $(PYTEST) -q -m keras2
 
-test: lint test-keras3 test-keras2
+test: lint lint-infra test-keras3 test-keras2
 
 demo: setup
 	$(BIN)/python -m pipelines run-local
@@ -47,8 +51,6 @@ TAG             ?= $(call IMAGE_DEFAULT,TAG)
 IMAGE_TARGETS   ?= cpu gpu ascend
 CANN_BASE       ?=
 CONTAINER_TOOL  ?= $(firstword $(shell command -v docker podman buildah 2>/dev/null))
-LINT_VENV       ?= .venv-lint
-KFP_ASCEND_VENV ?= .venv-kfp-ascend
 CHECKOV_VERSION ?= 3.3.30
 
 .PHONY: images lint-infra
@@ -66,12 +68,9 @@ images:
 	  if [ -n "$(PUSH)" ]; then $(CONTAINER_TOOL) push $(REGISTRY)/hrnet-$$t:$(TAG); fi; \
 	done
 
-# The infra checks (CI runs this after `make test`): the manifest and image tests with every tool
-# present (kubectl, kubernetes-validate and hadolint come with the test extra; the Ascend image's
-# older kfp in its own venv), then checkov in its own venv (its pins clash with kfp's).
-lint-infra: setup $(LINT_VENV)/.installed $(KFP_ASCEND_VENV)/.installed
-	HRNET_REQUIRE_INFRA_TOOLS=1 HRNET_KFP_ASCEND_PYTHON=$(KFP_ASCEND_VENV)/bin/python \
-	  $(PYTEST) -q tests/test_manifests.py tests/test_images.py
+# checkov over manifests and Dockerfiles, in its own venv (its pins clash with kfp's); hadolint,
+# kustomize and the schema checks run in the test suite (tests/test_manifests.py, test_images.py).
+lint-infra: $(LINT_VENV)/.installed
 	$(LINT_VENV)/bin/checkov --config-file .checkov.yaml
 
 $(LINT_VENV)/.installed:
@@ -86,4 +85,4 @@ $(KFP_ASCEND_VENV)/.installed: images/ascend/requirements.txt
 	touch $@
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(LINT_VENV) $(KFP_ASCEND_VENV) .pytest_cache .ruff_cache *.egg-info
