@@ -19,18 +19,32 @@ def train(
     precision: str,
     image_size: int,
     seed: int,
+    train_options: str,
+    checkpoint_uri: str,
 ):
-    """Checkpoints, portable weights, history.jsonl and TensorBoard logs in ``model``."""
+    """Checkpoints, portable weights, history.jsonl and TensorBoard logs in ``model``.
+
+    ``train_options``: more ``hrnet train`` flags (checked by the validate step).
+    ``checkpoint_uri``: where training mirrors its checkpoints as it goes, so that a retried
+    pod (or a later run) resumes there instead of starting over; "" keeps them in the pod.
+    """
+    import shlex
+
+    from hrnet import storage
     from hrnet.runtime.launch import launch
 
     # 0 / "" mean "the library's default", so those flags are left out.
-    flags = {"--data": dataset.path, "--out": model.path, "--model": model_name, "--device": device,
+    out = checkpoint_uri or model.path
+    flags = {"--data": dataset.path, "--out": out, "--model": model_name, "--device": device,
              "--batch-size": batch_size, "--image-size": image_size, "--epochs": epochs,
              "--train-steps": train_steps, "--lr": lr, "--precision": precision, "--seed": seed}
     command = ["hrnet", "train"]
     for flag, value in flags.items():
         if value not in (0, "", None):
             command += [flag, str(value)]
+    command += shlex.split(train_options)
     code = launch(devices, command, device=device)
     if code:
         raise RuntimeError(f"hrnet launch exited with code {code} (see the log above)")
+    if out != model.path:
+        storage.restore(out, model.path)  # the Model artifact holds the finished checkpoint too

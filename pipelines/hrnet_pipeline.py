@@ -78,7 +78,8 @@ def _configure_train(task, target: str, image: str, devices):
         kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                    size_limit=spec["shm"])
     kubernetes.use_secret_as_env(task, images.OBJECT_STORE_SECRET, images.OBJECT_STORE_ENV)
-    # Node loss, a preempted pod or an HCCL connect timeout deserve another try.
+    # Node loss, a preempted pod or an HCCL connect timeout deserve another try (which resumes
+    # from the last checkpoint when the run has a checkpoint_uri).
     task.set_retry(num_retries=2, backoff_duration="60s", backoff_factor=2.0)
     return task
 
@@ -102,11 +103,14 @@ def build_pipeline(target: str = "ascend", image: Optional[str] = None, data_pvc
         precision: str,
         image_size: int,
         seed: int,
+        train_options: str,
+        checkpoint_uri: str,
         export_onnx: bool,
     ):
         train_task = train(dataset=dataset, model_name=model, devices=devices, device=device,
                            batch_size=batch_size, epochs=epochs, train_steps=train_steps, lr=lr,
-                           precision=precision, image_size=image_size, seed=seed)
+                           precision=precision, image_size=image_size, seed=seed, train_options=train_options,
+                           checkpoint_uri=checkpoint_uri)
         _configure_train(train_task, target, image, devices)
         evaluate_task = evaluate(dataset=dataset, model=train_task.outputs["model"])
         _configure(evaluate_task, "evaluate", image)
@@ -129,6 +133,8 @@ def build_pipeline(target: str = "ascend", image: Optional[str] = None, data_pvc
         precision: str = "",
         image_size: int = 224,
         seed: int = 0,
+        train_options: str = "",
+        checkpoint_uri: str = "",
         export_onnx: bool = True,
     ):
         """source_uri: an image tree to convert (ImageNet layout or class folders; a path
@@ -136,6 +142,9 @@ def build_pipeline(target: str = "ascend", image: Optional[str] = None, data_pvc
         (an s3:// / minio:// URI). Give exactly one. devices: 1, 2, 4 or 8 per pod.
         batch_size: per device. train_steps 0: train for ``epochs``. lr 0: 0.1 x global
         batch / 256. precision "": mixed_fp16 on Ascend, fp32 elsewhere. seed 0: random.
+        train_options: more `hrnet train` flags, e.g. "--schedule cosine --warmup-epochs 1".
+        checkpoint_uri: an s3:// / minio:// prefix where training mirrors its checkpoints as it
+        goes; a retried train step, or a new run given the same URI, resumes from there.
         export_onnx: also export model.onnx (besides the SavedModel and the frozen graph)."""
         record_task = record_run()
         _configure(record_task, "record-run", image, secret=False)
@@ -143,12 +152,12 @@ def build_pipeline(target: str = "ascend", image: Optional[str] = None, data_pvc
         with dsl.ExitHandler(record_task, name="hrnet-run"):
             check = validate(source_uri=source_uri, tfrecords_uri=tfrecords_uri, model=model, devices=devices,
                              device=device, batch_size=batch_size, epochs=epochs, train_steps=train_steps, lr=lr,
-                             precision=precision, image_size=image_size)
+                             precision=precision, image_size=image_size, train_options=train_options)
             _configure(check, "validate", image, secret=False)
             check.set_caching_options(False)
             rest = dict(model=model, devices=devices, batch_size=batch_size, epochs=epochs,
                         train_steps=train_steps, lr=lr, precision=precision, image_size=image_size, seed=seed,
-                        export_onnx=export_onnx)
+                        train_options=train_options, checkpoint_uri=checkpoint_uri, export_onnx=export_onnx)
             # Both branches run the same sub-pipeline: KFP's local runner cannot merge
             # artifacts of two branches (dsl.OneOf), and a sub-pipeline reads as one step anyway.
             with dsl.If(check.output == "convert", name="convert-images"):

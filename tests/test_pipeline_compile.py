@@ -217,7 +217,8 @@ def test_run_time_parameters(compiled):
     expected = {"source_uri": "STRING", "tfrecords_uri": "STRING", "model": "STRING", "devices": "NUMBER_INTEGER",
                 "epochs": "NUMBER_DOUBLE", "train_steps": "NUMBER_INTEGER", "batch_size": "NUMBER_INTEGER",
                 "lr": "NUMBER_DOUBLE", "precision": "STRING", "image_size": "NUMBER_INTEGER",
-                "seed": "NUMBER_INTEGER", "export_onnx": "BOOLEAN"}
+                "seed": "NUMBER_INTEGER", "train_options": "STRING", "checkpoint_uri": "STRING",
+                "export_onnx": "BOOLEAN"}
     assert {name: p["parameterType"] for name, p in params.items()} == expected
     assert params["devices"]["defaultValue"] == 1 and params["model"]["defaultValue"] == "w18"
 

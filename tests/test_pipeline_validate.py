@@ -14,7 +14,8 @@ from components.validate import validate
 from pipelines.hrnet_pipeline import build_pipeline
 
 GOOD = dict(source_uri="/data/raw", tfrecords_uri="", model="w18_small_v1", devices=1, device="cpu",
-            batch_size=32, epochs=1.0, train_steps=0, lr=0.0, precision="", image_size=32)
+            batch_size=32, epochs=1.0, train_steps=0, lr=0.0, precision="", image_size=32,
+            train_options="--schedule cosine --no-flip --area-range 0.35 1")
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,11 @@ def test_devices_3_fails_the_first_step_and_the_run_is_recorded(runs_dir, capfd)
     (dict(precision="fp8"), "precision must be one of fp32, mixed_fp16, bf16"),
     (dict(image_size=100), "image_size must be a positive multiple of 32"),
     (dict(device="npu", precision="bf16"), "Ascend 910 has no bf16"),
+    (dict(train_options="--shedule cosine"), "train_options '--shedule cosine': unrecognized arguments: --shedule"),
+    (dict(train_options="--schedule linear"), "argument --schedule: invalid choice: 'linear'"),
+    (dict(train_options="--warmup-epochs -1"), "weight_decay and warmup_epochs must be >= 0"),
+    (dict(train_options="--batch-size 8"), "train_options may not set --batch-size: the pipeline sets it"),
+    (dict(train_options="--area-range 0.5 2"), "area_range must satisfy 0 < min <= max <= 1"),
 ])
 def test_bad_parameters_are_named(runs_dir, capfd, change, message):
     with pytest.raises(RuntimeError, match="validate"):

@@ -1,0 +1,99 @@
+"""The whole pipeline on this machine (kfp.local SubprocessRunner) on the demo digits:
+validate -> convert -> train -> evaluate -> export, then the exit handler.
+
+The same code path as ``python -m pipelines run-local``, with a shorter training run.
+"""
+import glob
+import json
+import os
+
+import pytest
+
+from pipelines.__main__ import DEMO, run_local
+
+pytestmark = pytest.mark.slow
+
+# Fewer epochs than the README's demo: far above chance (10%) already, and quick on 2 cores.
+SHORT = dict(DEMO, epochs=2.0)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run-local")
+    # A local folder stands in for the bucket a cluster run mirrors its checkpoints to.
+    return dict(run_local(str(workdir), checkpoint_uri=str(workdir / "checkpoints"), **SHORT),
+                checkpoint_uri=str(workdir / "checkpoints"))
+
+
+def step_dir(run, step):
+    (path,) = glob.glob(os.path.join(run["run_dir"], step))
+    return path
+
+
+def test_the_run_learns_the_digits(demo_run):
+    assert demo_run["count"] == 359  # every validation image, once
+    assert demo_run["top1"] >= 0.4, demo_run
+    assert demo_run["top5"] >= demo_run["top1"]
+
+
+def test_the_ui_gets_metrics_and_a_report(demo_run):
+    evaluate_dir = step_dir(demo_run, "evaluate")
+    with open(os.path.join(evaluate_dir, "executor_output.json")) as f:
+        outputs = json.load(f)["artifacts"]
+    (metrics,) = outputs["metrics"]["artifacts"]
+    assert metrics["metadata"]["top1"] == pytest.approx(demo_run["top1"])
+    assert metrics["metadata"]["top5"] == pytest.approx(demo_run["top5"])
+    with open(os.path.join(evaluate_dir, "evaluation", "metrics.json")) as f:
+        per_class = json.load(f)["per_class"]
+    assert sorted(per_class, key=int) == [str(d) for d in range(10)]
+    assert sum(c["count"] for c in per_class.values()) == 359
+    with open(demo_run["report"], encoding="utf-8") as f:
+        report = f.read()
+    assert f"top-1 <b>{100 * demo_run['top1']:.2f}%</b>" in report
+    assert report.count("<polyline") == 2 and report.count("<tr") == 11  # header + 10 digits
+
+
+def test_the_checkpoint_keeps_the_run_settings(demo_run):
+    import yaml
+
+    model_dir = os.path.join(step_dir(demo_run, "train"), "model")
+    # Mirrored to checkpoint_uri while training, and the finished one in the Model artifact.
+    with open(os.path.join(model_dir, "manifest.json")) as a, \
+            open(os.path.join(demo_run["checkpoint_uri"], "manifest.json")) as b:
+        artifact, mirrored = json.load(a), json.load(b)
+    assert artifact == mirrored and artifact["kind"] == "checkpoint"
+    with open(os.path.join(model_dir, "train_config.yaml")) as f:
+        config = yaml.safe_load(f)
+    assert config["model"] == SHORT["model"] and config["image_size"] == SHORT["image_size"]
+    assert config["epochs"] == pytest.approx(SHORT["epochs"], rel=0.02)
+    assert config["flip"] is False  # from train_options
+    with open(os.path.join(model_dir, "history.jsonl")) as f:
+        history = [json.loads(line) for line in f]
+    assert history[-1]["loss"] < history[0]["loss"]
+
+
+def test_the_export_classifies_jpeg_bytes(demo_run):
+    import tensorflow as tf
+
+    exported = demo_run["exported"]
+    with open(os.path.join(exported, "manifest.json")) as f:
+        manifest = json.load(f)
+    assert manifest["kind"] == "export" and manifest["num_classes"] == 10
+    assert os.path.exists(os.path.join(exported, "frozen", "hrnet.pb"))
+    assert "atc" in open(os.path.join(exported, "frozen", "atc.sh")).read()
+    assert not os.path.exists(os.path.join(exported, "model.onnx"))  # run-local leaves ONNX out
+    # The served model agrees with the evaluation: classify the validation JPEGs by their bytes.
+    demo = os.path.join(os.path.dirname(demo_run["run_dir"]), os.pardir, "demo-data", "validation")
+    files = sorted(glob.glob(os.path.join(demo, "*", "*.jpg")))[::6]
+    labels = [int(os.path.basename(os.path.dirname(p))) for p in files]
+    images = tf.constant([open(p, "rb").read() for p in files])
+    served = tf.saved_model.load(os.path.join(exported, "saved_model")).signatures["classify_bytes"]
+    top = served(image_bytes=images)["classes"].numpy()[:, 0]
+    accuracy = sum(int(t) == label for t, label in zip(top, labels)) / len(labels)
+    assert abs(accuracy - demo_run["top1"]) < 0.15, (accuracy, demo_run["top1"])
+
+
+def test_the_exit_handler_recorded_success(demo_run):
+    with open(os.path.join(step_dir(demo_run, "record-run"), "run_record", "manifest.json")) as f:
+        record = json.load(f)
+    assert record["state"] == "SUCCEEDED" and record["kind"] == "run-status"
