@@ -36,6 +36,16 @@ def load_checkpoint_model(checkpoint_dir: str, image_size: Optional[int] = None)
     return model, manifest
 
 
+def _dataset_info(hdata, data_dir: str, ckpt: Dict[str, Any]):
+    """The data set's own description; slim-made records without a manifest are read with
+    the checkpoint's class count and label offset."""
+    from hrnet.manifest import MANIFEST
+
+    if os.path.exists(os.path.join(data_dir, MANIFEST)):
+        return hdata.dataset_info(data_dir)
+    return hdata.dataset_info(data_dir, num_classes=ckpt["num_classes"], label_offset=ckpt.get("label_offset"))
+
+
 def evaluate(data: str, checkpoint: str, out: Optional[str] = None, batch_size: int = 100,
              split: str = "validation", image_size: Optional[int] = None) -> Dict[str, Any]:
     """Evaluate the checkpoint at ``checkpoint`` on ``split`` of the data set at ``data``;
@@ -45,16 +55,19 @@ def evaluate(data: str, checkpoint: str, out: Optional[str] = None, batch_size: 
 
     from hrnet import data as hdata
     from hrnet.compat import set_mixed_precision
-    from hrnet.manifest import write_manifest
+    from hrnet.manifest import read_manifest, write_manifest
 
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1, got %r" % batch_size)
     set_mixed_precision("float32")  # evaluation is in float32 whatever the training precision was
     ckpt_dir = storage.local_input(checkpoint)
+    ckpt = read_manifest(ckpt_dir, kind="checkpoint")
+    info = _dataset_info(hdata, storage.local_input(data), ckpt)
+    if info.num_classes != ckpt["num_classes"]:
+        raise HrnetError("the checkpoint %s was trained on %d classes, but the data set %s has %d"
+                         % (checkpoint, ckpt["num_classes"], data, info.num_classes))
     model, ckpt = load_checkpoint_model(ckpt_dir, image_size)
     size = image_size or ckpt["image_size"]
-    info = hdata.dataset_info(storage.local_input(data), num_classes=ckpt["num_classes"],
-                              label_offset=ckpt.get("label_offset"))
     expected = info.counts.get(split, 0)
     if not expected:
         raise HrnetError("%s has no %s records to evaluate on" % (data, split))

@@ -113,7 +113,10 @@ def setup(device: str, precision: str = "fp32", precision_mode: Optional[str] = 
         raise HrnetError("unknown device %r; choose cpu, gpu or npu" % device)
     if device == "cpu":
         # "cpu" means the CPU even where a GPU is present.
-        tf.config.set_visible_devices([], "GPU")
+        try:
+            tf.config.set_visible_devices([], "GPU")
+        except RuntimeError:  # TF already initialised in this process (a library caller): leave it
+            log.warning("TensorFlow is already initialised; GPUs stay visible to this --device cpu run")
     elif not tf.config.list_physical_devices("GPU"):
         raise HrnetError("--device gpu, but TensorFlow sees no GPU (CUDA_VISIBLE_DEVICES=%s; is this the GPU "
                          "image with tensorflow[and-cuda]?)" % os.environ.get("CUDA_VISIBLE_DEVICES", "unset"))

@@ -168,8 +168,10 @@ def _train(cfg: TrainConfig, backend, out_dir: str, write_dir: str) -> Dict[str,
     if not info.counts.get("train"):
         raise HrnetError("%s has no training records" % cfg.data)
     cfg = cfg.resolve(info.num_classes, info.label_offset, info.counts["train"], backend.num_replicas)
-    cfg = cfg.replace(model=configs.canonical_name(cfg.model) if not cfg.model.endswith((".yaml", ".yml"))
-                      else cfg.model)
+    if not cfg.model.endswith((".yaml", ".yml")):
+        cfg = cfg.replace(model=configs.canonical_name(cfg.model))
+    model_config = configs.load(cfg.model)
+    model_name = model_config["name"]
     saved = load_saved(out_dir)
     if saved is not None:
         check_resumable(saved, cfg)
@@ -185,7 +187,7 @@ def _train(cfg: TrainConfig, backend, out_dir: str, write_dir: str) -> Dict[str,
     loss_batch = per_replica_batch * strategy.num_replicas_in_sync
     schedule = cfg.lr_schedule()
     with strategy.scope():
-        model = build_model(cfg.model, num_classes=cfg.num_classes, input_size=(cfg.image_size, cfg.image_size))
+        model = build_model(model_config, num_classes=cfg.num_classes, input_size=(cfg.image_size, cfg.image_size))
         step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step",
                                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
         # The lr is read from the step at every update (a zero-argument callable is a valid
@@ -262,14 +264,20 @@ def _train(cfg: TrainConfig, backend, out_dir: str, write_dir: str) -> Dict[str,
     writer = tf.summary.create_file_writer(os.path.join(out_dir, "logs")) if chief else None
     params = count_params(model)
     log.info("training %s (%s params, %d classes) at %dx%d on %d images/epoch: %d steps of %d images "
-             "(%.2f epochs), lr %.4g %s, %s, %s", cfg.model, f"{params:,}", cfg.num_classes,
+             "(%.2f epochs), lr %.4g %s, %s, %s", model_name, f"{params:,}", cfg.num_classes,
              cfg.image_size, cfg.image_size, cfg.nb_train_samples, cfg.train_steps, cfg.global_batch_size,
              cfg.epochs, cfg.lr, cfg.schedule, cfg.precision, backend.describe())
 
     def save(step: int) -> None:
         manager.save(checkpoint_number=step)
         if chief:
-            storage.mirror(out_dir, cfg.out)
+            # delete: the bucket keeps the checkpoints the manager keeps, not every one ever saved.
+            try:
+                storage.mirror(out_dir, cfg.out, delete=True)
+            except (storage.TransferError, storage.EndpointUnreachableError) as e:
+                # The store is down for longer than the retries: training goes on and the next
+                # save catches up; the final mirror (after the manifest) must succeed.
+                log.warning("checkpoint %d not mirrored to %s yet: %s", step, cfg.out, e)
 
     step = start_step
     window = {"loss": 0.0, "correct": 0.0, "steps": 0}
@@ -330,10 +338,10 @@ def _train(cfg: TrainConfig, backend, out_dir: str, write_dir: str) -> Dict[str,
     weights.save_weights(model, os.path.join(write_dir, WEIGHTS))
     manifest = {
         "kind": "checkpoint",
-        "model": cfg.model,
+        "model": model_name,
         # The model's config itself, so that evaluate / export rebuild it anywhere (also
         # when it came from a YAML file that only the training machine has).
-        "model_config": configs.load(cfg.model),
+        "model_config": model_config,
         "num_classes": cfg.num_classes,
         "label_offset": cfg.label_offset,
         "image_size": cfg.image_size,

@@ -1,0 +1,186 @@
+"""hrnet evaluate and hrnet export on a checkpoint made by ``hrnet.train.loop.train``.
+
+The data: 6 classes of real JPEGs (random textures tinted per class), validation split in
+3 shards of uneven size so that the eval stream's file order and its last partial batch
+both matter. The checkpoint: a tiny HRNet trained for two steps (what it predicts does not
+matter; that evaluate and export reproduce it exactly does).
+"""
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.keras2
+
+CLASSES = 6
+VAL_PER_CLASS = [4, 3, 5, 3, 4, 4]  # 23 images: no batch size below divides it
+TINY = """\
+name: tiny
+stem_width: 8
+stages:
+  - {block: BOTTLENECK, num_modules: 1, num_blocks: [1], num_channels: [4]}
+  - {block: BASIC, num_modules: 1, num_blocks: [1, 1], num_channels: [4, 8]}
+  - {block: BASIC, num_modules: 1, num_blocks: [1, 1, 1], num_channels: [4, 8, 16]}
+  - {block: BASIC, num_modules: 1, num_blocks: [1, 1, 1, 1], num_channels: [4, 8, 16, 32]}
+head_channels: [8, 16, 32, 64]
+final_channels: 64
+"""
+
+
+def _image(rng, label, size=40):
+    """A noisy texture tinted by the class, as JPEG-able uint8 RGB (not square: 40x48)."""
+    tint = np.array([(label * 40) % 256, (label * 90) % 256, (255 - label * 40) % 256])
+    noise = rng.integers(0, 256, size=(size, size + 8, 3))
+    return ((noise + 2 * tint) / 3).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from PIL import Image
+
+    from hrnet.data.convert import convert_dataset
+    from hrnet.train.loop import train
+
+    root = tmp_path_factory.mktemp("evalexport")
+    rng = np.random.default_rng(0)
+    for split, counts in (("train", [6] * CLASSES), ("validation", VAL_PER_CLASS)):
+        for label, n in enumerate(counts):
+            folder = root / "tree" / split / ("class_%d" % label)
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(_image(rng, label)).save(folder / ("img%d.jpg" % i), quality=90)
+    convert_dataset(str(root / "tree"), str(root / "records"), train_shards=1, validation_shards=3, workers=1,
+                    progress=False)
+    (root / "tiny.yaml").write_text(TINY)
+    train({"data": str(root / "records"), "out": str(root / "ckpt"), "model": str(root / "tiny.yaml"),
+           "image_size": 32, "batch_size": 8, "train_steps": 2, "lr": 0.05, "log_every": 1, "seed": 0})
+    return root
+
+
+def _validation_jpegs(root):
+    """(bytes, label) of every validation image, straight from the JPEG tree."""
+    out = []
+    for label in range(CLASSES):
+        folder = root / "tree" / "validation" / ("class_%d" % label)
+        out += [((folder / f).read_bytes(), label) for f in sorted(os.listdir(folder))]
+    return out
+
+
+def test_evaluate_counts_every_validation_record_once_and_matches_per_image_predictions(setup, tmp_path):
+    import tensorflow as tf
+
+    from hrnet.data import preprocess_for_eval
+    from hrnet.evaluate import evaluate, load_checkpoint_model
+
+    metrics = evaluate(str(setup / "records"), str(setup / "ckpt"), out=str(tmp_path / "eval"), batch_size=4)
+    assert metrics["count"] == sum(VAL_PER_CLASS) == 23
+    assert [metrics["per_class"][str(c)]["count"] for c in range(CLASSES)] == VAL_PER_CLASS
+    assert [metrics["per_class"][str(c)]["name"] for c in range(CLASSES)] == ["class_%d" % c for c in range(CLASSES)]
+
+    # Reference: each image on its own, from its JPEG bytes, through the same eval preprocessing.
+    model, _ = load_checkpoint_model(str(setup / "ckpt"))
+    samples = _validation_jpegs(setup)
+    images = tf.stack([preprocess_for_eval(tf.constant(data), 32) for data, _ in samples])
+    ranked = np.argsort(-model(images, training=False).numpy(), axis=1)  # inference mode: per-image results
+    labels = np.array([label for _, label in samples])
+    top1 = int((ranked[:, 0] == labels).sum())
+    top5 = int((ranked[:, :5] == labels[:, None]).any(axis=1).sum())
+    correct = np.bincount(labels[ranked[:, 0] == labels], minlength=CLASSES)
+    assert metrics["top1"] == pytest.approx(top1 / 23) and metrics["top5"] == pytest.approx(top5 / 23)
+    assert [metrics["per_class"][str(c)]["correct"] for c in range(CLASSES)] == correct.tolist()
+
+    written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert written["count"] == 23 and written["top1"] == metrics["top1"]
+    manifest = json.loads((tmp_path / "eval" / "manifest.json").read_text())
+    assert manifest["kind"] == "evaluation" and manifest["step"] == 2
+
+
+def test_evaluate_refuses_mismatched_or_incomplete_inputs(setup, tmp_path):
+    import shutil
+
+    from hrnet.errors import HrnetError, IncompleteError
+    from hrnet.evaluate import evaluate
+
+    partial = tmp_path / "partial"
+    shutil.copytree(setup / "ckpt", partial)
+    os.remove(partial / "manifest.json")  # a run that never finished
+    with pytest.raises(IncompleteError, match="incomplete"):
+        evaluate(str(setup / "records"), str(partial))
+    other = json.loads((setup / "ckpt" / "manifest.json").read_text())
+    other["num_classes"] = 10
+    shutil.copytree(setup / "ckpt", tmp_path / "ten")
+    (tmp_path / "ten" / "manifest.json").write_text(json.dumps(other))
+    with pytest.raises(HrnetError, match="trained on 10 classes, but the data set .* has 6"):
+        evaluate(str(setup / "records"), str(tmp_path / "ten"))
+
+
+def test_exported_saved_model_reproduces_the_model_on_real_jpeg_bytes(setup, tmp_path):
+    import tensorflow as tf
+    from PIL import Image
+
+    from hrnet.data import preprocess_for_eval
+    from hrnet.evaluate import load_checkpoint_model
+    from hrnet.export import export_model
+
+    manifest = export_model(str(setup / "ckpt"), str(tmp_path / "export"), onnx=False)
+    assert manifest["kind"] == "export" and manifest["image_size"] == 32 and manifest["num_classes"] == CLASSES
+    on_disk = json.loads((tmp_path / "export" / "manifest.json").read_text())
+    assert {e["path"] for e in on_disk["files"]} >= {"saved_model/saved_model.pb", "frozen/hrnet.pb",
+                                                     "frozen/nodes.json", "frozen/atc.sh"}
+    model, _ = load_checkpoint_model(str(setup / "ckpt"))
+    loaded = tf.saved_model.load(str(tmp_path / "export" / "saved_model"))
+    assert set(loaded.signatures) == {"serving_default", "classify_bytes"}
+
+    # Real JPEG bytes (and one PNG) of different sizes -> top-5 ids, names, probabilities.
+    samples = [data for data, _ in _validation_jpegs(setup)[:6]]
+    png = io.BytesIO()
+    Image.open(io.BytesIO(samples[0])).resize((64, 50)).save(png, format="PNG")
+    samples.append(png.getvalue())
+    result = loaded.signatures["classify_bytes"](image_bytes=tf.constant(samples))
+    images = tf.stack([preprocess_for_eval(tf.constant(b), 32) for b in samples])
+    expected = tf.nn.softmax(model(images, training=False)).numpy()
+    top = np.argsort(-expected, axis=1)[:, :5]
+    np.testing.assert_array_equal(result["classes"].numpy(), top)
+    np.testing.assert_allclose(result["probabilities"].numpy(), np.take_along_axis(expected, top, 1), atol=1e-5)
+    names = [[n.decode() for n in row] for row in result["names"].numpy()]
+    assert names == [["class_%d" % c for c in row] for row in top]
+
+    # The float-image signature: logits and probabilities of the in-memory model.
+    batch = np.random.default_rng(1).normal(size=(3, 32, 32, 3)).astype(np.float32)
+    served = loaded.signatures["serving_default"](images=tf.constant(batch))
+    reference = model(batch, training=False).numpy()
+    np.testing.assert_allclose(served["logits"].numpy(), reference, atol=1e-4)
+    np.testing.assert_allclose(served["probabilities"].numpy(), tf.nn.softmax(reference).numpy(), atol=1e-5)
+
+    # The frozen graph (what ATC converts): same logits through its named nodes, batch 1.
+    nodes = json.loads((tmp_path / "export" / "frozen" / "nodes.json").read_text())
+    assert nodes["inputs"] == ["images:0"] and nodes["input_shape"] == [1, 32, 32, 3]
+    graph_def = tf.compat.v1.GraphDef()
+    graph_def.ParseFromString((tmp_path / "export" / "frozen" / "hrnet.pb").read_bytes())
+    assert not [n.name for n in graph_def.node if n.op in ("VarHandleOp", "ReadVariableOp")]  # all constants
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.compat.v1.import_graph_def(graph_def, name="")
+    with tf.compat.v1.Session(graph=graph) as session:
+        frozen = session.run(nodes["outputs"][0], {nodes["inputs"][0]: batch[:1]})
+    np.testing.assert_allclose(frozen, reference[:1], atol=1e-4)
+    atc = (tmp_path / "export" / "frozen" / "atc.sh").read_text()
+    assert '--input_shape="images:1,32,32,3"' in atc and "--framework=3" in atc and "--model=hrnet.pb" in atc
+    assert '--out_nodes="%s"' % nodes["outputs"][0] in atc
+
+
+def test_onnx_export_matches_when_tf2onnx_is_installed(setup, tmp_path):
+    pytest.importorskip("tf2onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from hrnet.evaluate import load_checkpoint_model
+    from hrnet.export import export_model
+
+    manifest = export_model(str(setup / "ckpt"), str(tmp_path / "export"))
+    assert "onnx" in manifest, manifest.get("onnx_skipped")
+    session = ort.InferenceSession(str(tmp_path / "export" / "model.onnx"), providers=["CPUExecutionProvider"])
+    batch = np.random.default_rng(2).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    (logits,) = session.run(None, {session.get_inputs()[0].name: batch})
+    model, _ = load_checkpoint_model(str(setup / "ckpt"))
+    np.testing.assert_allclose(logits, model(batch, training=False).numpy(), atol=1e-4)

@@ -1,0 +1,312 @@
+"""Training on CPU: it learns, a SIGKILLed run resumes where it stopped, a diverging run
+stops with a clear error, fine-tuning re-initialises only the classifier, and the device
+backends (the Ascend one through a fake ``npu_device`` that records its calls).
+
+Real training throughout: the demo digits converted to TFRecords, 32x32 images, small
+HRNet configs (same code as the official ones, fewer channels) so that it stays fast.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.keras2
+
+# An HRNet with the full four-stage structure and few channels (~0.75 M parameters).
+SMALL = """\
+name: small
+stem_width: 16
+stages:
+  - {block: BOTTLENECK, num_modules: 1, num_blocks: [1], num_channels: [8]}
+  - {block: BASIC, num_modules: 1, num_blocks: [1, 1], num_channels: [8, 16]}
+  - {block: BASIC, num_modules: 1, num_blocks: [1, 1, 1], num_channels: [8, 16, 32]}
+  - {block: BASIC, num_modules: 1, num_blocks: [1, 1, 1, 1], num_channels: [8, 16, 32, 64]}
+head_channels: [8, 16, 32, 64]
+final_channels: 128
+"""
+TINY = """\
+name: tiny
+stem_width: 8
+stages:
+  - {block: BOTTLENECK, num_modules: 1, num_blocks: [1], num_channels: [4]}
+  - {block: BASIC, num_modules: 1, num_blocks: [1, 1], num_channels: [4, 8]}
+  - {block: BASIC, num_modules: 1, num_blocks: [1, 1, 1], num_channels: [4, 8, 16]}
+  - {block: BASIC, num_modules: 1, num_blocks: [1, 1, 1, 1], num_channels: [4, 8, 16, 32]}
+head_channels: [8, 16, 32, 64]
+final_channels: 64
+"""
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """The demo digits as TFRecords (1438 train, 359 validation, 10 classes) and the configs."""
+    from hrnet.data.convert import convert_dataset
+    from hrnet.data.demo import write_demo_data
+
+    root = tmp_path_factory.mktemp("digits")
+    write_demo_data(str(root / "jpeg"))
+    convert_dataset(str(root / "jpeg"), str(root / "records"), train_shards=2, validation_shards=2, workers=1,
+                    progress=False)
+    (root / "small.yaml").write_text(SMALL)
+    (root / "tiny.yaml").write_text(TINY)
+    return root
+
+
+def read_history(out):
+    with open(os.path.join(out, "history.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_learns_the_digits(digits, tmp_path):
+    import tensorflow as tf
+
+    from hrnet.evaluate import evaluate
+    from hrnet.train.loop import train
+
+    out = str(tmp_path / "run")
+    manifest = train({
+        "data": str(digits / "records"), "out": out, "model": str(digits / "small.yaml"), "image_size": 32,
+        "batch_size": 32, "train_steps": 150, "lr": 0.1, "schedule": "cosine", "warmup_epochs": 0.3,
+        # Digits must not be mirrored; a 32 px digit survives crops down to a third of its area.
+        "flip": False, "area_range": [0.35, 1.0], "log_every": 15, "checkpoint_every": 100, "seed": 0,
+    })
+    history = read_history(out)
+    assert [h["step"] for h in history] == list(range(15, 151, 15))
+    first, last = history[0], history[-1]
+    assert last["loss"] < first["loss"] / 2, history
+    assert last["top1"] > 0.6, history  # training batches (augmented); chance is 0.1
+    assert history[0]["lr"] > history[-1]["lr"] and all(h["images_per_sec"] > 0 for h in history)
+
+    assert manifest["kind"] == "checkpoint" and manifest["step"] == 150 and manifest["optimizer_iterations"] == 150
+    assert manifest["model"] == "small" and manifest["num_classes"] == 10 and manifest["image_size"] == 32
+    names = set(os.listdir(out))
+    assert {"train_config.yaml", "labels.txt", "history.jsonl", "manifest.json", "weights.index", "checkpoint",
+            "ckpt-100.index", "ckpt-150.index", "logs"} <= names
+    with open(os.path.join(out, "labels.txt")) as a, open(digits / "records" / "labels.txt") as b:
+        assert a.read() == b.read()
+    # TensorBoard scalars, readable by TF's own event reader.
+    events = [os.path.join(out, "logs", f) for f in os.listdir(os.path.join(out, "logs"))]
+    tags = {v.tag for e in tf.compat.v1.train.summary_iterator(events[0]) for v in e.summary.value}
+    assert {"train/loss", "train/top1", "train/lr", "train/images_per_sec"} <= tags
+
+    # It generalizes: validation accuracy far above chance.
+    metrics = evaluate(str(digits / "records"), out)
+    assert metrics["count"] == 359 and metrics["top1"] > 0.8, metrics
+
+
+def _train_command(digits, out, steps):
+    # 10 steps per epoch (80 images per epoch, batch 8): the lr drops x0.1 at steps 10 and 30.
+    return [sys.executable, "-m", "hrnet", "train", "--data", str(digits / "records"), "--out", str(out),
+            "--model", str(digits / "tiny.yaml"), "--image-size", "32", "--batch-size", "8",
+            "--nb-train-samples", "80", "--train-steps", str(steps), "--lr", "0.05", "--lr-decay-epochs", "1", "3",
+            "--checkpoint-every", "5", "--keep-checkpoints", "2", "--log-every", "1", "--seed", "1"]
+
+
+def test_sigkill_then_the_same_command_resumes_at_the_right_step_and_lr(digits, tmp_path):
+    from hrnet.train.config import load_saved
+
+    out = tmp_path / "run"
+    command = _train_command(digits, out, 45)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 240
+            while not (out / "checkpoint").exists():
+                assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "no checkpoint in time"
+                time.sleep(0.05)
+        finally:
+            first.send_signal(signal.SIGKILL)
+            first.wait()
+    assert not (out / "manifest.json").exists()  # killed: the folder is incomplete
+    killed_at = max(h["step"] for h in read_history(out))
+    assert killed_at < 45
+
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    output = second.stdout + second.stderr
+    assert "resuming from ckpt-" in output, output[-3000:]
+    resumed_at = int(output.split("resuming from ckpt-")[1].split(" ")[0])
+    assert 5 <= resumed_at < 45 and resumed_at % 5 == 0
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    # The step and the optimizer's own step counter both came back from the checkpoint.
+    assert manifest["step"] == 45 and manifest["optimizer_iterations"] == 45
+    history = read_history(out)
+    assert [h["step"] for h in history] == list(range(1, 46))  # the killed run's tail was not kept twice
+    schedule = load_saved(str(out)).lr_schedule()
+    assert [h["lr"] for h in history] == pytest.approx([schedule(s - 1) for s in range(1, 46)])
+    assert history[-1]["lr"] == pytest.approx(0.05 * 0.01)
+    # Only the last two checkpoints are kept.
+    assert sorted(f for f in os.listdir(out) if f.endswith(".index") and f.startswith("ckpt")) == \
+        ["ckpt-40.index", "ckpt-45.index"]
+    # A finished run started again does nothing.
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0 and "complete" in again.stdout + again.stderr
+
+
+def test_a_diverging_run_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(digits, tmp_path, capsys):
+    import tensorflow as tf
+
+    from hrnet import cli
+
+    out = tmp_path / "run"
+    code = cli.main(["train", "--data", str(digits / "records"), "--out", str(out), "--model",
+                     str(digits / "tiny.yaml"), "--image-size", "32", "--batch-size", "8", "--train-steps", "20",
+                     "--lr", "1e30", "--checkpoint-every", "1", "--log-every", "1", "--seed", "1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    message = [line for line in err.splitlines() if line.startswith("hrnet train: error:")]
+    assert message and "the loss became" in message[0] and "last good checkpoint ckpt-" in message[0], err
+    assert "Traceback" not in err
+    assert not (out / "manifest.json").exists()
+    latest = tf.train.latest_checkpoint(str(out))
+    assert latest is not None
+    reader = tf.train.load_checkpoint(latest)
+    for name, dtype in reader.get_variable_to_dtype_map().items():
+        if dtype.is_floating:
+            assert np.all(np.isfinite(reader.get_tensor(name))), name
+
+
+def test_init_from_keeps_the_backbone_and_reinitialises_another_classifier(digits, tmp_path):
+    from hrnet import configs, weights
+    from hrnet.model import build_model
+    from hrnet.train.loop import _init_from
+
+    cfg = configs.load(str(digits / "tiny.yaml"))
+    source = build_model(cfg, num_classes=7, input_size=(32, 32))
+    weights.save_weights(source, str(tmp_path / "weights"))
+    target = build_model(cfg, num_classes=10, input_size=(32, 32))
+    before = {k: np.array(v.numpy()) for k, v in weights.model_weights(target)}
+    _init_from(target, str(tmp_path), 10)  # a folder holding `weights`, as import-weights writes
+    src = dict(weights.model_weights(source))
+    for key, var in weights.model_weights(target):
+        if key.startswith("classifier/"):
+            np.testing.assert_array_equal(var.numpy(), before[key])  # left as initialised
+        else:
+            np.testing.assert_array_equal(var.numpy(), src[key].numpy())
+    same = build_model(cfg, num_classes=7, input_size=(32, 32))
+    _init_from(same, str(tmp_path / "weights"), 7)
+    np.testing.assert_array_equal(same.get_layer("classifier").kernel.numpy(),
+                                  source.get_layer("classifier").kernel.numpy())
+
+
+FAKE_NPU = r'''
+"""A stand-in for the Ascend adapter's npu_device: records every call made to it."""
+import os
+from types import SimpleNamespace
+
+CALLS = []
+
+
+class _Options:
+    def __setattr__(self, key, value):
+        CALLS.append(("option", key, value))
+        object.__setattr__(self, key, value)
+
+
+_OPTIONS = _Options()
+
+
+def global_options():
+    return _OPTIONS
+
+
+class _Handle:
+    def __init__(self):
+        self.workers_num = int(os.environ.get("RANK_SIZE", "1"))
+        self.worker_id = int(os.environ.get("RANK_ID", "0"))
+
+    def as_default(self):
+        CALLS.append(("as_default",))
+        return self
+
+
+def open(device_id=None):
+    CALLS.append(("open", os.environ.get("ASCEND_DEVICE_ID")))
+    return _Handle()
+
+
+def _all_reduce(values, reduction="mean", fusion=1, fusion_id=-1, group="hccl_world_group"):
+    CALLS.append(("all_reduce", len(values), reduction))
+    return values  # one process plays every rank: the mean of equal gradients
+
+
+def _broadcast(values, root_rank=0, fusion=2, fusion_id=0, group="hccl_world_group"):
+    CALLS.append(("broadcast", len(values), root_rank))
+
+
+def _loss_scale_optimizer(inner, dynamic=True, initial_scale=None, dynamic_growth_steps=None):
+    from hrnet.compat import keras
+
+    CALLS.append(("NpuLossScaleOptimizer", dynamic))
+    return keras.mixed_precision.LossScaleOptimizer(inner)
+
+
+distribute = SimpleNamespace(all_reduce=_all_reduce, broadcast=_broadcast)
+train = SimpleNamespace(optimizer=SimpleNamespace(NpuLossScaleOptimizer=_loss_scale_optimizer))
+'''
+
+
+def test_npu_backend_drives_the_adapter_api(digits, tmp_path, monkeypatch):
+    """What this proves: the seam calls npu_device's documented API in the right order
+    with the right arguments and trains through it. What it cannot: the adapter, HCCL
+    or an Ascend chip (none here)."""
+    (tmp_path / "fake" / "npu_device").mkdir(parents=True)
+    (tmp_path / "fake" / "npu_device" / "__init__.py").write_text(FAKE_NPU)
+    monkeypatch.syspath_prepend(str(tmp_path / "fake"))
+    monkeypatch.delitem(sys.modules, "npu_device", raising=False)
+    for key, value in {"RANK_SIZE": "2", "RANK_ID": "0", "ASCEND_DEVICE_ID": "3",
+                       "RANK_TABLE_FILE": str(tmp_path / "rank_table.json")}.items():
+        monkeypatch.setenv(key, value)
+    import npu_device
+
+    monkeypatch.setitem(sys.modules, "npu_device", npu_device)  # gone again after the test
+    from hrnet import configs
+    from hrnet.model import build_model
+    from hrnet.train.loop import train
+
+    model = build_model(configs.load(str(digits / "tiny.yaml")), num_classes=10, input_size=(32, 32))
+    out = str(tmp_path / "run")
+    manifest = train({"data": str(digits / "records"), "out": out, "model": str(digits / "tiny.yaml"),
+                      "image_size": 32, "device": "npu", "batch_size": 4, "train_steps": 3, "log_every": 1,
+                      "seed": 1})
+    calls = npu_device.CALLS
+    kinds = [c[0] for c in calls]
+    assert calls[0] == ("option", "precision_mode", "allow_mix_precision")  # npu default: mixed precision
+    assert kinds.index("open") < kinds.index("as_default") < kinds.index("NpuLossScaleOptimizer")
+    assert ("open", "3") in calls and ("NpuLossScaleOptimizer", True) in calls
+    assert ("broadcast", len(model.variables), 0) in calls  # rank 0's initial values, all variables
+    assert kinds.index("broadcast") < kinds.index("all_reduce")
+    assert ("all_reduce", len(model.trainable_variables), "mean") in calls
+    # Rank 0 of 2: the global batch and the lr count both ranks' devices.
+    assert manifest["num_replicas"] == 2 and manifest["global_batch_size"] == 8
+    assert read_history(out)[0]["lr"] == pytest.approx(0.1 * 8 / 256)
+    assert all("loss_scale" in h and np.isfinite(h["loss"]) for h in read_history(out))
+
+
+def test_device_errors_are_clear(monkeypatch):
+    import tensorflow as tf
+
+    from hrnet.errors import HrnetError
+    from hrnet.runtime import devices
+
+    monkeypatch.delitem(sys.modules, "npu_device", raising=False)
+    with pytest.raises(HrnetError, match="needs the Ascend TensorFlow adapter"):
+        devices.setup("npu")
+    with pytest.raises(HrnetError, match="unknown device"):
+        devices.setup("tpu")
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["localhost:1", "localhost:2"]}}))
+    assert devices.tf_config_workers() == 2
+    monkeypatch.setenv("TF_CONFIG", "{not json")
+    with pytest.raises(HrnetError, match="TF_CONFIG is not valid JSON"):
+        devices.tf_config_workers()
+    if not tf.config.list_physical_devices("GPU"):
+        with pytest.raises(HrnetError, match="sees no GPU"):
+            devices.setup("gpu")
