@@ -173,7 +173,9 @@ def test_npu_ranks_from_visible_devices_and_hccn_conf(capfd, child, tmp_path):
     for r, chip in zip(range(4), (4, 5, 6, 7)):
         info = ranks[r]
         assert (info["RANK_ID"], info["RANK_SIZE"]) == (str(r), "4")
-        assert info["ASCEND_DEVICE_ID"] == info["DEVICE_ID"] == str(chip)
+        # The table names physical chip 4..7; inside the container they are logical 0..3.
+        assert info["ASCEND_DEVICE_ID"] == info["DEVICE_ID"] == str(r)
+        assert table["server_list"][0]["device"][r]["device_id"] == str(chip)
         assert info["rank_table"] == table
         assert info["JOB_ID"] == "77"
         assert info["HCCL_CONNECT_TIMEOUT"] == "120"
@@ -210,7 +212,7 @@ def test_npu_without_any_visible_chip_is_a_clear_error(child):
 def test_single_npu_needs_no_rank_table(capfd, child):
     assert launcher.launch(1, child + ["env"], device="npu", env=_npu_env(ASCEND_VISIBLE_DEVICES="6")) == 0
     info = _rank_json(capfd, 1)[0]
-    assert (info["RANK_ID"], info["RANK_SIZE"], info["DEVICE_ID"], info["ASCEND_DEVICE_ID"]) == ("0", "1", "6", "6")
+    assert (info["RANK_ID"], info["RANK_SIZE"], info["DEVICE_ID"], info["ASCEND_DEVICE_ID"]) == ("0", "1", "0", "0")
     assert info["RANK_TABLE_FILE"] is None and info["POD_NAME"] is None
 
 
@@ -224,8 +226,10 @@ def test_npu_rank_table_from_the_pod_annotation(capfd, child):
                                interval=0.05)
     assert code == 0
     ranks = _rank_json(capfd, 2)
-    assert [ranks[r]["DEVICE_ID"] for r in (0, 1)] == ["4", "5"]
+    # Physical chips 4 and 5 in the table; logical 0 and 1 in the container.
+    assert [ranks[r]["DEVICE_ID"] for r in (0, 1)] == ["0", "1"]
     assert ranks[0]["rank_table"] == ranktable.from_annotation(ANNOTATION_VALUE)
+    assert [d["device_id"] for d in ranks[0]["rank_table"]["server_list"][0]["device"]] == ["4", "5"]
 
 
 # ----------------------------------------------------------------------------- output and failures

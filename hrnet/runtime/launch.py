@@ -6,7 +6,7 @@
 
 Per process:
 
-- npu: RANK_ID, RANK_SIZE, ASCEND_DEVICE_ID and DEVICE_ID (the chip), RANK_TABLE_FILE (see
+- npu: RANK_ID, RANK_SIZE, ASCEND_DEVICE_ID and DEVICE_ID (the chip's logical id), RANK_TABLE_FILE (see
   ranktable.py; written to a file when built here), JOB_ID, HCCL_CONNECT_TIMEOUT (120 s unless
   set). POD_NAME is removed: the Ascend TF adapter switches to a deploy mode that ignores
   RANK_ID when it sees it.
@@ -176,13 +176,18 @@ def _npu_environments(nproc: int, base: Dict[str, str], workdir: Optional[str], 
             table_file = ranktable.write_rank_table(table, os.path.join(workdir, "rank_table.json"))
         log.info("HCCL rank table from %s: %s", source, table_file)
     job_id = str(job_id or base.get("JOB_ID") or os.getpid())
+    # The rank table names physical chips; ASCEND_DEVICE_ID / DEVICE_ID are logical ids,
+    # 0..N-1 over the chips a container sees (CANN's definition). Outside a container
+    # (no ASCEND_VISIBLE_DEVICES from the device plugin) the two are the same.
+    logical = {str(d): str(i) for i, d in enumerate(sorted(visible))} if base.get("ASCEND_VISIBLE_DEVICES") else {}
     envs = []
     for r in ranks:
         e = dict(base)
         # Set, the adapter switches to a deploy mode that ignores RANK_ID.
         e.pop("POD_NAME", None)
-        e.update(RANK_ID=str(r["rank_id"]), RANK_SIZE=str(size), ASCEND_DEVICE_ID=str(r["device_id"]),
-                 DEVICE_ID=str(r["device_id"]), JOB_ID=job_id)
+        device = logical.get(str(r["device_id"]), str(r["device_id"]))
+        e.update(RANK_ID=str(r["rank_id"]), RANK_SIZE=str(size), ASCEND_DEVICE_ID=device,
+                 DEVICE_ID=device, JOB_ID=job_id)
         if table_file:
             e["RANK_TABLE_FILE"] = table_file
         e.setdefault("HCCL_CONNECT_TIMEOUT", HCCL_CONNECT_TIMEOUT)
