@@ -778,8 +778,10 @@ def _upload_dir(s: S3Settings, local_dir: str, uri: str, delete: bool, strict: b
     # Unpublish first: from here until the new manifest lands, readers see "incomplete".
     if MANIFEST in remote:
         _remove_object(s, bucket, _key(prefix, MANIFEST))
-    total = sum(local[rel][0] for rel in todo) + (0 if manifest_same or MANIFEST not in files else local[MANIFEST][0])
-    log.info("uploading %d of %d files (%.1f MiB) from %s to %s", len(todo), len(files), total / MIB, local_dir, uri)
+    new_manifest = MANIFEST in files and not manifest_same
+    total = sum(local[rel][0] for rel in todo) + (local[MANIFEST][0] if new_manifest else 0)
+    log.info("uploading %d of %d files (%.1f MiB) from %s to %s", len(todo) + int(new_manifest), len(files),
+             total / MIB, local_dir, uri)
     bar = _Progress(f"upload {uri}", total, progress)
     try:
         data = [rel for rel in todo if not _is_pointer(rel)]

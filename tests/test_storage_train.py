@@ -5,8 +5,8 @@ resumes from the bucket on a machine that has none of its local files.
     hrnet train --data s3://... --out s3://...      killed (SIGKILL) after a checkpoint was
                                                     mirrored; the local cache is deleted; the
                                                     same command resumes from the bucket
-    evaluate with URIs                              reads the checkpoint from the bucket, writes
-                                                    its metrics to it
+    evaluate / export with URIs                     read the checkpoint from the bucket, write
+                                                    their outputs to it
 
 Training runs as real `hrnet train` processes (one of them killed) against the test S3
 server (moto, or MinIO with HRNET_TEST_S3_ENDPOINT), with a tiny model on 32x32 images.
@@ -66,6 +66,7 @@ def mirrored_past(run, step):
 def test_train_killed_resumes_from_the_bucket(s3_env, tmp_path):
     from hrnet.data.convert import convert_dataset
     from hrnet.evaluate import evaluate
+    from hrnet.export import export_model
 
     write_images(str(tmp_path / "images"))
     data, run = s3_env.uri("data"), s3_env.uri("runs/tiny")
@@ -115,9 +116,16 @@ def test_train_killed_resumes_from_the_bucket(s3_env, tmp_path):
     with open(os.path.join(checkpoint_dir, "manifest.json")) as f:
         assert json.load(f)["step"] == STEPS
 
-    # The next step reads the checkpoint and the data from the bucket and writes its output to it.
+    # The next steps read the checkpoint and the data from the bucket and write their outputs to it.
     evaluation = s3_env.uri("eval/tiny")
     evaluate(data, run, out=evaluation, batch_size=4)
     metrics = json.loads(storage.read_text(evaluation + "/metrics.json"))
     assert metrics["count"] == 6 and metrics["step"] == STEPS
     assert json.loads(storage.read_text(evaluation + "/manifest.json"))["kind"] == "evaluation"
+    exported = s3_env.uri("export/tiny")
+    export_model(run, exported, onnx=False)
+    shutil.rmtree(s3_env.env["HRNET_CACHE_DIR"])  # read it back as another machine would
+    local = storage.local_input(exported)  # every file verified against the export's manifest
+    with open(os.path.join(local, "manifest.json")) as f:
+        assert json.load(f)["kind"] == "export"
+    assert os.path.exists(os.path.join(local, "saved_model", "saved_model.pb"))
