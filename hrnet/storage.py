@@ -941,7 +941,8 @@ def _get_bytes(s: S3Settings, bucket: str, key: str, uri: str) -> bytes:
 # ---------------------------------------------------------------------------- public API
 
 def exists(uri: str) -> bool:
-    """Whether a file or folder exists at ``uri`` (for a bare bucket: the bucket)."""
+    """Whether a file or folder exists at ``uri`` (for a bare bucket: the bucket). A URI in
+    a bucket that does not exist is an error (BucketNotFoundError), not False."""
     if not is_remote(uri):
         return os.path.exists(_local_path(uri))
     s = settings_from_env()
