@@ -129,15 +129,15 @@ class MotoProcess:
         env.pop("INITIAL_NO_AUTH_ACTION_COUNT", None)
         self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        endpoint = f"http://127.0.0.1:{self.port}"
         try:
             wait_for_port(self.port)
-        except RuntimeError:
-            self.stop()
+            self.server = S3Server(endpoint, ACCESS_KEY, SECRET_KEY, region="us-east-1")
+            if self.auth:
+                self.server = self._enable_auth(endpoint)
+        except BaseException:
+            self.stop()  # never leave a server behind
             raise
-        endpoint = f"http://127.0.0.1:{self.port}"
-        self.server = S3Server(endpoint, ACCESS_KEY, SECRET_KEY, region="us-east-1")
-        if self.auth:
-            self.server = self._enable_auth(endpoint)
         return self.server
 
     def _enable_auth(self, endpoint: str) -> S3Server:
