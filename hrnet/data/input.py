@@ -337,13 +337,16 @@ def train_dataset(data: Union[str, DatasetInfo], batch_size: int, image_size=224
                                      aspect_range, min_object_covered, out_dtype)
         return image, record["label"]
 
+    # This worker's files (Dataset.shard keeps every num_workers-th one, as this slice does).
+    own_files = files[worker_index::num_workers] if num_workers > 1 and not per_file_shard else files
     dataset = tf.data.Dataset.from_tensor_slices(files)
     if num_workers > 1 and not per_file_shard:
         dataset = dataset.shard(num_workers, worker_index)
-    dataset = dataset.shuffle(len(files), seed=base_seed, reshuffle_each_iteration=True)
+    dataset = dataset.shuffle(len(own_files), seed=base_seed, reshuffle_each_iteration=True)
     if repeat:
         dataset = dataset.repeat()
-    dataset = dataset.interleave(read_file, cycle_length=max(1, min(cycle_length, len(files))),
+    # No wider than this worker's share: with repeat() a wider cycle reads a file twice at once.
+    dataset = dataset.interleave(read_file, cycle_length=max(1, min(cycle_length, len(own_files))),
                                  num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     dataset = dataset.shuffle(shuffle_buffer, seed=base_seed + 1, reshuffle_each_iteration=True)
     dataset = dataset.enumerate()  # the position seeds each image's random crop and flip
