@@ -247,18 +247,24 @@ def _train(cfg: TrainConfig, backend, out_dir: str, write_dir: str) -> Dict[str,
         if backend.loss_scaling:
             grads = compat.unscale_gradients(optimizer, grads)
         grads = backend.all_reduce_gradients(grads)
+        if backend.loss_scaling:
+            bad = tf.constant(0.0)  # the loss-scale optimizer skips steps with non-finite gradients
+        else:
+            bad = 1.0 - tf.cast(tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads]), tf.float32)
         optimizer.apply_gradients(zip(grads, trainable))
         correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), labels),
                                         tf.float32))
-        return data_loss, correct
+        # Non-finite total loss (data + L2) or gradients: BatchNorm keeps the data loss finite
+        # while exploding weights overflow the L2 term and the momentum.
+        bad = tf.maximum(bad, 1.0 - tf.cast(tf.math.is_finite(loss), tf.float32))
+        return data_loss, correct, bad
 
     @tf.function
     def train_step(it):
         images, labels = next(it)
-        loss, correct = strategy.run(step_fn, args=(images, labels))
+        results = strategy.run(step_fn, args=(images, labels))
         step_var.assign_add(1)
-        return (strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None),
-                strategy.reduce(tf.distribute.ReduceOp.SUM, correct, axis=None))
+        return [strategy.reduce(tf.distribute.ReduceOp.SUM, r, axis=None) for r in results]
 
     # ---- loop --------------------------------------------------------------------
     writer = tf.summary.create_file_writer(os.path.join(out_dir, "logs")) if chief else None
@@ -268,7 +274,20 @@ def _train(cfg: TrainConfig, backend, out_dir: str, write_dir: str) -> Dict[str,
              cfg.image_size, cfg.image_size, cfg.nb_train_samples, cfg.train_steps, cfg.global_batch_size,
              cfg.epochs, cfg.lr, cfg.schedule, cfg.precision, backend.describe())
 
+    def stop(step: int, what: str) -> None:
+        kept = tf.train.latest_checkpoint(out_dir)
+        raise NonFiniteLossError(
+            "%s at step %d (lr %.4g)%s; the run stopped, the last good checkpoint %s is kept. "
+            "Lower --lr, add --warmup-epochs, or use --precision fp32"
+            % (what, step, schedule(step - 1),
+               " and dynamic loss scaling could not absorb it" if backend.loss_scaling else "",
+               os.path.basename(kept) if kept else "(none yet)"))
+
     def save(step: int) -> None:
+        # A finite loss does not prove finite weights (an update can overflow them): check
+        # before a checkpoint can replace a good one.
+        if not all(np.all(np.isfinite(compat.tf_variable(v).numpy())) for v in model.variables):
+            stop(step, "the weights became NaN or Inf")
         manager.save(checkpoint_number=step)
         if chief:
             # delete: the bucket keeps the checkpoints the manager keeps, not every one ever saved.
@@ -287,18 +306,12 @@ def _train(cfg: TrainConfig, backend, out_dir: str, write_dir: str) -> Dict[str,
     last_log: Dict[str, Any] = {}
     while step < cfg.train_steps:
         t0 = time.time()
-        loss_t, correct_t = train_step(iterator)
+        loss_t, correct_t, bad_t = train_step(iterator)
         loss = float(loss_t)
         step += 1
-        if not math.isfinite(loss):
-            kept = tf.train.latest_checkpoint(out_dir)
-            raise NonFiniteLossError(
-                "the loss became %s at step %d (lr %.4g)%s; the run stopped, the last good checkpoint %s is kept. "
-                "Lower --lr, add --warmup-epochs, or use --precision fp32"
-                % (loss, step, schedule(step - 1),
-                   " and dynamic loss scaling could not absorb it" if backend.loss_scaling else "",
-                   os.path.basename(kept) if kept else "(none yet)")
-            )
+        if not math.isfinite(loss) or float(bad_t) > 0:
+            stop(step, "the loss became %s" % (loss if not math.isfinite(loss) else "non-finite (L2 term or "
+                                                                                     "gradients)"))
         window["loss"] += loss
         window["correct"] += float(correct_t)
         window["steps"] += 1
