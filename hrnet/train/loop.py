@@ -200,7 +200,16 @@ def _train(cfg: TrainConfig, backend, out_dir: str, write_dir: str) -> Dict[str,
                                          checkpoint_name=CHECKPOINT_NAME)
     latest = tf.train.latest_checkpoint(out_dir)
     if latest:
-        checkpoint.restore(latest).assert_existing_objects_matched()
+        status = checkpoint.restore(latest)
+        try:
+            status.assert_existing_objects_matched()
+        except (AssertionError, ValueError) as e:
+            status.expect_partial()  # no flood of "unrestored value" warnings on the way out
+            raise HrnetError(
+                "cannot resume from %s: it does not match this run's model and optimizer (%s). Was it written "
+                "under another Keras version (this is Keras %s) or with another --model/--precision? Use a new "
+                "--out; a finished run's portable weights can seed it with --init-from"
+                % (latest, str(e).splitlines()[0][:120], ".".join(str(v) for v in compat.KERAS_VERSION))) from None
         log.info("resuming from %s (step %d)", os.path.basename(latest), int(step_var.numpy()))
     elif cfg.init_from:
         _init_from(model, cfg.init_from, cfg.num_classes)
