@@ -111,6 +111,24 @@ def _write_labels(out_dir: str, data_dir: str, info) -> None:
             f.write("%d\t%s\t%s\n" % (i + info.label_offset, name, text))
 
 
+def _stage_data(uri: str, chief: bool) -> str:
+    """The data set as a local folder. Remote data: the ranks of one machine share the
+    cache, so they take turns (a file lock); the first downloads and the others find the
+    copy. Only rank 0 re-hashes it, the others check sizes (ImageNet is 150 GB)."""
+    if not storage.is_remote(uri):
+        return storage.local_input(uri)
+    import fcntl
+
+    lock_path = storage.cache_path(uri).rstrip("/") + ".lock"
+    os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return storage.local_input(uri, verify=chief)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _write_scalars(writer, step: int, values: Dict[str, Any]) -> None:
     """TensorBoard scalars through tf.summary.write with the scalars plugin's metadata:
     tf.summary.scalar needs the tensorboard package, which TF 2.21 no longer installs."""
@@ -143,27 +161,35 @@ def train(config) -> Dict[str, Any]:
 
     precision = cfg.precision or ("mixed_fp16" if cfg.device == "npu" else "fp32")
     backend = devices.setup(cfg.device, precision, cfg.precision_mode, cfg.mirrored)
-    with storage.local_output(cfg.out) as out_dir:
-        # Non-chief workers take part in every save (reading mirrored variables is a collective
-        # op under MultiWorkerMirroredStrategy) but write into a scratch folder.
-        scratch = None if backend.is_chief else tempfile.mkdtemp(prefix="hrnet-worker%d-" % backend.worker_index)
-        try:
-            return _train(cfg, backend, out_dir, scratch or out_dir)
-        finally:
-            if scratch:
-                shutil.rmtree(scratch, ignore_errors=True)
+    if backend.is_chief:
+        with storage.local_output(cfg.out) as out_dir:
+            if storage.is_remote(cfg.out):
+                storage.restore(cfg.out, out_dir)  # a pod restarted elsewhere resumes from the bucket
+            return _train(cfg, backend, out_dir, out_dir)
+    # Other ranks read the checkpoint to resume from (a private copy when it is remote) and
+    # take part in every save, since reading mirrored variables is a collective op under
+    # MultiWorkerMirroredStrategy, but they write into a scratch folder and publish nothing.
+    scratch = tempfile.mkdtemp(prefix="hrnet-rank%d-" % backend.worker_index)
+    try:
+        read_dir = cfg.out
+        if storage.is_remote(cfg.out):
+            read_dir = os.path.join(scratch, "restored")
+            storage.restore(cfg.out, read_dir)
+        return _train(cfg, backend, read_dir, os.path.join(scratch, "checkpoints"))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _train(cfg: TrainConfig, backend, out_dir: str, write_dir: str) -> Dict[str, Any]:
+    """The run itself. out_dir: the local checkpoint folder (rank 0 writes it, every rank
+    resumes from it); write_dir: where this rank's checkpoints go (out_dir on rank 0)."""
     import tensorflow as tf
 
     from hrnet import compat, configs, weights
     from hrnet.manifest import MANIFEST, file_entry, read_manifest, write_manifest
     from hrnet.model import build_model, count_params
 
-    if storage.is_remote(cfg.out):
-        storage.restore(cfg.out, out_dir)  # a pod restarted elsewhere resumes from the bucket
-    data_dir = storage.local_input(cfg.data)
+    data_dir = _stage_data(cfg.data, backend.is_chief)
     info = _data_info(cfg, data_dir)
     if not info.counts.get("train"):
         raise HrnetError("%s has no training records" % cfg.data)
@@ -353,7 +379,7 @@ def _train(cfg: TrainConfig, backend, out_dir: str, write_dir: str) -> Dict[str,
             timed_steps, timed_seconds = 0, 0.0
         if step % cfg.checkpoint_every == 0 and step < cfg.train_steps:
             save(step)
-    if step > start_step or manager.latest_checkpoint is None:
+    if step > start_step or latest is None:  # the same decision on every rank (saves are collective)
         save(step)
 
     # ---- outputs: portable weights, then the manifest, last -------------------------
@@ -401,8 +427,11 @@ def _barrier(strategy) -> None:
     if strategy.num_replicas_in_sync > 1:
         import tensorflow as tf
 
-        ones = strategy.run(lambda: tf.ones([]))
-        strategy.reduce(tf.distribute.ReduceOp.SUM, ones, axis=None).numpy()
+        @tf.function  # collectives run eagerly are slow, and TF says so
+        def all_reduce_one():
+            return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.ones([])), axis=None)
+
+        all_reduce_one().numpy()
 
 
 def _init_from(model, source: str, num_classes: int) -> None:
