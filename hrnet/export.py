@@ -114,6 +114,7 @@ def _onnx(model, image_size: int, path: str) -> Dict[str, Any]:
         return {"skipped": "tf2onnx is not installed (pip install 'hrnet[onnx]')"}
     import tensorflow as tf
 
+    logging.getLogger("tf2onnx").setLevel(logging.WARNING)  # one INFO line per folded node otherwise
     fn = tf.function(lambda images: {"logits": tf.cast(model(images, training=False), tf.float32)})
     spec = [tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name="images")]
     try:
