@@ -32,7 +32,7 @@ def step_dir(run, step):
 
 def test_the_run_learns_the_digits(demo_run):
     assert demo_run["count"] == 359  # every validation image, once
-    assert demo_run["top1"] >= 0.4, demo_run
+    assert demo_run["top1"] >= 0.6, demo_run  # about 0.8 after 2 epochs
     assert demo_run["top5"] >= demo_run["top1"]
 
 
