@@ -18,10 +18,9 @@ from typing import Any, Dict, List, Optional
 
 from components import images
 
-# run-local's defaults: the demo digits (32x32) learnt to 95%+ top-1 in a few minutes on 2 cores.
-# Digits must not be mirrored, and crops keep most of a 32 px digit (ImageNet's 8% would cut
-# it away). ONNX is left out: tf2onnx adds a minute here, the SavedModel shows the export.
-# About 98% top-1 after 2-3 minutes of training on 2 cores.
+# run-local's defaults: the demo digits (32x32) to about 98% top-1 after 2-3 minutes of training
+# on 2 cores. Digits must not be mirrored, and crops keep most of a 32 px digit (ImageNet's 8%
+# would cut it away). ONNX is left out: tf2onnx adds a minute here; the SavedModel shows the export.
 DEMO = dict(model="w18_small_v1", devices=1, batch_size=32, epochs=12.0, train_steps=0, lr=0.05,
             precision="fp32", image_size=32, seed=1,
             train_options="--schedule cosine --warmup-epochs 0.5 --no-flip --area-range 0.6 1 --label-smoothing 0.1 "
@@ -182,9 +181,9 @@ def _run_local(args) -> int:
     print()
     print(f"HRNet {params['model']} on the demo digits: top-1 {100 * result['top1']:.2f}%, "
           f"top-5 {100 * result['top5']:.2f}% on {result['count']} validation images ({result['seconds']:.0f} s)")
-    print("  run outputs:    {}".format(result["run_dir"]))
-    print("  report:         {}".format(result["report"]))
-    print("  exported model: {}".format(result["exported"]))
+    print(f"  run outputs:    {result['run_dir']}")
+    print(f"  report:         {result['report']}")
+    print(f"  exported model: {result['exported']}")
     return 0
 
 
