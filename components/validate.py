@@ -26,16 +26,21 @@ def validate(
     """Raise ValueError naming the first bad parameter; return the data source to use:
     "convert" (an image tree to convert) or "tfrecords" (records converted before)."""
     import argparse
+    import os
     import shlex
 
     from hrnet.configs import canonical_name
     from hrnet.runtime.launch import VALID_NPROC
+    from hrnet.storage import is_remote
     from hrnet.train.config import TrainConfig, add_arguments
 
     if bool(source_uri) == bool(tfrecords_uri):
         raise ValueError("give exactly one data source: source_uri (an image tree to convert) or tfrecords_uri "
                          "(TFRecords made by `hrnet convert` or slim); "
                          f"got source_uri={source_uri!r} tfrecords_uri={tfrecords_uri!r}")
+    if tfrecords_uri and not is_remote(tfrecords_uri) and not os.path.isdir(tfrecords_uri):
+        # KFP imports the records as an artifact: in a cluster that takes an object-store URI.
+        raise ValueError(f"tfrecords_uri {tfrecords_uri!r} is neither an s3:// / minio:// URI nor a folder here")
     canonical_name(model)
     if devices not in VALID_NPROC:
         raise ValueError(f"devices must be one of {', '.join(map(str, VALID_NPROC))} (one training process per "
