@@ -27,7 +27,7 @@ lint: setup
 # The infra tests need every tool present (kubectl, kubernetes-validate and hadolint come
 # with the test extra; the Ascend image's older kfp lives in its own venv).
 test-keras3: setup $(KFP_ASCEND_VENV)/.installed
-	HRNET_REQUIRE_INFRA_TOOLS=1 HRNET_KFP_ASCEND_PYTHON=$(KFP_ASCEND_VENV)/bin/python $(PYTEST) -q
+	HRNET_REQUIRE_INFRA_TOOLS=1 HRNET_KFP_ASCEND_PYTHON=$(abspath $(KFP_ASCEND_VENV))/bin/python $(PYTEST) -q
 
 test-keras2: setup
 	TF_USE_LEGACY_KERAS=1 $(PYTEST) -q -m keras2
