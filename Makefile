@@ -37,8 +37,9 @@ test: lint lint-infra test-keras3 test-keras2
 demo: setup
 	$(BIN)/python -m pipelines run-local
 
+# Each prints its figure; model_throughput_keras3.py / gpu_check.sh are for GPU machines without TF.
 bench: setup
-	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
+	for b in model_throughput convert_throughput input_throughput; do $(BIN)/python benchmarks/$$b.py || exit 1; done
 
 # ---- images/ and manifests/ (infra) -------------------------------------------------------
 # `make images [IMAGE_TARGETS="cpu gpu ascend"] [REGISTRY=...] [TAG=...] [PUSH=1]`: the step images,
