@@ -4,7 +4,7 @@ PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 PYTEST  := $(BIN)/python -m pytest
-EXTRAS  ?= cpu,legacy-keras,kfp,k8s,demo,test,torch
+EXTRAS  ?= cpu,legacy-keras,kfp,k8s,demo,onnx,test,torch
 LINT_VENV       ?= .venv-lint
 KFP_ASCEND_VENV ?= .venv-kfp-ascend
 
