@@ -8,6 +8,7 @@ matter; that evaluate and export reproduce it exactly does).
 import io
 import json
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -16,17 +17,7 @@ pytestmark = pytest.mark.keras2
 
 CLASSES = 6
 VAL_PER_CLASS = [4, 3, 5, 3, 4, 4]  # 23 images: no batch size below divides it
-TINY = """\
-name: tiny
-stem_width: 8
-stages:
-  - {block: BOTTLENECK, num_modules: 1, num_blocks: [1], num_channels: [4]}
-  - {block: BASIC, num_modules: 1, num_blocks: [1, 1], num_channels: [4, 8]}
-  - {block: BASIC, num_modules: 1, num_blocks: [1, 1, 1], num_channels: [4, 8, 16]}
-  - {block: BASIC, num_modules: 1, num_blocks: [1, 1, 1, 1], num_channels: [4, 8, 16, 32]}
-head_channels: [8, 16, 32, 64]
-final_channels: 64
-"""
+TINY = (pathlib.Path(__file__).parent / "configs" / "tiny.yaml").read_text()
 
 
 def _image(rng, label, size=40):

@@ -23,6 +23,7 @@ is deleted).
 import io
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -35,17 +36,7 @@ IMAGES = 16  # per file (fewer make batch norm so ill-conditioned that float32 n
 BATCH = 2 * IMAGES  # per rank: two passes over its file
 STEPS = 3
 
-TINY_MODEL = """\
-name: tiny
-stem_width: 8
-stages:
-  - {block: BOTTLENECK, num_modules: 1, num_blocks: [1], num_channels: [4]}
-  - {block: BASIC, num_modules: 1, num_blocks: [1, 1], num_channels: [4, 8]}
-  - {block: BASIC, num_modules: 1, num_blocks: [1, 1, 1], num_channels: [4, 8, 16]}
-  - {block: BASIC, num_modules: 1, num_blocks: [1, 1, 1, 1], num_channels: [4, 8, 16, 32]}
-head_channels: [8, 16, 32, 64]
-final_channels: 64
-"""
+TINY_MODEL = (pathlib.Path(__file__).parent / "configs" / "tiny.yaml").read_text()
 
 WRAPPER = r'''
 """hrnet train, with a shuffle buffer of 1 and each rank's weights dumped to $DUMP_DIR."""

@@ -13,6 +13,7 @@ server (moto, or MinIO with HRNET_TEST_S3_ENDPOINT), with a tiny model on 32x32 
 """
 import json
 import os
+import pathlib
 import re
 import shutil
 import subprocess
@@ -23,17 +24,7 @@ import pytest
 
 from hrnet import storage
 
-TINY_MODEL = """\
-name: tiny
-stem_width: 8
-stages:
-  - {block: BOTTLENECK, num_modules: 1, num_blocks: [1], num_channels: [4]}
-  - {block: BASIC, num_modules: 1, num_blocks: [1, 1], num_channels: [4, 8]}
-  - {block: BASIC, num_modules: 1, num_blocks: [1, 1, 1], num_channels: [4, 8, 16]}
-  - {block: BASIC, num_modules: 1, num_blocks: [1, 1, 1, 1], num_channels: [4, 8, 16, 32]}
-head_channels: [8, 16, 32, 64]
-final_channels: 64
-"""
+TINY_MODEL = (pathlib.Path(__file__).parent / "configs" / "tiny.yaml").read_text()
 STEPS = 60  # the first run is killed once its third checkpoint (step 15) is in the bucket
 
 

@@ -7,6 +7,7 @@ HRNet configs (same code as the official ones, fewer channels) so that it stays 
 """
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -18,28 +19,8 @@ import pytest
 pytestmark = pytest.mark.keras2
 
 # An HRNet with the full four-stage structure and few channels (~0.75 M parameters).
-SMALL = """\
-name: small
-stem_width: 16
-stages:
-  - {block: BOTTLENECK, num_modules: 1, num_blocks: [1], num_channels: [8]}
-  - {block: BASIC, num_modules: 1, num_blocks: [1, 1], num_channels: [8, 16]}
-  - {block: BASIC, num_modules: 1, num_blocks: [1, 1, 1], num_channels: [8, 16, 32]}
-  - {block: BASIC, num_modules: 1, num_blocks: [1, 1, 1, 1], num_channels: [8, 16, 32, 64]}
-head_channels: [8, 16, 32, 64]
-final_channels: 128
-"""
-TINY = """\
-name: tiny
-stem_width: 8
-stages:
-  - {block: BOTTLENECK, num_modules: 1, num_blocks: [1], num_channels: [4]}
-  - {block: BASIC, num_modules: 1, num_blocks: [1, 1], num_channels: [4, 8]}
-  - {block: BASIC, num_modules: 1, num_blocks: [1, 1, 1], num_channels: [4, 8, 16]}
-  - {block: BASIC, num_modules: 1, num_blocks: [1, 1, 1, 1], num_channels: [4, 8, 16, 32]}
-head_channels: [8, 16, 32, 64]
-final_channels: 64
-"""
+SMALL = (pathlib.Path(__file__).parent / "configs" / "small.yaml").read_text()
+TINY = (pathlib.Path(__file__).parent / "configs" / "tiny.yaml").read_text()
 
 
 @pytest.fixture(scope="module")
