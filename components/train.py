@@ -28,21 +28,13 @@ def train(
     ``checkpoint_uri``: where training mirrors its checkpoints as it goes, so that a retried
     pod (or a later run) resumes there instead of starting over; "" keeps them in the pod.
     """
-    import shlex
-
     from hrnet import storage
     from hrnet.runtime.launch import launch
+    from hrnet.train.config import train_command
 
-    # 0 / "" mean "the library's default", so those flags are left out.
     out = checkpoint_uri or model.path
-    flags = {"--data": dataset.path, "--out": out, "--model": model_name, "--device": device,
-             "--batch-size": batch_size, "--image-size": image_size, "--epochs": epochs,
-             "--train-steps": train_steps, "--lr": lr, "--precision": precision, "--seed": seed}
-    command = ["hrnet", "train"]
-    for flag, value in flags.items():
-        if value not in (0, "", None):
-            command += [flag, str(value)]
-    command += shlex.split(train_options)
+    command = train_command(dataset.path, out, model_name, device, batch_size, image_size, epochs, train_steps,
+                            lr, precision, seed, train_options)
     code = launch(devices, command, device=device)
     if code:
         raise RuntimeError(f"hrnet launch exited with code {code} (see the log above)")

@@ -310,3 +310,72 @@ def load_saved(directory: str) -> Optional[TrainConfig]:
     """The resolved config saved in a checkpoint folder, or None if there is none."""
     path = os.path.join(directory, CONFIG_FILE)
     return TrainConfig.from_yaml(path) if os.path.exists(path) else None
+
+
+# --- The KFP pipeline's parameters (components/validate.py, components/train.py) ----------
+
+# Flags the pipeline sets from parameters of its own, so train_options may not.
+PIPELINE_FLAGS = ("config", "data", "out", "model", "device", "batch_size", "epochs", "train_steps", "lr",
+                  "precision", "image_size", "seed")
+
+
+def check_pipeline_parameters(source_uri: str, tfrecords_uri: str, model: str, devices: int, device: str,
+                              batch_size: int, epochs: float, train_steps: int, lr: float, precision: str,
+                              image_size: int, train_options: str) -> str:
+    """Check a pipeline run's parameters before any pod asks for accelerators; ValueError
+    naming the first bad one. Returns the data source to use: "convert" (an image tree)
+    or "tfrecords" (records converted before). 0 / "" mean "the library's default"
+    (pipeline parameters cannot be None)."""
+    import shlex
+
+    from hrnet.configs import canonical_name
+    from hrnet.runtime.launch import VALID_NPROC
+    from hrnet.storage import is_remote
+
+    if bool(source_uri) == bool(tfrecords_uri):
+        raise ValueError("give exactly one data source: source_uri (an image tree to convert) or tfrecords_uri "
+                         "(TFRecords made by `hrnet convert` or slim); "
+                         f"got source_uri={source_uri!r} tfrecords_uri={tfrecords_uri!r}")
+    if tfrecords_uri and not is_remote(tfrecords_uri) and not os.path.isdir(tfrecords_uri):
+        # KFP imports the records as an artifact: in a cluster that takes an object-store URI.
+        raise ValueError(f"tfrecords_uri {tfrecords_uri!r} is neither an s3:// / minio:// URI nor a folder here")
+    canonical_name(model)
+    if devices not in VALID_NPROC:
+        raise ValueError(f"devices must be one of {', '.join(map(str, VALID_NPROC))} (one training process per "
+                         f"device, on one node), got {devices}")
+
+    class Flags(argparse.ArgumentParser):
+        def error(self, message):
+            raise ValueError(f"train_options {train_options!r}: {message}")
+
+    parser = Flags(prog="train_options", add_help=False)
+    add_arguments(parser)
+    options = vars(parser.parse_args(shlex.split(train_options)))
+    if options.get("config") is None:
+        options.pop("config", None)  # the one flag that is always there (None when not given)
+    taken = sorted(set(options) & set(PIPELINE_FLAGS))
+    if taken:
+        raise ValueError(f"train_options may not set {_flag(taken[0])}: the pipeline sets it "
+                         "(from its own parameters)")
+    TrainConfig.from_dict(dict(
+        options, data=source_uri or tfrecords_uri, out="(the train step's Model artifact)", model=model,
+        device=device, batch_size=batch_size, epochs=epochs or None, train_steps=train_steps or None,
+        lr=lr or None, precision=precision or None, image_size=image_size)).validate()
+    return "convert" if source_uri else "tfrecords"
+
+
+def train_command(data: str, out: str, model: str, device: str, batch_size: int, image_size: int,
+                  epochs: float, train_steps: int, lr: float, precision: str, seed: int,
+                  train_options: str = "") -> List[str]:
+    """The ``hrnet train`` command line of a pipeline run; 0 / "" leave a flag at the
+    library's default."""
+    import shlex
+
+    flags = {"--data": data, "--out": out, "--model": model, "--device": device, "--batch-size": batch_size,
+             "--image-size": image_size, "--epochs": epochs, "--train-steps": train_steps, "--lr": lr,
+             "--precision": precision, "--seed": seed}
+    command = ["hrnet", "train"]
+    for flag, value in flags.items():
+        if value not in (0, "", None):
+            command += [flag, str(value)]
+    return command + shlex.split(train_options)
