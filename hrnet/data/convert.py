@@ -30,6 +30,7 @@ from hrnet import storage
 from hrnet.data import schema
 from hrnet.errors import HrnetError, IncompleteError
 from hrnet.manifest import MANIFEST, file_entry, read_manifest, write_manifest
+from hrnet.runtime import usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -624,7 +625,7 @@ def convert_dataset(src: str, out: str, *, train_shards: Optional[int] = None,
                                   "quality": quality, "fingerprint": fingerprint})
         if states:
             log.info("resuming: %d of %d shards already complete", len(states), len(states) + len(tasks))
-        workers = min(workers or os.cpu_count() or 1, max(1, len(tasks)))
+        workers = min(workers or usable_cpus(), max(1, len(tasks)))
         states += _run_tasks(tasks, workers, total, done_images, progress)
 
         schema.write_labels_file(os.path.join(out_dir, schema.LABELS_FILE),

@@ -35,7 +35,7 @@ import time
 from typing import IO, Any, Dict, List, Mapping, Optional, Sequence
 
 from hrnet.errors import HrnetError
-from hrnet.runtime import ranktable
+from hrnet.runtime import ranktable, usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -103,13 +103,6 @@ def visible_npus(env: Mapping[str, str]) -> List[int]:
         return []
 
 
-def _usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 def rank_environments(nproc: int, device: str = "cpu", env: Optional[Mapping[str, str]] = None,
                       workdir: Optional[str] = None, job_id: Optional[str] = None,
                       rank_table_timeout: float = 300.0, **rank_table_kwargs: Any) -> List[Dict[str, str]]:
@@ -145,7 +138,7 @@ def rank_environments(nproc: int, device: str = "cpu", env: Optional[Mapping[str
             e["CUDA_VISIBLE_DEVICES"] = "-1"
             if nproc > 1:
                 # N workers each sizing their thread pools to the whole machine oversubscribe it N times.
-                threads = str(max(1, _usable_cpus() // nproc))
+                threads = str(max(1, usable_cpus() // nproc))
                 e.setdefault("TF_NUM_INTRAOP_THREADS", threads)
                 e.setdefault("OMP_NUM_THREADS", threads)
         envs.append(e)
