@@ -11,9 +11,7 @@ import ast
 import json
 import os
 import re
-import shutil
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
+from test_manifests import tool
 
 from components import images
 from hrnet import cli
@@ -31,14 +30,6 @@ TARGETS = ("cpu", "gpu", "ascend")
 DOCKERFILES = {t: ROOT / "images" / t / "Dockerfile" for t in TARGETS}
 LOCKS = {t: ROOT / "images" / t / "requirements.txt" for t in TARGETS}
 KFP_ASCEND_VENV = ROOT / ".venv-kfp-ascend"
-
-
-def tool(name: str) -> str:
-    beside = Path(sys.executable).parent / name
-    found = str(beside) if beside.exists() else shutil.which(name)
-    if not found:
-        pytest.fail(f"{name} is missing: `make setup` installs it (pyproject.toml, extra test)")
-    return found
 
 
 def pyproject():
