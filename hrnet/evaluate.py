@@ -47,7 +47,7 @@ def _dataset_info(hdata, data_dir: str, ckpt: Dict[str, Any]):
 
 
 def evaluate(data: str, checkpoint: str, out: Optional[str] = None, batch_size: int = 100,
-             split: str = "validation", image_size: Optional[int] = None) -> Dict[str, Any]:
+             split: str = "validation", image_size: Optional[int] = None, force: bool = False) -> Dict[str, Any]:
     """Evaluate the checkpoint at ``checkpoint`` on ``split`` of the data set at ``data``;
     returns the metrics (also written to ``out`` when given)."""
     import numpy as np
@@ -122,7 +122,7 @@ def evaluate(data: str, checkpoint: str, out: Optional[str] = None, batch_size: 
     log.info("%s on %d %s images: top-1 %.4f, top-5 %.4f", ckpt["model"], count, split, metrics["top1"],
              metrics["top5"])
     if out:
-        with storage.local_output(out) as out_dir:
+        with storage.local_output(out, kind="evaluation", force=force) as out_dir:
             path = os.path.join(out_dir, METRICS)
             with open(path, "w") as f:
                 json.dump(metrics, f, indent=2)
@@ -145,11 +145,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--split", default="validation", help="split to evaluate (default validation)")
     parser.add_argument("--image-size", type=int, default=None,
                         help="evaluation crop size (default: the training size)")
+    storage.add_force_argument(parser)
 
 
 def run(args) -> int:
     m = evaluate(args.data, args.checkpoint, out=args.out, batch_size=args.batch_size, split=args.split,
-                 image_size=args.image_size)
+                 image_size=args.image_size, force=args.force)
     print("%s: top-1 %.2f%%, top-5 %.2f%% on %d %s images" % (m["model"], 100 * m["top1"], 100 * m["top5"],
                                                                m["count"], m["split"]))
     return 0

@@ -126,7 +126,7 @@ def _onnx(model, image_size: int, path: str) -> Dict[str, Any]:
 
 
 def export_model(checkpoint: str, out: str, atc_batch_size: int = 1, soc_version: str = "Ascend910",
-                 onnx: bool = True) -> Dict[str, Any]:
+                 onnx: bool = True, force: bool = False) -> Dict[str, Any]:
     """Export the checkpoint at ``checkpoint`` into ``out``; returns the manifest."""
     import tensorflow as tf
 
@@ -141,7 +141,7 @@ def export_model(checkpoint: str, out: str, atc_batch_size: int = 1, soc_version
     model, ckpt = load_checkpoint_model(ckpt_dir)
     size = ckpt["image_size"]
     names = _class_names(ckpt_dir, ckpt["num_classes"])
-    with storage.local_output(out) as out_dir:
+    with storage.local_output(out, kind="export", force=force) as out_dir:
         saved_dir = os.path.join(out_dir, "saved_model")
         if os.path.exists(saved_dir):
             shutil.rmtree(saved_dir)  # a re-run replaces an earlier (possibly partial) export
@@ -212,11 +212,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--atc-batch-size", type=int, default=1, help="fixed batch size of the frozen graph (ATC)")
     parser.add_argument("--soc-version", default="Ascend910", help="ATC --soc_version (Ascend910, Ascend310, ...)")
     parser.add_argument("--no-onnx", dest="onnx", action="store_false", help="skip the ONNX export")
+    storage.add_force_argument(parser)
 
 
 def run(args) -> int:
     m = export_model(args.checkpoint, args.out, atc_batch_size=args.atc_batch_size, soc_version=args.soc_version,
-                     onnx=args.onnx)
+                     onnx=args.onnx, force=args.force)
     formats = ["saved_model", "frozen"] + (["onnx"] if "onnx" in m else [])
     print("exported %s (%d classes, %dx%d) to %s: %s%s" % (m["model"], m["num_classes"], m["image_size"],
                                                            m["image_size"], args.out, ", ".join(formats),

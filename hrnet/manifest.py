@@ -10,7 +10,7 @@ import os
 import time
 from typing import Any, Dict, Optional
 
-from hrnet.errors import IncompleteError
+from hrnet.errors import HrnetError, IncompleteError
 
 MANIFEST = "manifest.json"
 
@@ -36,6 +36,15 @@ def write_manifest(directory: str, manifest: Dict[str, Any]) -> str:
     body = dict(manifest)
     body.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     path = os.path.join(directory, MANIFEST)
+    try:
+        with open(path) as f:
+            found = json.load(f).get("kind")
+    except (OSError, ValueError, AttributeError):
+        found = manifest["kind"]
+    if found != manifest["kind"]:
+        # The last line of defence: one output is never turned into another kind.
+        raise HrnetError("%s holds a %r output; refusing to replace its %s with a %r one"
+                         % (directory, found, MANIFEST, manifest["kind"]))
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(body, f, indent=2, sort_keys=True)

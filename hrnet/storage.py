@@ -67,14 +67,16 @@ import os
 import random
 import re
 import shutil
+import socket
 import sys
 import tempfile
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import certifi
 import urllib3
@@ -96,6 +98,12 @@ SHA256_META = "x-amz-meta-sha256"
 POINTER_FILES = ("checkpoint",)
 # Our own partial files, never uploaded.
 _PARTIAL_SUFFIXES = (".part.hrnet", MANIFEST + ".tmp")
+# Bookkeeping at the top of an output, never part of its data: which kind of output owns the
+# prefix or folder (written before any data, so an unfinished output is still recognised as
+# ours), and the lease of the writer working on it now.
+OWNER_FILE = ".hrnet-output.json"
+LEASE_FILE = ".hrnet-lease.json"
+CONTROL_FILES = (OWNER_FILE, LEASE_FILE)
 
 
 # ---------------------------------------------------------------------------- errors
@@ -138,6 +146,19 @@ class ObjectNotFoundError(StorageError, FileNotFoundError):
 
 class ChangedError(StorageError):
     """An object changed between listing and reading it: someone is writing the prefix."""
+
+
+class OwnershipError(StorageError):
+    """An output location that holds something this step did not write (or another kind of
+    output): writing there could destroy it, so the step refuses."""
+
+
+class LeaseHeldError(StorageError):
+    """Another writer holds the lease on an output."""
+
+
+class LeaseLostError(StorageError):
+    """This writer's lease on its output expired or was taken over while it worked."""
 
 
 class _Mismatch(Exception):
@@ -340,7 +361,9 @@ def cache_path(uri: str, cache_dir: Optional[str] = None) -> str:
     root = cache_dir or os.environ.get("HRNET_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "hrnet")
     # The endpoint is part of the path: the same bucket name on two stores is two things.
     host = re.sub(r"[^A-Za-z0-9.\-]", "_", settings_from_env().endpoint)
-    return os.path.join(root, "s3", host, bucket, *[p for p in prefix.split("/") if p])
+    # One flat folder per prefix: s3://b/a and s3://b/a/x must never nest, or publishing the
+    # parent would upload (and its mirror delete against) the child's copy.
+    return os.path.join(root, "s3", host, bucket, quote("/" + prefix, safe=""))
 
 
 # ---------------------------------------------------------------------------- retries and errors
@@ -564,8 +587,9 @@ class TransferStats:
                 f"{self.skipped} already equal, {self.deleted} deleted")
 
 
-def _list_objects(s: S3Settings, bucket: str, prefix: str, uri: str) -> Dict[str, _Obj]:
-    """Objects under ``prefix/`` by path relative to the prefix."""
+def _list_objects(s: S3Settings, bucket: str, prefix: str, uri: str, control: bool = False) -> Dict[str, _Obj]:
+    """Objects under ``prefix/`` by path relative to the prefix (the owner and lease
+    objects only with ``control``)."""
     base = prefix + "/" if prefix else ""
     client = _client(s)
 
@@ -575,7 +599,10 @@ def _list_objects(s: S3Settings, bucket: str, prefix: str, uri: str) -> Dict[str
             name = obj.object_name or ""
             if obj.is_dir or name.endswith("/") or not name.startswith(base):
                 continue
-            found[name[len(base):]] = _Obj(int(obj.size or 0), (obj.etag or "").strip('"'))
+            rel = name[len(base):]
+            if rel in CONTROL_FILES and not control:
+                continue
+            found[rel] = _Obj(int(obj.size or 0), (obj.etag or "").strip('"'))
         return found
 
     return _with_retries(s, f"list {uri}", go)
@@ -595,6 +622,16 @@ def _head(s: S3Settings, bucket: str, key: str, what: str) -> Optional[Tuple[int
         return int(st.size or 0), st.metadata.get(SHA256_META), (st.etag or "").strip('"')
 
     return _with_retries(s, what, go)
+
+
+# Objects this process uploaded to or downloaded from each prefix: the ones a mirror with
+# ``delete`` may remove once their local file is gone (a checkpoint the trainer dropped).
+_transferred: Dict[Tuple[str, str, str], set] = {}
+
+
+def _known(s: S3Settings, bucket: str, prefix: str) -> set:
+    with _digests_lock:
+        return _transferred.setdefault((s.endpoint, bucket, prefix), set())
 
 
 def _remote_digest(s: S3Settings, bucket: str, key: str, obj: _Obj) -> Optional[str]:
@@ -725,7 +762,7 @@ def _walk(local_dir: str) -> Dict[str, str]:
     for root, dirs, files in os.walk(local_dir):
         dirs.sort()
         for name in sorted(files):
-            if name.endswith(_PARTIAL_SUFFIXES):
+            if name.endswith(_PARTIAL_SUFFIXES) or (name in CONTROL_FILES and root == local_dir):
                 continue
             path = os.path.join(root, name)
             found[os.path.relpath(path, local_dir).replace(os.sep, "/")] = path
@@ -768,7 +805,22 @@ def _upload_dir(s: S3Settings, local_dir: str, uri: str, delete: bool, strict: b
     names = [rel for rel in files if rel != MANIFEST]
     same = dict(zip(names, _parallel(s, [lambda r=r: unchanged(r) for r in names])))
     todo = [rel for rel in names if not same[rel]]
-    stale = [rel for rel in remote if rel not in files and rel != MANIFEST] if delete else []
+    known = _known(s, bucket, prefix)
+    known.update(rel for rel in names if same[rel])
+    stale = []
+    if delete:
+        gone = [rel for rel in remote if rel not in files and rel != MANIFEST]
+        # Only what this output wrote may go: what its previous manifest listed, and what
+        # this process uploaded there or downloaded from there. Anything else under the
+        # prefix was put there by someone else and is left alone.
+        ours = set(known)
+        if gone and MANIFEST in remote:
+            ours |= set(_parse_manifest(_get_bytes(s, bucket, _key(prefix, MANIFEST), uri + "/" + MANIFEST), uri))
+        stale = [rel for rel in gone if rel in ours]
+        kept = [rel for rel in gone if rel not in ours]
+        if kept:
+            log.warning("%s: leaving %d object(s) this output did not write (%s%s)", uri, len(kept),
+                        ", ".join(kept[:3]), ", ..." if len(kept) > 3 else "")
     manifest_same = MANIFEST in files and unchanged(MANIFEST)
     stats.skipped = len(names) - len(todo) + int(manifest_same)
     if not todo and not stale and (manifest_same or (MANIFEST not in files and MANIFEST not in remote)):
@@ -794,6 +846,8 @@ def _upload_dir(s: S3Settings, local_dir: str, uri: str, delete: bool, strict: b
             sizes.append(_put_file(s, bucket, _key(prefix, MANIFEST), files[MANIFEST], bar))
     finally:
         bar.close()
+    known.update(todo)
+    known.difference_update(stale)
     stats.transferred, stats.bytes, stats.deleted = len(sizes), sum(sizes), len(stale)
     log.info("uploaded %s to %s: %s in %.1fs", local_dir, uri, stats, time.monotonic() - started)
     return stats
@@ -858,6 +912,7 @@ def _download_dir(s: S3Settings, uri: str, local_dir: str, delete: bool, progres
                                                     remote[r].etag) for r in todo])
     finally:
         bar.close()
+    _known(s, bucket, prefix).update(names)
     stats = TransferStats(files=len(names) + int(manifest is not None), transferred=len(todo), bytes=sum(sizes),
                           skipped=len(names) - len(todo))
     if delete:
@@ -1131,33 +1186,355 @@ def _cache_matches(s: S3Settings, uri: str, dest: str, remote: Dict[str, _Obj], 
     return all(_parallel(s, [lambda r=r: same(r) for r in sorted(names)]))
 
 
-@contextlib.contextmanager
-def local_output(uri: str, cache_dir: Optional[str] = None) -> Iterator[str]:
-    """A local folder to write an output into; for a remote ``uri`` it is uploaded when
-    the block exits without error, manifest.json last, and the bucket then holds exactly
-    the folder's files (objects of an older version that are not in it are removed). If
-    the block fails nothing is published. The folder (``cache_path(uri, cache_dir)``) is
-    kept between runs, like a local output folder, so a step that resumes from its own
-    output (convert's finished shards) finds it again on the same machine."""
+# ---------------------------------------------------------------------------- ownership and leases
+
+def output_target(uri: str) -> str:
+    """``uri`` as a place an output may be written to: a local folder, or an s3:// / minio://
+    prefix. A bare bucket is refused: an output owns everything under its prefix."""
     if not is_remote(uri):
-        path = _local_path(uri)
-        os.makedirs(path, exist_ok=True)
-        yield path
+        return _local_path(uri)
+    bucket, prefix = split_uri(uri)
+    if not prefix:
+        raise BadUriError(f"refusing to write an output to the bare bucket {uri}: an output owns its whole prefix, "
+                          f"so give one of its own, e.g. {uri.rstrip('/')}/<name>")
+    return uri
+
+
+def _describe_foreign(names: List[str]) -> str:
+    shown = ", ".join(sorted(names)[:3])
+    return f"{len(names)} file{'' if len(names) == 1 else 's'} ({shown}{', ...' if len(names) > 3 else ''})"
+
+
+def claim_output(uri: str, kind: str) -> None:
+    """Make sure ``uri`` is empty or already an output of ``kind`` (finished, or unfinished
+    and resumable), and mark it as one. Anything else there is refused (OwnershipError)
+    with what it holds, before a single byte is written."""
+    target = output_target(uri)
+    marker = json.dumps({"kind": kind, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+                        sort_keys=True).encode()
+    if not is_remote(target):
+        os.makedirs(target, exist_ok=True)
+        names = [n for n in os.listdir(target) if n not in CONTROL_FILES]
+        owner = _read_json_file(os.path.join(target, OWNER_FILE))
+        manifest = _read_json_file(os.path.join(target, MANIFEST))
+        _check_owner(uri, kind, names, owner, manifest)
+        if owner is None:
+            _write_local(os.path.join(target, OWNER_FILE), marker)
         return
     s = settings_from_env()
-    bucket, _ = split_uri(uri)
+    bucket, prefix = split_uri(target)
+    _check_bucket(s, bucket, uri)
+    objects = _list_objects(s, bucket, prefix, uri, control=True)
+    names = [rel for rel in objects if rel not in CONTROL_FILES]
+
+    def remote_json(name):
+        if name not in objects:
+            return None
+        try:
+            return json.loads(_get_bytes(s, bucket, _key(prefix, name), uri + "/" + name).decode("utf-8"))
+        except (ValueError, UnicodeDecodeError, ObjectNotFoundError):
+            return {}
+
+    owner = remote_json(OWNER_FILE)
+    _check_owner(uri, kind, names, owner, remote_json(MANIFEST) if MANIFEST in names else None)
+    if owner is None:
+        write_bytes(_join(target, OWNER_FILE), marker)
+
+
+def _read_json_file(path: str) -> Optional[Dict[str, Any]]:
+    try:
+        with open(path, "rb") as f:
+            body = json.loads(f.read().decode("utf-8"))
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _check_owner(uri: str, kind: str, names: List[str], owner: Optional[Dict[str, Any]],
+                 manifest: Optional[Dict[str, Any]]) -> None:
+    if manifest is not None:
+        found = manifest.get("kind")
+        if found != kind:
+            raise OwnershipError(f"{uri} already holds a {found or 'foreign'} output (its {MANIFEST}), not a {kind}: "
+                                 "refusing to overwrite it; write to a new location")
+        return
+    if owner is not None:
+        if owner.get("kind") != kind:
+            raise OwnershipError(f"{uri} holds an unfinished {owner.get('kind') or 'unknown'} output, not a {kind}: "
+                                 "refusing to write into it; write to a new location")
+        return
+    if names:
+        raise OwnershipError(f"{uri} is not empty and is not an hrnet {kind} output: it holds "
+                             f"{_describe_foreign(names)}; refusing to write there, since that could delete or "
+                             "overwrite them: give an empty or new location")
+
+
+def _join(uri: str, name: str) -> str:
+    return uri.rstrip("/") + "/" + name
+
+
+def _lease_ttl() -> float:
+    return _env_number(os.environ, "HRNET_LEASE_TTL", 300.0, float, 1.0)
+
+
+def _writer() -> Dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "run_id": os.environ.get("HRNET_RUN_ID", "")}
+
+
+def _holder(body: Dict[str, Any]) -> str:
+    run = f", run {body['run_id']}" if body.get("run_id") else ""
+    return f"{body.get('host', '?')} pid {body.get('pid', '?')}{run}"
+
+
+_live_tokens: set = set()  # the leases this process holds
+
+
+def _is_stale(body: Dict[str, Any], now: float) -> bool:
+    """A lease whose writer is gone: expired, left by this same run (a retried pod), or by
+    a dead process on this host."""
+    if float(body.get("expires", 0)) <= now:
+        return True
+    mine = _writer()
+    if mine["run_id"] and body.get("run_id") == mine["run_id"]:
+        return True
+    if body.get("host") == mine["host"] and isinstance(body.get("pid"), int):
+        if body["pid"] == mine["pid"]:
+            # Not one of ours: an earlier incarnation with this pid (a restarted container).
+            return body.get("token") not in _live_tokens
+        try:
+            os.kill(body["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+    return False
+
+
+class Lease:
+    """The right to write one output, held while a step writes it.
+
+    Remote: an object ``<prefix>/.hrnet-lease.json`` naming the writer (host, pid, run id)
+    with an expiry, renewed by a background thread every third of ``HRNET_LEASE_TTL``
+    (300 s). A second writer is refused while it is valid; one whose writer died expires
+    (or is taken over at once by a retry of the same run, ``HRNET_RUN_ID``, or on the same
+    host when its process is gone). Created with a conditional PUT where the store supports
+    it, and read back either way. Local: an exclusive ``flock`` on the folder's lease file,
+    which the kernel releases when the writer dies.
+    ``force`` takes the lease whoever holds it (for a writer known to be gone)."""
+
+    def __init__(self, uri: str, force: bool = False, lock_file: Optional[str] = None):
+        self.uri, self.force = output_target(uri), force
+        self.lock_file = lock_file or (None if is_remote(self.uri) else os.path.join(self.uri, LEASE_FILE))
+        self.token = uuid.uuid4().hex
+        self.lost: Optional[str] = None
+        self._fd = None
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._etag = ""
+
+    # -- local
+    def _acquire_local(self) -> None:
+        import fcntl
+
+        os.makedirs(self.uri, exist_ok=True)
+        path = self.lock_file
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _read_json_file(path) or {}
+            if not self.force:
+                os.close(fd)
+                raise LeaseHeldError(f"{self.uri} is being written by {_holder(holder)}; wait for it to finish "
+                                     "(or stop it), or pass --force if you are sure it is gone") from None
+            log.warning("--force: writing %s although %s holds it", self.uri, _holder(holder))
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(dict(_writer(), token=self.token)).encode())
+        self._fd = fd
+
+    # -- remote
+    def _body(self, ttl: float) -> bytes:
+        return json.dumps(dict(_writer(), token=self.token, ttl=ttl, expires=time.time() + ttl,
+                               since=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))).encode()
+
+    def _read_remote(self) -> Tuple[Optional[Dict[str, Any]], str]:
+        s = settings_from_env()
+        bucket, prefix = split_uri(self.uri)
+        key = _key(prefix, LEASE_FILE)
+        client = _client(s)
+
+        def go():
+            try:
+                response = client.get_object(bucket, key)
+            except S3Error as exc:
+                if exc.code in ("NoSuchKey", "NoSuchObject"):
+                    return None, ""
+                raise
+            try:
+                data, etag = response.read(), (response.headers.get("ETag") or "").strip('"')
+            finally:
+                response.close()
+                response.release_conn()
+            try:
+                body = json.loads(data.decode("utf-8"))
+            except (ValueError, UnicodeDecodeError):
+                body = {}
+            return (body if isinstance(body, dict) else {}), etag
+
+        return _with_retries(s, f"read the lease of {self.uri}", go)
+
+    def _put_remote(self, ttl: float, condition: Dict[str, str]) -> bool:
+        """PUT the lease; False when the store says a condition failed (someone else won)."""
+        s = settings_from_env()
+        bucket, prefix = split_uri(self.uri)
+        key = _key(prefix, LEASE_FILE)
+        client = _client(s)
+        data = self._body(ttl)
+
+        def go():
+            try:
+                # minio-py's put_object turns unknown headers into user metadata; the
+                # conditional-write headers must go out as they are.
+                result = client._put_object(bucket, key, data, headers=dict(condition, **{
+                    "Content-Type": "application/json"}))
+            except S3Error as exc:
+                if exc.code in ("PreconditionFailed", "ConditionalRequestConflict") or _status(exc) == 412:
+                    return False
+                raise
+            self._etag = result.etag or ""
+            return True
+
+        return bool(_with_retries(s, f"write the lease of {self.uri}", go))
+
+    def _acquire_remote(self) -> None:
+        ttl = _lease_ttl()
+        body, etag = self._read_remote()
+        if body is not None and not self.force and not _is_stale(body, time.time()):
+            raise self._held(body)
+        if body is not None and self.force:
+            log.warning("--force: taking the lease of %s from %s", self.uri, _holder(body))
+        won = self._put_remote(ttl, {"If-None-Match": "*"} if body is None else ({"If-Match": etag} if etag else {}))
+        now, _ = self._read_remote()
+        if not won or now is None or now.get("token") != self.token:
+            raise self._held(now or {})
+        _live_tokens.add(self.token)
+        self._thread = threading.Thread(target=self._renew, args=(ttl,), daemon=True, name="hrnet-lease")
+        self._thread.start()
+
+    def _held(self, body: Dict[str, Any]) -> LeaseHeldError:
+        left = float(body.get("expires", 0)) - time.time()
+        return LeaseHeldError(f"{self.uri} is being written by {_holder(body)} (lease expires in {max(0, left):.0f}s "
+                              "unless renewed); wait for it to finish, or pass --force if you are sure it is gone")
+
+    def _renew(self, ttl: float) -> None:
+        expires = time.time() + ttl
+        while not self._stop.wait(ttl / 3.0):
+            try:
+                body, etag = self._read_remote()
+                if body is None or body.get("token") != self.token:
+                    self.lost = f"taken over by {_holder(body)}" if body else "the lease object was deleted"
+                    return
+                if self._put_remote(ttl, {"If-Match": etag} if etag else {}):
+                    expires = time.time() + ttl
+            except StorageError as exc:
+                log.warning("could not renew the lease of %s: %s", self.uri, exc)
+            if time.time() > expires:
+                self.lost = "it expired while the store could not be reached"
+                return
+
+    # -- both
+    def __enter__(self) -> "Lease":
+        if is_remote(self.uri):
+            self._acquire_remote()
+        else:
+            self._acquire_local()
+        return self
+
+    def check(self) -> None:
+        """LeaseLostError if another writer may have taken this output over."""
+        if self.lost:
+            raise LeaseLostError(f"lost the lease on {self.uri} ({self.lost}); stopping so that two writers never "
+                                 "interleave: what this run published so far is kept")
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        _live_tokens.discard(self.token)
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        if self._fd is not None:
+            os.close(self._fd)  # releases the flock
+            self._fd = None
+            return
+        if is_remote(self.uri) and not self.lost:
+            with contextlib.suppress(StorageError):
+                body, _ = self._read_remote()
+                if body is not None and body.get("token") == self.token:
+                    s = settings_from_env()
+                    bucket, prefix = split_uri(self.uri)
+                    _remove_object(s, bucket, _key(prefix, LEASE_FILE))
+
+
+# The leases this process holds, by output URI: mirror() checks its own before it writes.
+_leases: Dict[str, Lease] = {}
+
+
+def add_force_argument(parser) -> None:
+    """``--force`` of every command that writes an output."""
+    parser.add_argument("--force", action="store_true",
+                        help="write even though another writer holds the output's lease (only for a writer known "
+                             "to be gone; a crashed writer's lease expires by itself)")
+
+
+@contextlib.contextmanager
+def local_output(uri: str, kind: Optional[str] = None, cache_dir: Optional[str] = None,
+                 force: bool = False) -> Iterator[str]:
+    """A local folder to write an output of ``kind`` into, leased for the whole block.
+
+    The location must be empty or already an output of the same kind (claim_output), and
+    no other writer may hold it (Lease). For a remote ``uri`` the folder is uploaded when
+    the block exits without error, manifest.json last; objects of an older version that
+    are not in it are removed, but only those this output wrote. If the block fails
+    nothing is published. The folder (``cache_path(uri, cache_dir)``) is kept between runs,
+    like a local output folder, so a step that resumes from its own output (convert's
+    finished shards) finds it again on the same machine.
+    """
+    target = output_target(uri)
+    created = not is_remote(target) and not os.path.exists(target)
+    if kind is not None:
+        claim_output(target, kind)
+    if not is_remote(target):
+        os.makedirs(target, exist_ok=True)
+        try:
+            with Lease(target, force=force):
+                yield target
+        except BaseException:
+            if created and all(n in CONTROL_FILES for n in os.listdir(target)):
+                shutil.rmtree(target, ignore_errors=True)  # a step that failed before writing leaves nothing
+            raise
+        return
+    s = settings_from_env()
+    bucket, _ = split_uri(target)
     # Fail before the work, not after it: a missing bucket or bad credentials.
     _check_bucket(s, bucket, uri)
-    dest = cache_path(uri, cache_dir)
+    dest = cache_path(target, cache_dir)
     os.makedirs(dest, exist_ok=True)
-    try:
-        yield dest
-    except BaseException:
-        log.warning("not publishing %s: the step failed (its local files stay in %s)", uri, dest)
-        raise
-    if not os.path.exists(os.path.join(dest, MANIFEST)):
-        log.warning("%s has no %s: readers will treat %s as incomplete", dest, MANIFEST, uri)
-    _upload_dir(s, dest, uri, delete=True, strict=True, progress=None)
+    # The cache folder is leased too (two processes of one machine), its lock file beside it
+    # so that the folder holds exactly what is published.
+    with Lease(target, force=force) as lease, Lease(dest, force=force, lock_file=dest + ".lease"):
+        _leases[target] = lease
+        try:
+            yield dest
+        except BaseException:
+            log.warning("not publishing %s: the step failed (its local files stay in %s)", uri, dest)
+            raise
+        finally:
+            _leases.pop(target, None)
+        if not os.path.exists(os.path.join(dest, MANIFEST)):
+            log.warning("%s has no %s: readers will treat %s as incomplete", dest, MANIFEST, uri)
+        lease.check()
+        _upload_dir(s, dest, target, delete=True, strict=True, progress=None)
 
 
 def mirror(local_dir: str, uri: str, delete: bool = False) -> TransferStats:
@@ -1166,6 +1543,9 @@ def mirror(local_dir: str, uri: str, delete: bool = False) -> TransferStats:
     also removes objects whose local file is gone (checkpoints the trainer dropped)."""
     if not is_remote(uri):
         return _copy_dir(_local_path(local_dir), _local_path(uri), delete)
+    lease = _leases.get(output_target(uri))
+    if lease is not None:
+        lease.check()
     return _upload_dir(settings_from_env(), _local_path(local_dir), uri, delete, strict=False, progress=None)
 
 

@@ -3,4 +3,4 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # The S3 test server fixtures (s3_server, s3_env) for every test module: see tests/s3server.py.
-from s3server import s3_env, s3_server  # noqa: E402, F401
+from s3server import both_servers, moto_server, s3_env, s3_server, seaweedfs_server  # noqa: E402, F401

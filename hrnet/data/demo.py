@@ -47,7 +47,7 @@ def split_indices(targets: np.ndarray, validation_fraction: float, seed: int = S
 
 
 def write_demo_data(out_dir: str, size: int = 32, validation_fraction: float = 0.2, quality: int = 95,
-                    seed: int = SPLIT_SEED) -> Dict[str, Any]:
+                    seed: int = SPLIT_SEED, force: bool = False) -> Dict[str, Any]:
     """Write the digits as ``out_dir/{train,validation}/<digit>/digit_NNNN.jpg``.
 
     ``size`` is the side of the square RGB JPEGs (a multiple of 32; 32 keeps the demo fast).
@@ -64,7 +64,7 @@ def write_demo_data(out_dir: str, size: int = 32, validation_fraction: float = 0
     train, validation = split_indices(targets, validation_fraction, seed)
     classes = [str(c) for c in range(10)]
     counts = {"train": {c: 0 for c in classes}, "validation": {c: 0 for c in classes}}
-    with storage.local_output(out_dir) as out:
+    with storage.local_output(out_dir, kind="image-folders", force=force) as out:
         for split, indices in (("train", train), ("validation", validation)):
             for c in classes:
                 os.makedirs(os.path.join(out, split, c), exist_ok=True)
@@ -98,8 +98,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--size", type=int, default=32, help="image side in pixels, a multiple of 32 (default 32)")
     parser.add_argument("--validation-fraction", type=float, default=0.2,
                         help="share of each class held out for validation (default 0.2)")
+    storage.add_force_argument(parser)
 
 
 def run(args) -> int:
-    write_demo_data(args.out, size=args.size, validation_fraction=args.validation_fraction)  # logs what it wrote
+    # It logs what it wrote.
+    write_demo_data(args.out, size=args.size, validation_fraction=args.validation_fraction, force=args.force)
     return 0

@@ -147,10 +147,11 @@ def _write_scalars(writer, step: int, values: Dict[str, Any]) -> None:
 
 # ----------------------------------------------------------------------------- training
 
-def train(config) -> Dict[str, Any]:
+def train(config, force: bool = False) -> Dict[str, Any]:
     """Train (or resume) as ``config`` says; returns the checkpoint manifest.
 
-    config: a TrainConfig, or a dict of its fields.
+    config: a TrainConfig, or a dict of its fields. ``force``: take the output's lease from
+    another writer (storage.Lease).
     """
     cfg = TrainConfig.from_dict(config) if isinstance(config, dict) else config
     cfg.validate()
@@ -162,7 +163,7 @@ def train(config) -> Dict[str, Any]:
     precision = cfg.precision or ("mixed_fp16" if cfg.device == "npu" else "fp32")
     backend = devices.setup(cfg.device, precision, cfg.precision_mode, cfg.mirrored)
     if backend.is_chief:
-        with storage.local_output(cfg.out) as out_dir:
+        with storage.local_output(cfg.out, kind="checkpoint", force=force) as out_dir:
             if storage.is_remote(cfg.out):
                 storage.restore(cfg.out, out_dir)  # a pod restarted elsewhere resumes from the bucket
             return _train(cfg, backend, out_dir, out_dir)
@@ -202,10 +203,6 @@ def _train(cfg: TrainConfig, backend, out_dir: str, write_dir: str) -> Dict[str,
     if saved is not None:
         check_resumable(saved, cfg)
     chief = backend.is_chief
-    if chief:
-        os.makedirs(out_dir, exist_ok=True)
-        cfg.save(out_dir)
-        _write_labels(out_dir, data_dir, info)
 
     set_seed(cfg.seed)
     strategy = backend.strategy
@@ -239,6 +236,11 @@ def _train(cfg: TrainConfig, backend, out_dir: str, write_dir: str) -> Dict[str,
         log.info("resuming from %s (step %d)", os.path.basename(latest), int(step_var.numpy()))
     elif cfg.init_from:
         _init_from(model, cfg.init_from, cfg.num_classes)
+    if chief:
+        # Only now that the folder is known to hold this run (or nothing): a refused resume
+        # must leave a foreign checkpoint folder exactly as it was.
+        cfg.save(out_dir)
+        _write_labels(out_dir, data_dir, info)
     backend.broadcast_variables(model.variables)
     start_step = int(step_var.numpy())
     history_path = os.path.join(out_dir, HISTORY)
@@ -456,10 +458,11 @@ def _init_from(model, source: str, num_classes: int) -> None:
 
 def add_arguments(parser) -> None:
     _config_arguments(parser)
+    storage.add_force_argument(parser)
 
 
 def run(args) -> int:
-    manifest = train(from_args(args))
+    manifest = train(from_args(args), force=args.force)
     final = manifest.get("final") or {}
     print("trained %s to step %d: loss %.4f, train top-1 %.4f; checkpoint in %s" % (
         manifest.get("model"), manifest.get("step", 0), final.get("loss", float("nan")),
