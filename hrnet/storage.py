@@ -1340,16 +1340,23 @@ class Lease:
 
         os.makedirs(self.uri, exist_ok=True)
         path = self.lock_file
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = _read_json_file(path) or {}
-            if not self.force:
-                os.close(fd)
-                raise LeaseHeldError(f"{self.uri} is being written by {_holder(holder)}; wait for it to finish "
-                                     "(or stop it), or pass --force if you are sure it is gone") from None
-            log.warning("--force: writing %s although %s holds it", self.uri, _holder(holder))
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = _read_json_file(path) or {}
+                if not self.force:
+                    os.close(fd)
+                    raise LeaseHeldError(f"{self.uri} is being written by {_holder(holder)}; wait for it to finish "
+                                         "(or stop it), or pass --force if you are sure it is gone") from None
+                log.warning("--force: writing %s although %s holds it", self.uri, _holder(holder))
+                break
+            # The holder unlinks the file when it is done: a lock on an unlinked file is no lock.
+            with contextlib.suppress(FileNotFoundError):
+                if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                    break
+            os.close(fd)
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps(dict(_writer(), token=self.token)).encode())
         self._fd = fd
@@ -1464,6 +1471,8 @@ class Lease:
         if self._thread is not None:
             self._thread.join(timeout=30)
         if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.remove(self.lock_file)  # while still locked: see _acquire_local
             os.close(self._fd)  # releases the flock
             self._fd = None
             return

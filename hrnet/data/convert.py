@@ -586,6 +586,7 @@ def convert_dataset(src: str, out: str, *, train_shards: Optional[int] = None,
     XML boxes (matched by file name). ``label_offset`` 1 stores slim's 1..N labels.
     Re-running on the same ``out`` resumes (finished shards are kept).
     """
+    storage.output_target(out)  # a bare bucket is refused before the input is read
     local = {k: storage.local_input(v) if v is not None and storage.is_remote(v) else v
              for k, v in dict(train_dir=train_dir, validation_dir=validation_dir, val_labels=val_labels,
                               devkit=devkit, synset_names=synset_names, bbox_dir=bbox_dir).items()}

@@ -1,0 +1,198 @@
+"""An output owns its prefix or folder: nothing a step did not write is ever deleted or
+overwritten, and two writers cannot work on one output. Against SeaweedFS and moto, with
+the `hrnet` commands a user runs (in-process through hrnet.cli.main, so each case is one
+exit code and one line)."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from test_storage import make_output
+
+from hrnet import cli, storage
+from hrnet.manifest import read_manifest, write_manifest
+
+UNRELATED = {"precious/a.txt": b"not ours", "README": b"someone's notes", "other-run/ckpt-1.index": b"x" * 10}
+
+
+@pytest.fixture(scope="module")
+def s3_server(both_servers):
+    """Every test here runs against SeaweedFS and against moto."""
+    return both_servers
+
+
+def put_unrelated(s3_env, prefix=""):
+    client = s3_env.client()
+    for name, data in UNRELATED.items():
+        import io
+
+        client.put_object(s3_env.bucket, (prefix + "/" if prefix else "") + name, io.BytesIO(data), len(data))
+
+
+def objects(s3_env):
+    client = s3_env.client()
+    return {o.object_name: client.get_object(s3_env.bucket, o.object_name).read()
+            for o in client.list_objects(s3_env.bucket, recursive=True)}
+
+
+def hrnet(capsys, *argv):
+    """(exit code, stderr) of one `hrnet` command run in this process."""
+    code = cli.main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def error_line(err):
+    lines = [ln for ln in err.splitlines() if ln.startswith("hrnet ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+# ------------------------------------------------------------------ the bucket and its prefixes
+
+def test_a_bare_bucket_is_refused_and_keeps_every_object(s3_env, capsys, tmp_path):
+    put_unrelated(s3_env)
+    before = objects(s3_env)
+    from test_storage_train import write_images
+
+    write_images(str(tmp_path / "src"))
+    for argv in (["demo-data", "--out", s3_env.uri()], ["demo-data", "--out", s3_env.uri() + "/"],
+                 ["convert", "--src", tmp_path / "src", "--out", s3_env.uri()]):
+        code, err = hrnet(capsys, *argv)
+        assert code == 2 and "bare bucket" in error_line(err), err
+    with pytest.raises(storage.BadUriError, match="bare bucket"):
+        storage.mirror(str(tmp_path / "src"), s3_env.uri(), delete=True)
+    assert objects(s3_env) == before
+
+
+def test_a_crowded_prefix_is_refused_and_keeps_every_object(s3_env, capsys, tmp_path):
+    put_unrelated(s3_env, "exp")
+    before = objects(s3_env)
+    code, err = hrnet(capsys, "demo-data", "--out", s3_env.uri("exp"))
+    line = error_line(err)
+    assert code == 2 and "not empty" in line and "3 files" in line and "README" in line, line
+    with pytest.raises(storage.OwnershipError):
+        with storage.local_output(s3_env.uri("exp"), kind="checkpoint"):
+            pass
+    assert objects(s3_env) == before
+
+    # The same for a local folder that holds something else.
+    folder = tmp_path / "crowded"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("years of work")
+    code, err = hrnet(capsys, "demo-data", "--out", folder)
+    assert code == 2 and "thesis.tex" in error_line(err)
+    assert os.listdir(folder) == ["thesis.tex"]
+
+
+def test_a_republish_deletes_only_what_the_output_wrote(s3_env, tmp_path):
+    uri = s3_env.uri("ds")
+    with storage.local_output(uri, kind="tfrecords") as out:
+        make_output(out, shards=3, seed=1)
+    put_unrelated(s3_env, "ds")  # someone drops files into the published output
+    storage._transferred.clear()  # a new process: it knows only what the manifest lists
+    with storage.local_output(uri, kind="tfrecords") as out:
+        for name in os.listdir(out):
+            if name.startswith("train-"):
+                os.remove(os.path.join(out, name))
+        os.remove(os.path.join(out, "manifest.json"))
+        make_output(out, shards=2, seed=2)
+    names = set(objects(s3_env))
+    assert {"ds/" + n for n in UNRELATED} <= names  # theirs: kept
+    assert "ds/train-00000-of-00003" not in names  # ours, replaced: gone
+    assert {"ds/train-00000-of-00002", "ds/train-00001-of-00002", "ds/manifest.json"} <= names
+
+
+def test_caches_of_a_prefix_and_its_child_never_nest(s3_env):
+    parent, child = storage.cache_path(s3_env.uri("a")), storage.cache_path(s3_env.uri("a/x"))
+    assert not child.startswith(parent + os.sep) and os.path.dirname(parent) == os.path.dirname(child)
+
+
+# ------------------------------------------------------------------ one output, one kind
+
+def test_no_step_replaces_another_kinds_manifest(s3_env, capsys, tmp_path):
+    for where in (str(tmp_path / "records"), s3_env.uri("records")):
+        with storage.local_output(where, kind="tfrecords") as out:
+            make_output(out)
+        code, err = hrnet(capsys, "demo-data", "--out", where)
+        assert code == 2 and "already holds a tfrecords output" in error_line(err), err
+        assert read_manifest(storage.local_input(where), kind="tfrecords")
+    # The manifest writer itself refuses too (the last line of defence).
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    write_manifest(str(ckpt), {"kind": "checkpoint"})
+    with pytest.raises(Exception, match="refusing to replace"):
+        write_manifest(str(ckpt), {"kind": "evaluation"})
+
+
+# ------------------------------------------------------------------ leases
+
+def test_a_second_writer_is_refused_until_the_first_is_done(s3_env, tmp_path, monkeypatch):
+    for where in (s3_env.uri("run"), str(tmp_path / "run")):
+        with storage.local_output(where, kind="checkpoint"):
+            with pytest.raises(storage.LeaseHeldError, match=r"is being written by .* pid %d" % os.getpid()):
+                with storage.local_output(where, kind="checkpoint"):
+                    pass
+        with storage.local_output(where, kind="checkpoint"):  # released: the next writer gets it
+            pass
+
+
+def test_a_crashed_writers_lease_expires_and_force_takes_it(s3_env, monkeypatch):
+    uri = s3_env.uri("run")
+    body = {"host": "node-7", "pid": 4242, "run_id": "", "token": "theirs", "expires": time.time() + 600}
+    storage.write_text(uri + "/" + storage.LEASE_FILE, json.dumps(body))
+    with pytest.raises(storage.LeaseHeldError, match="node-7 pid 4242"):
+        storage.Lease(uri).__enter__()
+    with storage.Lease(uri, force=True):
+        pass
+    storage.write_text(uri + "/" + storage.LEASE_FILE, json.dumps(dict(body, expires=time.time() - 1)))
+    with storage.Lease(uri):  # expired: taken without --force
+        pass
+    # A retried pod of the same pipeline run takes over at once.
+    storage.write_text(uri + "/" + storage.LEASE_FILE, json.dumps(dict(body, run_id="run-1")))
+    monkeypatch.setenv("HRNET_RUN_ID", "run-1")
+    with storage.Lease(uri):
+        pass
+
+
+def test_a_writer_that_lost_its_lease_stops_before_it_writes(s3_env, monkeypatch, tmp_path):
+    monkeypatch.setenv("HRNET_LEASE_TTL", "1.5")  # renewed every 0.5 s
+    uri = s3_env.uri("run")
+    src = make_output(str(tmp_path / "src"), kind="checkpoint")
+    with pytest.raises(storage.LeaseLostError, match="taken over"):
+        with storage.local_output(uri, kind="checkpoint") as out:
+            make_output(out, kind="checkpoint")
+            with storage.Lease(uri, force=True):  # another writer forces its way in
+                time.sleep(1.5)
+                storage.mirror(src, uri)
+    assert "run/manifest.json" not in objects(s3_env)
+
+
+def test_two_trainings_on_one_output_one_completes_one_is_refused(s3_env, tmp_path):
+    """Real `hrnet train` processes on one s3:// output: the second is refused with who holds
+    it, the first completes with every checkpoint it keeps."""
+    from test_storage_train import write_images
+
+    write_images(str(tmp_path / "images"))
+    data = s3_env.uri("data")
+    env = dict(os.environ)
+    assert cli.main(["convert", "--src", str(tmp_path / "images"), "--out", data, "--no-progress"]) == 0
+    out = s3_env.uri("runs/a")
+    tiny = os.path.join(os.path.dirname(__file__), "configs", "tiny.yaml")
+    command = [sys.executable, "-m", "hrnet", "train", "--data", data, "--out", out, "--model", tiny,
+               "--image-size", "32", "--batch-size", "4", "--train-steps", "30", "--checkpoint-every", "5",
+               "--log-every", "5", "--seed", "1"]
+    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lease = f"runs/a/{storage.LEASE_FILE}"
+    deadline = time.monotonic() + 120
+    while lease not in objects(s3_env):
+        assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()
+        time.sleep(0.2)
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 2, second.stderr
+    assert "is being written by" in second.stderr and "Traceback" not in second.stderr
+    assert first.wait(timeout=600) == 0, first.stdout.read()
+    manifest = json.loads(storage.read_text(out + "/manifest.json"))
+    assert manifest["step"] == 30
+    assert lease not in objects(s3_env)
