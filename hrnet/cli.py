@@ -5,6 +5,7 @@ Each command lives beside the library code it runs: the module named in COMMANDS
 imported, so ``hrnet --help`` and ``hrnet launch`` start without loading TensorFlow.
 """
 import argparse
+import errno
 import importlib
 import logging
 import os
@@ -65,12 +66,53 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser = build_parser(argv[0])
         args = parser.parse_args(argv[1:])
         return int(args._run(args) or 0)
-    except (CliError, HrnetError, ValueError, FileNotFoundError) as e:
-        # Bad input: say what is wrong in one line; the traceback helps nobody.
-        print("hrnet %s: error: %s" % (argv[0], e), file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        message = user_error(e)
+        if message is None:
+            raise  # a bug: the traceback is what a report needs
+        # Bad input or environment: say what is wrong in one line; the traceback helps nobody.
+        print("hrnet %s: error: %s" % (argv[0], message), file=sys.stderr)
+        return 2
+
+
+_OS_HINTS = {
+    errno.ENOSPC: "no space left on the device: free some space or write somewhere else",
+    errno.EDQUOT: "disk quota exceeded: free some space or write somewhere else",
+    errno.EACCES: "permission denied: check the owner and mode of the file or folder (and the user this runs as)",
+    errno.EPERM: "operation not permitted: check the owner and mode of the file or folder",
+    errno.EROFS: "the file system is read-only: write somewhere else",
+}
+
+
+def user_error(e: BaseException) -> Optional[str]:
+    """The one-line message for an error the user can fix, or None for a bug.
+
+    Ours (HrnetError, CliError), bad values (ValueError, OverflowError), missing files, the
+    operating system's refusals (permissions, full disks), and TensorFlow's own errors
+    about files and data (a corrupt record, a full disk while checkpointing), which are
+    recognised by their module so that TensorFlow is never imported here."""
+    if isinstance(e, (CliError, HrnetError, ValueError, OverflowError, FileNotFoundError)):
+        return str(e)
+    if isinstance(e, OSError) and e.errno in _OS_HINTS:
+        where = " (%s)" % e.filename if e.filename else ""
+        return _OS_HINTS[e.errno] + where
+    if type(e).__module__.startswith("tensorflow") and type(e).__name__ in _TF_ERRORS:
+        text = (getattr(e, "message", None) or str(e)).strip().splitlines()
+        return "%s: %s" % (_TF_ERRORS[type(e).__name__], text[0][:300] if text else type(e).__name__)
+    return None
+
+
+# TensorFlow's OpError subclasses a user causes with their files or machine.
+_TF_ERRORS = {
+    "DataLossError": "corrupt data",
+    "ResourceExhaustedError": "out of memory or disk space",
+    "PermissionDeniedError": "permission denied",
+    "NotFoundError": "not found",
+    "FailedPreconditionError": "cannot continue",
+    "OutOfRangeError": "the data ran out",
+}
 
 
 if __name__ == "__main__":

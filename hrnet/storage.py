@@ -455,6 +455,11 @@ def _give_up(s: S3Settings, what: str, exc: Exception, attempts: int, elapsed: f
             "(or AWS_ENDPOINT_URL / MINIO_ENDPOINT), S3_USE_TLS and the network"))
     if isinstance(exc, _Mismatch):
         return IntegrityError(s.redact(f"{what}: {exc} ({tried})"))
+    if s.access_key is None:
+        # Some stores (SeaweedFS) answer an unsigned request with a server error, not 403.
+        return AccessDeniedError(s.redact(
+            f"{what}: {s.url} answered {_describe(s, exc)} to an anonymous request {tried}: no credentials are set; "
+            "put them in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or MINIO_ACCESS_KEY / MINIO_SECRET_KEY)"))
     return TransferError(s.redact(f"{what}: still failing {tried}: {_describe(s, exc)}; run it again to resume "
                                   "(what landed is kept and skipped)"))
 

@@ -17,6 +17,7 @@ import warnings
 from typing import Any, Dict, List, Optional
 
 from components import images
+from hrnet.train.config import finite_float
 
 # run-local's defaults: the demo digits (32x32) to about 98% top-1 after 2-3 minutes of training
 # on 2 cores. Digits must not be mirrored, and crops keep most of a 32 px digit (ImageNet's 8%
@@ -229,9 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEMO["model"], help="HRNet config (default %(default)s)")
     p.add_argument("--devices", type=int, default=DEMO["devices"], help="training processes (default 1)")
     p.add_argument("--batch-size", type=int, default=DEMO["batch_size"], help="per device (default %(default)s)")
-    p.add_argument("--epochs", type=float, default=DEMO["epochs"], help="default %(default)s")
+    p.add_argument("--epochs", type=finite_float, default=DEMO["epochs"], help="default %(default)s")
     p.add_argument("--train-steps", type=int, default=DEMO["train_steps"], help="overrides --epochs when > 0")
-    p.add_argument("--lr", type=float, default=DEMO["lr"], help="peak learning rate (default %(default)s)")
+    p.add_argument("--lr", type=finite_float, default=DEMO["lr"], help="peak learning rate (default %(default)s)")
     p.add_argument("--precision", default=DEMO["precision"], help="fp32, mixed_fp16 or bf16 (default fp32)")
     p.add_argument("--image-size", type=int, default=DEMO["image_size"], help="default %(default)s")
     p.add_argument("--seed", type=int, default=DEMO["seed"], help="default %(default)s")

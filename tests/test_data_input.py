@@ -252,3 +252,27 @@ def test_train_dataset_repeats_and_drops_the_remainder(tmp_path):
     batches = [y.numpy().tolist() for _, y in data.train_dataset(out, 4, 32, seed=0, shuffle_buffer=5).take(5)]
     assert [len(b) for b in batches] == [4] * 5  # 20 images out of 5: repeated
     assert {label for b in batches for label in b} == {0, 1}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_stream_started_at_a_record_continues_exactly_where_it_stopped(tmp_path, workers):
+    """What resume relies on: from ``start_record`` on, the batches (images and labels) are
+    those of a stream that was never stopped, across epoch boundaries, for every worker."""
+    src = class_tree(str(tmp_path / "src"), [4, 3, 4], [1])  # 11 images: an epoch ends inside a batch
+    out = str(tmp_path / "out")
+    convert_dataset(src, out, train_shards=3, workers=1, progress=False)
+    info = data.dataset_info(out)
+    for w in range(workers):
+        def stream(start=0, w=w):
+            ds = data.train_dataset(info, 3, 32, seed=7, shuffle_buffer=4, num_workers=workers, worker_index=w,
+                                    start_record=start)
+            return [(x.numpy(), y.numpy()) for x, y in ds.take(12 - start // 3)]
+
+        whole = stream()
+        assert len({tuple(y) for _, y in whole}) > 1  # it does shuffle
+        for batches_done in (1, 4, 9):
+            resumed = stream(batches_done * 3)
+            assert len(resumed) == len(whole) - batches_done
+            for (xa, ya), (xb, yb) in zip(whole[batches_done:], resumed):
+                np.testing.assert_array_equal(ya, yb)
+                np.testing.assert_array_equal(xa, xb)

@@ -132,6 +132,40 @@ def test_sigkill_then_the_same_command_resumes_at_the_right_step_and_lr(digits, 
     assert again.returncode == 0 and "complete" in again.stdout + again.stderr
 
 
+def _kill_after_checkpoint(command, env, out, step, log_path):
+    """Start ``command`` and SIGKILL it as soon as checkpoint ``step`` is on disk."""
+    with open(log_path, "w") as log:
+        run = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 240
+            while not (out / f"ckpt-{step}.index").exists():
+                assert run.poll() is None, pathlib.Path(log_path).read_text()[-3000:]
+                assert time.monotonic() < deadline, "no checkpoint in time"
+                time.sleep(0.02)
+        finally:
+            run.send_signal(signal.SIGKILL)
+            run.wait()
+
+
+def test_a_run_killed_twice_has_the_loss_of_every_step_of_an_uninterrupted_one(digits, tmp_path):
+    """Exact resume: the input position is derived from the step, so a run SIGKILLed at two
+    points and resumed each time logs the same loss at every step as one never killed."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_DETERMINISTIC_OPS="1")
+    whole = tmp_path / "whole"
+    done = subprocess.run(_train_command(digits, whole, 30), env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    killed = tmp_path / "killed"
+    command = _train_command(digits, killed, 30)
+    for i, step in enumerate((10, 20)):
+        _kill_after_checkpoint(command, env, killed, step, tmp_path / f"killed-{i}.log")
+    last = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert last.returncode == 0 and "resuming from ckpt-" in last.stdout + last.stderr, last.stderr[-3000:]
+    expected, got = read_history(whole), read_history(killed)
+    assert [h["step"] for h in got] == list(range(1, 31))
+    assert [h["loss"] for h in got] == pytest.approx([h["loss"] for h in expected], rel=1e-5, abs=1e-6)
+    assert [h["top1"] for h in got] == [h["top1"] for h in expected]
+
+
 def test_a_diverging_run_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(digits, tmp_path, capsys):
     import tensorflow as tf
 

@@ -8,8 +8,8 @@ import importlib
 _INPUT_NAMES = (
     "AREA_RANGE", "ASPECT_RATIO_RANGE", "CROP_RATIO", "MEAN_RGB", "STDDEV_RGB", "DatasetInfo",
     "center_crop_window", "count_records", "dataset_info", "decode_and_center_crop", "decode_and_random_crop",
-    "distorted_crop_window", "eval_dataset", "normalize", "parse_record", "preprocess_for_eval",
-    "preprocess_for_train", "resize", "train_dataset",
+    "distorted_crop_window", "eval_dataset", "locate_corrupt_record", "normalize", "parse_record",
+    "preprocess_for_eval", "preprocess_for_train", "resize", "train_dataset",
 )
 __all__ = list(_INPUT_NAMES)
 

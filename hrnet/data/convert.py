@@ -185,9 +185,13 @@ def _is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def _raise(error: OSError) -> None:
+    raise error  # os.walk would skip an unreadable folder without a word
+
+
 def _walk_files(folder: str) -> List[str]:
     found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True, onerror=_raise):
         dirnames.sort()
         found.extend(os.path.join(dirpath, f) for f in sorted(filenames))
     return found
@@ -199,6 +203,9 @@ def _scan_class_folders(split_dir: str) -> Tuple[Dict[str, List[str]], List[str]
     for entry in sorted(os.listdir(split_dir)):
         full = os.path.join(split_dir, entry)
         if os.path.isdir(full):
+            if not os.access(full, os.R_OK | os.X_OK):
+                raise HrnetError(f"cannot read the class folder {full}: permission denied (check its owner and mode, "
+                                 "and the user this runs as)")
             files = _walk_files(full)
             classes[entry] = [f for f in files if _is_image_name(f)]
             others.extend(f for f in files if not _is_image_name(f))

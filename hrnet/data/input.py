@@ -17,7 +17,7 @@ import tensorflow as tf
 from hrnet import storage
 from hrnet.compat import data_options
 from hrnet.data import schema
-from hrnet.errors import HrnetError
+from hrnet.errors import HrnetError, IncompleteError
 from hrnet.manifest import MANIFEST, read_manifest
 
 MEAN_RGB = (0.485, 0.456, 0.406)
@@ -71,11 +71,13 @@ def count_records(path: str) -> int:
 
 
 def dataset_info(data_dir: str, num_classes: Optional[int] = None, label_offset: Optional[int] = None,
-                 count: bool = True) -> DatasetInfo:
+                 count: bool = True, verify: bool = False) -> DatasetInfo:
     """Read a data set folder (path or URI) made by ``hrnet convert``, or by slim's
     build_imagenet_data.py when the caller gives ``num_classes`` and ``label_offset``
     (ImageNet from slim: 1000 and 1). Counts of slim records come from the shard headers
-    (``count=False`` leaves them 0)."""
+    (``count=False`` leaves them 0). Shards are checked against the manifest before
+    anything reads them: their sizes always, their sha256 with ``verify`` (a remote data
+    set was hashed as it was downloaded)."""
     local = storage.local_input(data_dir)
     if not os.path.isdir(local):
         raise FileNotFoundError(f"no such data set folder: {data_dir}")
@@ -91,12 +93,19 @@ def dataset_info(data_dir: str, num_classes: Optional[int] = None, label_offset:
             missing = [f for f in files[split] if not os.path.exists(f)]
             if missing:
                 raise HrnetError("{} lists shards that are missing: {}".format(MANIFEST, ", ".join(missing[:3])))
+            for path, shard in zip(files[split], shards):
+                _check_shard(data_dir, path, shard, verify)
         rows = _label_rows(local)
         names = [r[1] for r in rows] if rows else list(manifest["classes"])
         texts = [r[2] for r in rows] if rows else list(names)
         return DatasetInfo(local, manifest["num_classes"], manifest["label_offset"], names, texts,
                            dict(manifest["counts"]), files, manifest.get("counts_per_class", {}), manifest)
 
+    unfinished = [n for n in (".convert", storage.OWNER_FILE) if os.path.exists(os.path.join(local, n))]
+    if unfinished or any(n.startswith(".tmp-") for n in os.listdir(local)):
+        raise IncompleteError(f"{data_dir} holds an unfinished `hrnet convert` (no {MANIFEST}, but its "
+                              f"{unfinished[0] if unfinished else 'temporary shards'} are there): run the same "
+                              "convert again to finish it")
     files = {split: schema.shard_files(local, split) for split in schema.SPLITS}
     if not any(files.values()):
         raise HrnetError(f"{data_dir} holds neither a manifest.json nor train-*/validation-* TFRecord shards")
@@ -112,6 +121,33 @@ def dataset_info(data_dir: str, num_classes: Optional[int] = None, label_offset:
     counts = {split: sum(count_records(f) for f in fs) if count else 0 for split, fs in files.items() if fs}
     return DatasetInfo(local, num_classes, label_offset, names, texts, counts,
                        {s: f for s, f in files.items() if f})
+
+
+def _check_shard(data_dir: str, path: str, shard: Dict[str, Any], verify: bool) -> None:
+    size = os.path.getsize(path)
+    if "bytes" in shard and size != shard["bytes"]:
+        raise HrnetError(f"{path} is {size} bytes but {MANIFEST} says {shard['bytes']}: the shard is truncated or was "
+                         f"changed; convert {data_dir} again (or fetch it again)")
+    if verify and shard.get("sha256"):
+        from hrnet.manifest import file_digest
+
+        if file_digest(path) != shard["sha256"]:
+            raise HrnetError(f"{path} does not match its sha256 in {MANIFEST}: the shard is corrupt; convert "
+                             f"{data_dir} again (or fetch it again)")
+
+
+def locate_corrupt_record(files: Sequence[str]) -> Optional[str]:
+    """'<shard>: record N ...' for the first record of ``files`` whose length or CRC is bad,
+    or None. Slow (reads everything): for the error path, after TF reported corrupt data
+    without saying where."""
+    for path in files:
+        index = 0
+        try:
+            for _ in tf.data.TFRecordDataset(path):
+                index += 1
+        except tf.errors.DataLossError as e:
+            return f"{path}: record {index} (counting from 0) is corrupt ({e.message.splitlines()[0][:120]})"
+    return None
 
 
 def _check_labels(data_dir: str, files: List[str], num_classes: int, label_offset: int, sample: int = 256) -> None:
@@ -301,7 +337,7 @@ def train_dataset(data: Union[str, DatasetInfo], batch_size: int, image_size=224
                   flip: bool = True, dtype="float32", label_offset: Optional[int] = None,
                   num_classes: Optional[int] = None, seed: Optional[int] = None,
                   shuffle_buffer: int = 10000, repeat: bool = True, cycle_length: int = 16,
-                  private_threads: int = 0) -> tf.data.Dataset:
+                  private_threads: int = 0, start_record: int = 0) -> tf.data.Dataset:
     """Batches (images [B, h, w, 3] normalized as ``dtype``, labels [B] int32 0-based) for training.
 
     ``data``: a data set folder / URI or a DatasetInfo. Each of ``num_workers`` processes
@@ -309,6 +345,11 @@ def train_dataset(data: Union[str, DatasetInfo], batch_size: int, image_size=224
     records in each file). ``seed`` makes the whole stream deterministic; without it the
     pipeline trades order for speed. ``flip=False`` for data where mirroring changes the
     meaning (digits). ``use_boxes`` crops around the records' bounding boxes.
+
+    Every epoch is shuffled with seeds derived from ``seed`` and the epoch number alone,
+    and every image's crop and flip from its position in the stream, so the stream needs
+    no state to be resumed: ``start_record`` (records this worker consumed before) starts
+    it exactly where a killed run stopped, reading but not decoding at most one epoch.
     """
     _check_sharding(num_workers, worker_index)
     if batch_size < 1:
@@ -337,23 +378,44 @@ def train_dataset(data: Union[str, DatasetInfo], batch_size: int, image_size=224
                                      aspect_range, min_object_covered, out_dtype)
         return image, record["label"]
 
-    # This worker's files (Dataset.shard keeps every num_workers-th one, as this slice does).
+    # This worker's files: every num_workers-th one.
     own_files = files[worker_index::num_workers] if num_workers > 1 and not per_file_shard else files
-    dataset = tf.data.Dataset.from_tensor_slices(files)
-    if num_workers > 1 and not per_file_shard:
-        dataset = dataset.shard(num_workers, worker_index)
-    dataset = dataset.shuffle(len(own_files), seed=base_seed, reshuffle_each_iteration=True)
-    if repeat:
-        dataset = dataset.repeat()
-    # No wider than this worker's share: with repeat() a wider cycle reads a file twice at once.
-    dataset = dataset.interleave(read_file, cycle_length=max(1, min(cycle_length, len(own_files))),
-                                 num_parallel_calls=AUTOTUNE, deterministic=deterministic)
-    dataset = dataset.shuffle(shuffle_buffer, seed=base_seed + 1, reshuffle_each_iteration=True)
-    dataset = dataset.enumerate()  # the position seeds each image's random crop and flip
+    first_epoch, skip = 0, start_record
+    if start_record and repeat:
+        first_epoch, skip = divmod(start_record, _worker_records(data, own_files, num_workers, worker_index,
+                                                                 per_file_shard))
+
+    def epoch_records(epoch):
+        epoch_seed = tf.constant(base_seed, tf.int64) * 1000003 + epoch
+        records = tf.data.Dataset.from_tensor_slices(own_files)
+        records = records.shuffle(len(own_files), seed=epoch_seed, reshuffle_each_iteration=False)
+        records = records.interleave(read_file, cycle_length=max(1, min(cycle_length, len(own_files))),
+                                     num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+        records = records.shuffle(shuffle_buffer, seed=epoch_seed + 1, reshuffle_each_iteration=False)
+        # The position (epoch, index) seeds each image's random crop and flip.
+        return records.enumerate(start=epoch * (1 << 32))
+
+    epochs = tf.data.Dataset.range(first_epoch, (1 << 31) if repeat else first_epoch + 1)
+    dataset = epochs.flat_map(epoch_records).skip(skip)
     dataset = dataset.map(parse_and_preprocess, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     dataset = dataset.batch(batch_size, drop_remainder=True)
     dataset = dataset.prefetch(AUTOTUNE)
     return dataset.with_options(data_options(deterministic, private_threads))
+
+
+def _worker_records(data, own_files: List[str], num_workers: int, worker_index: int, per_file_shard: bool) -> int:
+    """Records in one epoch of this worker's stream (from the manifest, or the shard headers)."""
+    listed = {}
+    if isinstance(data, DatasetInfo) and data.manifest:
+        for shards in data.manifest.get("shards", {}).values():
+            listed.update({os.path.join(data.data_dir, s["path"]): s["records"] for s in shards if "records" in s})
+    total = 0
+    for path in own_files:
+        n = listed[path] if path in listed else count_records(path)
+        total += len(range(worker_index, n, num_workers)) if per_file_shard else n
+    if total < 1:
+        raise HrnetError(f"worker {worker_index} of {num_workers} has no training records")
+    return total
 
 
 def eval_dataset(data: Union[str, DatasetInfo], batch_size: int, image_size=224, *, split: str = "validation",

@@ -13,7 +13,9 @@ trainable weights, RandomResizedCrop(area 0.08-1, aspect 3/4-4/3) and horizontal
 """
 import argparse
 import dataclasses
+import math
 import os
+import random
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -72,6 +74,8 @@ class TrainConfig:
     precision_mode: Optional[str] = _f(None, "npu: the adapter's precision_mode (default: allow_mix_precision for "
                                              "mixed_fp16, allow_fp32_to_fp16 for fp32)", choices=NPU_PRECISION_MODES)
     # Fine-tuning.
+    verify_data: bool = _f(False, "check every shard's sha256 against the data set's manifest.json before training "
+                                  "(sizes are always checked; remote data is hashed as it is downloaded)")
     init_from: Optional[str] = _f(None, "start from these weights (prefix written by `hrnet import-weights` or a "
                                         "checkpoint folder); the classifier is re-initialised if the class count "
                                         "differs")
@@ -87,26 +91,40 @@ class TrainConfig:
 
     # ---- construction -------------------------------------------------------------
     @classmethod
-    def from_dict(cls, values: Dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, values: Dict[str, Any], where: str = "the config") -> "TrainConfig":
+        """A config from plain values (YAML, JSON, flags); ValueError naming the first key
+        whose value has the wrong type."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError("unknown train config key(s): %s" % ", ".join(unknown))
-        values = dict(values)
+            raise ValueError("unknown train config key(s) in %s: %s" % (where, ", ".join(unknown)))
+        hints = _type_hints()
+        checked = {}
+        for name, value in values.items():
+            if value is not None:
+                value = _coerce(where, name, value, hints[name], _is_list(name))
+            checked[name] = value
         for name in ("area_range", "aspect_range"):
-            if values.get(name) is not None:
-                values[name] = tuple(float(v) for v in values[name])
-        return cls(**values)
+            if checked.get(name) is not None:
+                if len(checked[name]) != 2:
+                    raise ValueError("%s: %s must be two numbers (min, max), got %r" % (where, name, values[name]))
+                checked[name] = tuple(checked[name])
+        return cls(**checked)
 
     @classmethod
     def from_yaml(cls, path: str) -> "TrainConfig":
         if not os.path.exists(path):
             raise FileNotFoundError("no such train config file: %s" % path)
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
+        try:
+            with open(path) as f:
+                values = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = " at line %d, column %d" % (mark.line + 1, mark.column + 1) if mark else ""
+            raise ValueError("%s is not valid YAML%s: %s" % (path, where, getattr(e, "problem", None) or e)) from None
         if not isinstance(values, dict):
             raise ValueError("%s: a train config must be a mapping of keys to values" % path)
-        return cls.from_dict(values)
+        return cls.from_dict(values, where=path)
 
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -151,6 +169,11 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError("%s must be >= 1, got %s" % (name, value))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            for v in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ValueError("%s must be a finite number, got %s" % (f.name, v))
         if self.epochs is not None and self.epochs <= 0:
             raise ValueError("epochs must be > 0, got %s" % self.epochs)
         if self.lr is not None and self.lr <= 0:
@@ -207,6 +230,8 @@ class TrainConfig:
             decay_epochs = [round(e, 6) for e in schedules.scaled_boundaries(epochs)]
         precision = self.precision or ("mixed_fp16" if self.device == "npu" else "fp32")
         precision_mode = self.precision_mode
+        # Drawn once and saved, so that a resumed run continues the input order it started with.
+        seed = self.seed if self.seed is not None else random.SystemRandom().randrange(2 ** 31)
         if self.device == "npu" and precision_mode is None:
             precision_mode = "allow_mix_precision" if precision == "mixed_fp16" else "allow_fp32_to_fp16"
         return self.replace(
@@ -221,6 +246,7 @@ class TrainConfig:
             lr_decay_epochs=list(decay_epochs) if decay_epochs is not None else None,
             precision=precision,
             precision_mode=precision_mode,
+            seed=seed,
         )
 
     @property
@@ -278,8 +304,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)
             continue
-        parser.add_argument(_flag(f.name), dest=f.name, type=kind, default=argparse.SUPPRESS,
-                            help=help_text, **meta)
+        parser.add_argument(_flag(f.name), dest=f.name, type=finite_float if kind is float else kind,
+                            default=argparse.SUPPRESS, help=help_text, **meta)
+
+
+def _is_list(name: str) -> bool:
+    return "List" in str(TrainConfig.__dataclass_fields__[name].type) or \
+        "Tuple" in str(TrainConfig.__dataclass_fields__[name].type)
+
+
+def _coerce(where: str, name: str, value, kind: type, is_list: bool):
+    """``value`` as the field's type; ints pass as floats, nothing else is converted."""
+    if is_list:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError("%s: %s must be a list of numbers, got %r" % (where, name, value))
+        return [_coerce(where, name, v, kind, False) for v in value]
+    words = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        ok, value = True, float(value)
+    if not ok:
+        raise ValueError("%s: %s must be %s, got %r" % (where, name, words[kind], value))
+    return value
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a float that is not NaN or infinite."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a number: %r" % text) from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError("must be a finite number, not %s" % text)
+    return value
 
 
 def _type_hints() -> Dict[str, type]:

@@ -49,17 +49,21 @@ def _data_info(cfg: TrainConfig, data_dir: str):
     """hrnet.data.DatasetInfo: classes, label offset, counts and files per split."""
     from hrnet import data
 
-    return data.dataset_info(data_dir, num_classes=cfg.num_classes, label_offset=cfg.label_offset)
+    return data.dataset_info(data_dir, num_classes=cfg.num_classes, label_offset=cfg.label_offset,
+                             verify=cfg.verify_data)
 
 
-def _train_input(cfg: TrainConfig, info, batch_size: int, worker_index: int, num_workers: int):
-    """This worker's share of the training stream, batched per device (hrnet.data)."""
+def _train_input(cfg: TrainConfig, info, batch_size: int, worker_index: int, num_workers: int,
+                 start_record: int = 0):
+    """This worker's share of the training stream, batched per device (hrnet.data), from
+    ``start_record`` on (what the steps before a resume consumed)."""
     from hrnet import data
 
     return data.train_dataset(
         info, batch_size=batch_size, image_size=cfg.image_size, worker_index=worker_index,
         num_workers=num_workers, label_offset=cfg.label_offset, num_classes=cfg.num_classes,
         area_range=tuple(cfg.area_range), aspect_range=tuple(cfg.aspect_range), flip=cfg.flip, seed=cfg.seed,
+        start_record=start_record,
     )
 
 
@@ -97,6 +101,35 @@ def _truncate_history(path: str, step: int) -> None:
     with open(path + ".tmp", "w") as f:
         f.writelines(kept)
     os.replace(path + ".tmp", path)
+
+
+def _truncate_events(logs_dir: str, step: int) -> None:
+    """Drop TensorBoard points after the checkpoint being resumed (the killed run's tail),
+    so that the resumed run's points do not overlap them."""
+    if not os.path.isdir(logs_dir):
+        return
+    import tensorflow as tf
+    from tensorflow.core.util import event_pb2
+
+    for name in sorted(os.listdir(logs_dir)):
+        path = os.path.join(logs_dir, name)
+        if "tfevents" not in name or not os.path.isfile(path):
+            continue
+        kept, dropped = [], 0
+        try:
+            for raw in tf.data.TFRecordDataset(path):
+                event = event_pb2.Event.FromString(raw.numpy())
+                if event.HasField("summary") and event.step > step:
+                    dropped += 1
+                else:
+                    kept.append(raw.numpy())
+        except tf.errors.DataLossError:
+            pass  # the record the kill cut short
+        if dropped:
+            with tf.io.TFRecordWriter(path + ".tmp") as w:
+                for raw in kept:
+                    w.write(raw)
+            os.replace(path + ".tmp", path)
 
 
 def _write_labels(out_dir: str, data_dir: str, info) -> None:
@@ -194,12 +227,14 @@ def _train(cfg: TrainConfig, backend, out_dir: str, write_dir: str) -> Dict[str,
     info = _data_info(cfg, data_dir)
     if not info.counts.get("train"):
         raise HrnetError("%s has no training records" % cfg.data)
+    saved = load_saved(out_dir)
+    if cfg.seed is None and saved is not None and saved.seed is not None:
+        cfg = cfg.replace(seed=saved.seed)  # the input order of a resumed run is the one it started with
     cfg = cfg.resolve(info.num_classes, info.label_offset, info.counts["train"], backend.num_replicas)
     if not cfg.model.endswith((".yaml", ".yml")):
         cfg = cfg.replace(model=configs.canonical_name(cfg.model))
     model_config = configs.load(cfg.model)
     model_name = model_config["name"]
-    saved = load_saved(out_dir)
     if saved is not None:
         check_resumable(saved, cfg)
     chief = backend.is_chief
@@ -246,6 +281,7 @@ def _train(cfg: TrainConfig, backend, out_dir: str, write_dir: str) -> Dict[str,
     history_path = os.path.join(out_dir, HISTORY)
     if chief:
         _truncate_history(history_path, start_step)
+        _truncate_events(os.path.join(out_dir, "logs"), start_step)
 
     if start_step >= cfg.train_steps and os.path.exists(os.path.join(out_dir, MANIFEST)):
         log.info("%s is complete (step %d of %d); nothing to do", cfg.out, start_step, cfg.train_steps)
@@ -254,13 +290,16 @@ def _train(cfg: TrainConfig, backend, out_dir: str, write_dir: str) -> Dict[str,
         os.remove(os.path.join(out_dir, MANIFEST))  # more steps asked for: incomplete again
 
     # ---- input -------------------------------------------------------------------
+    # Each pipeline starts after the records the steps so far consumed: a resumed run sees
+    # the batches an uninterrupted one would have seen.
     if strategy.num_replicas_in_sync > 1:
         # One input pipeline per worker, batched per replica, sharded by worker.
         dist_ds = strategy.distribute_datasets_from_function(lambda ctx: _train_input(
             cfg, info, ctx.get_per_replica_batch_size(cfg.global_batch_size), ctx.input_pipeline_id,
-            ctx.num_input_pipelines))
+            ctx.num_input_pipelines, start_step * (cfg.global_batch_size // ctx.num_input_pipelines)))
     else:
-        dist_ds = _train_input(cfg, info, per_replica_batch, backend.worker_index, backend.num_workers)
+        dist_ds = _train_input(cfg, info, per_replica_batch, backend.worker_index, backend.num_workers,
+                               start_step * per_replica_batch)
     iterator = iter(dist_ds)
 
     # ---- one step -------------------------------------------------------------------
@@ -343,7 +382,16 @@ def _train(cfg: TrainConfig, backend, out_dir: str, write_dir: str) -> Dict[str,
     last_log: Dict[str, Any] = {}
     while step < cfg.train_steps:
         t0 = time.time()
-        loss_t, correct_t, bad_t = train_step(iterator)
+        try:
+            loss_t, correct_t, bad_t = train_step(iterator)
+        except tf.errors.DataLossError as e:
+            from hrnet import data
+
+            log.error("corrupt training data (%s); looking for the record", e.message.splitlines()[0][:200])
+            where = data.locate_corrupt_record(info.files["train"])
+            raise HrnetError("corrupt training data at step %d: %s; convert the data set again (or fetch it again)"
+                             % (step + 1, where or "TF reported a corrupt record (%s)" % e.message.splitlines()[0])
+                             ) from None
         loss = float(loss_t)
         step += 1
         if not math.isfinite(loss) or float(bad_t) > 0:
