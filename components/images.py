@@ -31,6 +31,8 @@ OBJECT_STORE_ENV = {
 
 # The data PVC (raw image trees, e.g. ImageNet) the convert step mounts at DATA_MOUNT,
 # so source_uri may be a path under it as well as an s3:// / minio:// URI.
+# The user every image runs as (images/*/Dockerfile HRNET_UID; the Ascend image's HwHiAiUser).
+RUN_AS_USER = 1000
 DATA_PVC = "hrnet-data"
 DATA_MOUNT = "/data"
 

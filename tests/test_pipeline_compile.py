@@ -129,6 +129,16 @@ def test_every_step_states_requests_and_limits(compiled, target):
 
 
 @pytest.mark.parametrize("target", images.TARGETS)
+def test_every_step_runs_as_the_images_non_root_user(compiled, target):
+    ir, k8s, _ = compiled[target]
+    # The importer is KFP's own task (its launcher image), not a container of ours.
+    labels = [label for label in ir["deploymentSpec"]["executors"] if not label.startswith("exec-importer")]
+    assert len(labels) >= 5
+    for label in labels:
+        assert k8s[label]["securityContext"] == {"runAsUser": str(images.RUN_AS_USER), "runAsNonRoot": True}, label
+
+
+@pytest.mark.parametrize("target", images.TARGETS)
 def test_object_store_credentials_come_from_the_secret(compiled, target):
     ir, k8s, _ = compiled[target]
     for step in STORAGE_STEPS:

@@ -1,0 +1,128 @@
+"""Every error a user can cause is one line and exit 2, through the CLI's one error path:
+bad config values and types, NaN and infinity, malformed YAML, corrupt and truncated
+shards (named before step 1, or by shard and record while reading), unfinished
+conversions, permissions and full disks."""
+import errno
+import os
+
+import pytest
+
+from hrnet import cli
+
+pytestmark = pytest.mark.keras2
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    from test_storage_train import write_images
+
+    from hrnet.data.convert import convert_dataset
+
+    root = tmp_path_factory.mktemp("bad-input")
+    write_images(str(root / "images"))
+    convert_dataset(str(root / "images"), str(root / "records"), train_shards=2, workers=1, progress=False)
+    return root
+
+
+def run(capsys, *argv):
+    try:
+        code = cli.main([str(a) for a in argv])
+    except SystemExit as e:  # argparse: its usage, then the one error line
+        code = e.code
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("hrnet ")]
+    assert "Traceback" not in err and len(lines) == 1, err
+    return code, lines[0]
+
+
+def train_args(records, out, *extra):
+    tiny = os.path.join(os.path.dirname(__file__), "configs", "tiny.yaml")
+    return ["train", "--data", records / "records", "--out", out, "--model", tiny, "--image-size", "32",
+            "--batch-size", "4", "--train-steps", "2", *extra]
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--epochs", "inf"], "finite number"),
+    (["--lr", "nan"], "finite number"),
+    (["--lr", "inf"], "finite number"),
+    (["--lr", "-1"], "lr must be > 0"),
+    (["--label-smoothing", "1.5"], "label_smoothing"),
+    (["--batch-size", "0"], "batch_size must be >= 1"),
+])
+def test_bad_flag_values(records, tmp_path, capsys, extra, words):
+    code, line = run(capsys, *train_args(records, tmp_path / "out", *extra))
+    assert code == 2 and words in line, line
+
+
+@pytest.mark.parametrize("text, words", [
+    ("batch_size: [unclosed\n", "is not valid YAML at line"),
+    ("batch_size: abc\n", "batch_size must be a whole number"),
+    ("lr: .nan\n", "lr must be a finite number"),
+    ("flip: maybe\n", "flip must be true or false"),
+    ("area_range: 0.5\n", "area_range must be a list"),
+    ("- just\n- a list\n", "must be a mapping"),
+    ("bacth_size: 4\n", "unknown train config key"),
+])
+def test_bad_config_files(records, tmp_path, capsys, text, words):
+    config = tmp_path / "train.yaml"
+    config.write_text(text)
+    code, line = run(capsys, *train_args(records, tmp_path / "out", "--config", config))
+    assert code == 2 and words in line, line
+
+
+def copy_records(records, tmp_path):
+    import shutil
+
+    dst = tmp_path / "records"
+    shutil.copytree(records / "records", dst)
+    return dst
+
+
+def test_a_truncated_shard_is_named_before_step_1(records, tmp_path, capsys):
+    data = copy_records(records, tmp_path)
+    shard = data / "train-00000-of-00002"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    code, line = run(capsys, *train_args(tmp_path, tmp_path / "out"))
+    assert code == 2 and "train-00000-of-00002" in line and "bytes but manifest.json says" in line, line
+    assert not (tmp_path / "out").exists()  # a failed start leaves nothing behind
+
+
+def test_a_byte_flip_is_found_by_verify_data_and_by_the_reader(records, tmp_path, capsys):
+    data = copy_records(records, tmp_path)
+    shard = data / "train-00001-of-00002"
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    code, line = run(capsys, *train_args(tmp_path, tmp_path / "out", "--verify-data"))
+    assert code == 2 and "train-00001-of-00002 does not match its sha256" in line, line
+    # Without the up-front hash, the reader's CRC check stops training and names shard and record.
+    code, line = run(capsys, *train_args(tmp_path, tmp_path / "out2", "--train-steps", "20"))
+    assert code == 2 and "corrupt training data" in line and "train-00001-of-00002: record" in line, line
+
+
+def test_an_unfinished_conversion_is_not_taken_for_slim_records(records, tmp_path, capsys):
+    data = copy_records(records, tmp_path)
+    os.remove(data / "manifest.json")
+    code, line = run(capsys, *train_args(tmp_path, tmp_path / "out", "--num-classes", "3", "--label-offset", "0"))
+    assert code == 2 and "unfinished `hrnet convert`" in line, line
+
+
+@pytest.mark.parametrize("number, words", [(errno.ENOSPC, "no space left"), (errno.EACCES, "permission denied"),
+                                           (errno.EROFS, "read-only")])
+def test_the_operating_systems_refusals(records, tmp_path, capsys, monkeypatch, number, words):
+    from hrnet.train import config
+
+    def refuse(self, directory):
+        raise OSError(number, os.strerror(number), os.path.join(directory, config.CONFIG_FILE))
+
+    monkeypatch.setattr(config.TrainConfig, "save", refuse)
+    code, line = run(capsys, *train_args(records, tmp_path / "out"))
+    assert code == 2 and words in line and "train_config.yaml" in line, line
+
+
+def test_run_local_refuses_nan(capsys):
+    from pipelines.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["run-local", "--lr", "nan"])
+    assert e.value.code == 2 and "finite number" in capsys.readouterr().err
