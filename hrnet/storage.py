@@ -28,6 +28,11 @@ Guarantees:
 - Transient failures (connection errors, timeouts, HTTP 5xx, SlowDown / throttling) are
   retried with exponential backoff, bounded by a number of attempts and a total time;
   then the transfer fails with a ``StorageError``; a re-run skips what already landed.
+- An output owns its prefix or folder (``local_output(uri, kind)``): a bare bucket is
+  refused, so is a location holding anything but an output of the same kind (the owner
+  marker ``.hrnet-output.json`` is written before any data); a publish deletes only what
+  the output's previous manifest listed or this process transferred; a writer holds a
+  lease (``Lease``) while it writes, so a second writer is refused.
 - Errors are ``hrnet.errors.HrnetError`` subclasses that name the problem (unknown scheme,
   missing bucket, denied credentials, unreachable endpoint). No credential value appears
   in any message or log line.
@@ -56,6 +61,10 @@ Environment (a Kubernetes Secret fills these in the cluster):
 ``HRNET_S3_RETRY_DEADLINE``     Seconds after which no further attempt starts (120).
 ``HRNET_S3_BACKOFF``            First retry delay in seconds, doubled each retry (0.5).
 ``HRNET_CACHE_DIR``             Root of the local copies (``~/.cache/hrnet``).
+``HRNET_LEASE_TTL``             Seconds a writer's lease on its output lasts unless renewed
+                                (120); renewed every third of it.
+``HRNET_RUN_ID``                The pipeline run (or any id) a writer belongs to: a lease left
+                                by the same run id (a retried pod) is taken over at once.
 ==============================  ===========================================================
 """
 import contextlib
@@ -104,6 +113,9 @@ _PARTIAL_SUFFIXES = (".part.hrnet", MANIFEST + ".tmp")
 OWNER_FILE = ".hrnet-output.json"
 LEASE_FILE = ".hrnet-lease.json"
 CONTROL_FILES = (OWNER_FILE, LEASE_FILE)
+# Seconds a writer's lease lasts unless renewed: how long a crashed writer blocks its output.
+# The pipeline's train retries wait longer than this (pipelines/hrnet_pipeline.py).
+LEASE_TTL = 120.0
 
 
 # ---------------------------------------------------------------------------- errors
@@ -1281,7 +1293,7 @@ def _join(uri: str, name: str) -> str:
 
 
 def _lease_ttl() -> float:
-    return _env_number(os.environ, "HRNET_LEASE_TTL", 300.0, float, 1.0)
+    return _env_number(os.environ, "HRNET_LEASE_TTL", LEASE_TTL, float, 1.0)
 
 
 def _writer() -> Dict[str, Any]:
@@ -1322,7 +1334,7 @@ class Lease:
 
     Remote: an object ``<prefix>/.hrnet-lease.json`` naming the writer (host, pid, run id)
     with an expiry, renewed by a background thread every third of ``HRNET_LEASE_TTL``
-    (300 s). A second writer is refused while it is valid; one whose writer died expires
+    (LEASE_TTL). A second writer is refused while it is valid; one whose writer died expires
     (or is taken over at once by a retry of the same run, ``HRNET_RUN_ID``, or on the same
     host when its process is gone). Created with a conditional PUT where the store supports
     it, and read back either way. Local: an exclusive ``flock`` on the folder's lease file,

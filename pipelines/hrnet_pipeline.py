@@ -90,7 +90,8 @@ def _configure_train(task, target: str, image: str, devices):
     kubernetes.use_secret_as_env(task, images.OBJECT_STORE_SECRET, images.OBJECT_STORE_ENV)
     # Node loss, a preempted pod or an HCCL connect timeout deserve another try (which resumes
     # from the last checkpoint when the run has a checkpoint_uri).
-    task.set_retry(num_retries=2, backoff_duration="60s", backoff_factor=2.0)
+    # The first retry waits out the lease a killed pod left on its checkpoint_uri (storage.LEASE_TTL).
+    task.set_retry(num_retries=2, backoff_duration="150s", backoff_factor=2.0)
     return task
 
 

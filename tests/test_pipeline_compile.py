@@ -196,6 +196,10 @@ def test_train_retries_and_the_exit_handler_records_the_run(compiled):
     for parent in ("comp-train-evaluate-export", "comp-train-evaluate-export-2"):
         policy = ir["components"][parent]["dag"]["tasks"]["train"]["retryPolicy"]
         assert policy["maxRetryCount"] >= 1
+        # A retry starts only once the killed pod's lease on its output has expired.
+        from hrnet.storage import LEASE_TTL
+
+        assert float(policy["backoffDuration"].rstrip("s")) > LEASE_TTL
     root_tasks = ir["root"]["dag"]["tasks"]
     record = root_tasks["record-run"]
     assert record["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
