@@ -31,6 +31,8 @@ OBJECT_STORE_ENV = {
 
 # The data PVC (raw image trees, e.g. ImageNet) the convert step mounts at DATA_MOUNT,
 # so source_uri may be a path under it as well as an s3:// / minio:// URI.
+# The pod label manifests/minio/networkpolicy.yaml admits to the object store's API.
+OBJECT_STORE_CLIENT_LABEL = ("hrnet.io/object-store-client", "true")
 # The user every image runs as (images/*/Dockerfile HRNET_UID; the Ascend image's HwHiAiUser).
 RUN_AS_USER = 1000
 DATA_PVC = "hrnet-data"

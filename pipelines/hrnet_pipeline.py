@@ -52,17 +52,20 @@ STEP_RESOURCES = {
 }
 
 
-def _non_root(task):
-    """Every step runs as the images' user, never as root. KFP's compiler and backend add
+def _pod_policy(task):
+    """Every step runs as the images' user, never as root (KFP's compiler and backend add
     allowPrivilegeEscalation=false, all capabilities dropped and the RuntimeDefault seccomp
-    profile themselves; a read-only root file system KFP cannot express (README)."""
+    profile themselves; a read-only root file system KFP cannot express: README), and may
+    reach the object store (its launcher uploads the step's artifacts there):
+    manifests/minio/networkpolicy.yaml admits pods with this label."""
     kubernetes.set_security_context(task, run_as_user=images.RUN_AS_USER, run_as_non_root=True)
+    kubernetes.add_pod_label(task, *images.OBJECT_STORE_CLIENT_LABEL)
     return task
 
 
 def _configure(task, step: str, image: str, secret: bool = True):
     (cpu_req, cpu_lim), (mem_req, mem_lim) = STEP_RESOURCES[step]
-    _non_root(task)
+    _pod_policy(task)
     task.set_container_image(image)
     task.set_cpu_request(cpu_req).set_cpu_limit(cpu_lim).set_memory_request(mem_req).set_memory_limit(mem_lim)
     if secret:
@@ -72,7 +75,7 @@ def _configure(task, step: str, image: str, secret: bool = True):
 
 def _configure_train(task, target: str, image: str, devices):
     spec = TARGETS[target]
-    _non_root(task)
+    _pod_policy(task)
     task.set_container_image(image)
     task.set_cpu_request(spec["cpu"][0]).set_cpu_limit(spec["cpu"][1])
     task.set_memory_request(spec["memory"][0]).set_memory_limit(spec["memory"][1])

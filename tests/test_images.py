@@ -220,7 +220,7 @@ def test_pipeline_runs_in_the_target_image_without_installing_anything(compiled,
 
 
 def manifest_objects():
-    folders = [ROOT / "manifests" / f for f in ("base", "minio", "ascend-jobs", "volcano")]
+    folders = [ROOT / "manifests" / f for f in ("base", "secrets", "minio", "ascend-jobs", "volcano")]
     docs = [d for f in folders for p in sorted(f.glob("*.yaml")) for d in yaml.safe_load_all(p.read_text()) if d]
     return {(d["kind"], d["metadata"]["name"]): d for d in docs}
 

@@ -20,12 +20,12 @@ from hrnet import cli
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "manifests"
 # The folders users apply with `kubectl apply -f manifests/<folder>`.
-PLAIN = ("base", "minio", "ascend-jobs", "volcano")
+PLAIN = ("base", "secrets", "minio", "ascend-jobs", "volcano")
 OVERLAYS = sorted(p.parent.name for p in (MANIFESTS / "overlays").glob("*/kustomization.yaml"))
 NAMESPACE = "hrnet"
 # The oldest Kubernetes the manifests are written for (README.md, Deploy), and the newest schema known.
 KUBERNETES_VERSIONS = ("1.27", kubernetes_validate.latest_version())
-CORE_GROUPS = ("v1", "apps/v1", "batch/v1", "rbac.authorization.k8s.io/v1")
+CORE_GROUPS = ("v1", "apps/v1", "batch/v1", "rbac.authorization.k8s.io/v1", "networking.k8s.io/v1")
 ASCEND = "huawei.com/Ascend910"
 RANK_TABLE_DIR = "/user/serverid/devindex/config"
 
@@ -268,9 +268,15 @@ def test_ascend_training_requests_chips_and_runs_one_process_per_chip():
             env = env_of(c)
             assert "POD_NAME" not in env, f"{where}: POD_NAME switches the TF adapter to a mode that ignores RANK_ID"
             if chips > 1 and "RANK_TABLE_FILE" not in env:
-                # The rank table then comes from this pod's annotation, read through the API.
-                assert spec["automountServiceAccountToken"] is True, where
-                assert spec["serviceAccountName"] == images.SERVICE_ACCOUNT, where
+                # The rank table then comes from this pod's annotation, read from a downward-API
+                # volume: the pod needs no API access (KFP's steps, which cannot mount one, use
+                # the Role's get on pods).
+                path = env["ASCEND_ANNOTATIONS_FILE"]["value"]
+                mount = next(m for m in c["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
+                items = volumes[mount["name"]]["downwardAPI"]["items"]
+                assert {"path": path[len(mount["mountPath"]) + 1:],
+                        "fieldRef": {"fieldPath": "metadata.annotations"}} in items, where
+                assert spec["automountServiceAccountToken"] is False, where
     assert {1, 8} <= chips_seen, "a 1-chip and an 8-chip training Job"
     rbac = {key(d): d for d in folder_objects("base")}
     role = rbac[("Role", images.SERVICE_ACCOUNT)]
@@ -333,6 +339,35 @@ def test_names_agree_with_components_images():
                     assert images.OBJECT_STORE_ENV[ref["key"]] == e["name"], f"{where}: {e['name']}"
 
 
+def test_only_its_own_folder_holds_the_secret_so_a_re_apply_never_resets_it():
+    holders = [folder for folder in PLAIN if ("Secret", images.OBJECT_STORE_SECRET) in map(key, folder_objects(folder))]
+    assert holders == ["secrets"]
+    for name in OVERLAYS:
+        assert "Secret" not in {d["kind"] for d in build(MANIFESTS / "overlays" / name)}, name
+
+
+def test_only_object_store_clients_reach_minio_and_nobody_its_console():
+    objects = {key(d): d for d in folder_objects("minio")}
+    policy = objects[("NetworkPolicy", "minio")]["spec"]
+    server = objects[("Deployment", "minio")]["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= server.items()
+    assert objects[("Service", "minio")]["spec"]["selector"].items() <= server.items()
+    assert policy["policyTypes"] == ["Ingress"]
+    (rule,) = policy["ingress"]
+    assert [p["port"] for p in rule["ports"]] == [9000]  # the API; the console (9001) from nobody
+    client = {"hrnet.io/object-store-client": "true"}
+    assert {"podSelector": {"matchLabels": client}} in rule["from"]
+    # Every workload of ours that talks to the store carries the label, and no other pod is MinIO.
+    for where, template in workloads():
+        labels = template["metadata"]["labels"]
+        uses_store = any(e.get("valueFrom", {}).get("secretKeyRef", {}).get("name") == images.OBJECT_STORE_SECRET
+                         for c in containers(template) for e in c.get("env", []))
+        if uses_store and labels.get("app.kubernetes.io/name") != "minio":
+            assert client.items() <= labels.items(), where
+        if where != "minio":  # the Deployment itself
+            assert not policy["podSelector"]["matchLabels"].items() <= labels.items(), where
+
+
 def test_secret_template_holds_placeholders_that_minio_refuses(tmp_path):
     secret = next(d for d in all_objects() if key(d) == ("Secret", images.OBJECT_STORE_SECRET))
     assert "data" not in secret
@@ -353,7 +388,7 @@ def test_secret_template_holds_placeholders_that_minio_refuses(tmp_path):
 
 
 def test_kfp_launcher_points_the_pipeline_root_at_the_bucket():
-    objects = {key(d): d for d in folder_objects("base") + folder_objects("minio")}
+    objects = {key(d): d for d in folder_objects("base") + folder_objects("secrets") + folder_objects("minio")}
     launcher = objects[("ConfigMap", "kfp-launcher")]["data"]
     m = re.fullmatch(r"minio://([a-z0-9.-]+)/(.+)", launcher["defaultPipelineRoot"])
     assert m, launcher["defaultPipelineRoot"]

@@ -300,3 +300,27 @@ def test_outside_a_cluster_the_in_cluster_config_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     with pytest.raises(HrnetError, match="cannot reach the Kubernetes API"):
         ranktable.read_pod_annotation("train-0", "kubeflow", timeout=0.1)
+
+
+def test_resolve_reads_the_annotation_from_a_downward_api_file_without_api_access(tmp_path):
+    """The kubelet's downward-API file (key="Go-quoted value" lines, rewritten when the
+    annotations change): the device plugin's annotation appears a moment after the start."""
+    path = tmp_path / "annotations"
+    path.write_text('kubernetes.io/config.seen="2026-12-02T03:00:00.0Z"\nkubernetes.io/config.source="api"\n')
+
+    def annotate():
+        time.sleep(0.3)
+        quoted = json.dumps(json.dumps(ANNOTATION_VALUE))  # Go's %q of ASCII JSON reads the same
+        (tmp_path / "new").write_text(f'{ranktable.ANNOTATION}={quoted}\nkubernetes.io/config.seen="x"\n')
+        (tmp_path / "new").replace(path)
+
+    threading.Thread(target=annotate, daemon=True).start()
+    env = {"ASCEND_ANNOTATIONS_FILE": str(path), "ASCEND_VISIBLE_DEVICES": "4,5"}
+    table, source = ranktable.resolve_rank_table(2, env=env, interval=0.05, timeout=10,
+                                                 hccn_conf=str(tmp_path / "unused"))
+    assert source == "annotation" and table == ranktable.from_annotation(ANNOTATION_VALUE)
+    with pytest.raises(HrnetError, match="does not exist: mount the pod's metadata.annotations"):
+        ranktable.resolve_rank_table(2, env={"ASCEND_ANNOTATIONS_FILE": str(tmp_path / "none")})
+    path.write_text('kubernetes.io/config.seen="x"\n')
+    with pytest.raises(HrnetError, match="no ascend.kubectl.kubernetes.io/ascend-910-configuration annotation in"):
+        ranktable.resolve_rank_table(2, env=env, interval=0.05, timeout=0.2)

@@ -11,8 +11,10 @@ HCCL reads a JSON file naming every chip of the job with its device IP and rank:
 1. ``RANK_TABLE_FILE`` when set (e.g. Volcano's hccl-controller ConfigMap, which says
    ``"status": "initializing"`` until it is ready, so the file is re-read until completed);
 2. inside Kubernetes, the pod annotation ``ascend.kubectl.kubernetes.io/ascend-910-configuration``
-   that the Ascend device plugin writes shortly *after* the container starts, read through the
-   Kubernetes API (polled until it appears);
+   that the Ascend device plugin writes shortly *after* the container starts (polled until it
+   appears): from a downward-API volume of the pod's annotations when ``ASCEND_ANNOTATIONS_FILE``
+   names one (the kubelet rewrites it when annotations change, and the pod needs no API
+   access at all), else through the Kubernetes API (the service account needs 'get' on pods);
 3. ``ASCEND_VISIBLE_DEVICES`` plus the node's ``/etc/hccn.conf`` (``address_N=<device ip>``).
 
 Pure Python on purpose: the launcher imports this before any TensorFlow exists, and the
@@ -156,6 +158,45 @@ def read_rank_table_file(path: str, timeout: float = 300.0, interval: float = 2.
         time.sleep(interval)
 
 
+def parse_annotations_file(text: str) -> Dict[str, str]:
+    """The annotations of a downward-API volume file: one ``key="value"`` line each, the value
+    quoted as Go's strconv.Quote does (which Python's string literal syntax reads)."""
+    import ast
+
+    found = {}
+    for line in text.splitlines():
+        key, sep, quoted = line.partition("=")
+        if not sep or not quoted.startswith('"'):
+            continue
+        try:
+            found[key] = ast.literal_eval(quoted)
+        except (ValueError, SyntaxError):
+            raise HrnetError(f"unreadable line in the pod's annotations file: {line[:120]!r}") from None
+    return found
+
+
+def read_annotations_file(path: str, timeout: float = 120.0, interval: float = 2.0,
+                          annotation: str = ANNOTATION) -> str:
+    """The value of ``annotation`` in a downward-API annotations file, polled until it appears."""
+    deadline = time.monotonic() + timeout
+    polls = 0
+    while True:
+        polls += 1
+        try:
+            with open(path) as f:
+                value = parse_annotations_file(f.read()).get(annotation)
+        except FileNotFoundError:
+            raise HrnetError(f"ASCEND_ANNOTATIONS_FILE {path} does not exist: mount the pod's metadata.annotations "
+                             "there with a downwardAPI volume") from None
+        if value:
+            log.info("read the rank table annotation from %s after %d poll(s)", path, polls)
+            return value
+        if time.monotonic() + interval > deadline:
+            raise HrnetError(f"no {annotation} annotation in {path} after {timeout:.0f} s ({polls} polls); is the "
+                             "Ascend device plugin running? Else set RANK_TABLE_FILE")
+        time.sleep(interval)
+
+
 def read_pod_annotation(pod_name: Optional[str] = None, namespace: Optional[str] = None, api_client: Any = None,
                         configuration: Any = None, timeout: float = 120.0, interval: float = 2.0,
                         annotation: str = ANNOTATION) -> str:
@@ -255,10 +296,14 @@ def resolve_rank_table(nproc: int, env: Optional[Mapping[str, str]] = None, api_
                              "process(es) were asked for")
         return table, "file"
     visible = visible_devices(env.get("ASCEND_VISIBLE_DEVICES"))
-    if api_client is not None or configuration is not None or env.get("KUBERNETES_SERVICE_HOST"):
-        value = read_pod_annotation(namespace=pod_namespace(env), pod_name=env.get("POD_NAME") or env.get("HOSTNAME"),
-                                    api_client=api_client, configuration=configuration, timeout=timeout,
-                                    interval=interval)
+    annotations_file = env.get("ASCEND_ANNOTATIONS_FILE")
+    if annotations_file or api_client is not None or configuration is not None or env.get("KUBERNETES_SERVICE_HOST"):
+        if annotations_file:
+            value = read_annotations_file(annotations_file, timeout=timeout, interval=interval)
+        else:
+            value = read_pod_annotation(namespace=pod_namespace(env), pod_name=env.get("POD_NAME") or
+                                        env.get("HOSTNAME"), api_client=api_client, configuration=configuration,
+                                        timeout=timeout, interval=interval)
         table = from_annotation(value, nproc=nproc)
         chips = [int(d["device_id"]) for d in table["server_list"][0]["device"]]
         if visible and not set(chips) <= set(visible):
