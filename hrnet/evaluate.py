@@ -15,6 +15,7 @@ import time
 from typing import Any, Dict, Optional
 
 from hrnet import storage
+from hrnet.data.reference import stage
 from hrnet.errors import HrnetError
 
 log = logging.getLogger(__name__)
@@ -36,14 +37,15 @@ def load_checkpoint_model(checkpoint_dir: str, image_size: Optional[int] = None)
     return model, manifest
 
 
-def _dataset_info(hdata, data_dir: str, ckpt: Dict[str, Any]):
-    """The data set's own description; slim-made records without a manifest are read with
-    the checkpoint's class count and label offset."""
+def _dataset_info(hdata, data_dir: str, ckpt: Dict[str, Any], split: str):
+    """The data set's own description, for ``split`` only; slim-made records without a
+    manifest are read with the checkpoint's class count and label offset."""
     from hrnet.manifest import MANIFEST
 
     if os.path.exists(os.path.join(data_dir, MANIFEST)):
-        return hdata.dataset_info(data_dir)
-    return hdata.dataset_info(data_dir, num_classes=ckpt["num_classes"], label_offset=ckpt.get("label_offset"))
+        return hdata.dataset_info(data_dir, splits=(split,))
+    return hdata.dataset_info(data_dir, num_classes=ckpt["num_classes"], label_offset=ckpt.get("label_offset"),
+                              splits=(split,))
 
 
 def evaluate(data: str, checkpoint: str, out: Optional[str] = None, batch_size: int = 100,
@@ -62,7 +64,8 @@ def evaluate(data: str, checkpoint: str, out: Optional[str] = None, batch_size: 
     set_mixed_precision("float32")  # evaluation is in float32 whatever the training precision was
     ckpt_dir = storage.local_input(checkpoint)
     ckpt = read_manifest(ckpt_dir, kind="checkpoint")
-    info = _dataset_info(hdata, storage.local_input(data), ckpt)
+    # Only the split evaluated is fetched (a remote ImageNet: 6 of its 150 GB).
+    info = _dataset_info(hdata, stage(data, (split,)), ckpt, split)
     if info.num_classes != ckpt["num_classes"]:
         raise HrnetError("the checkpoint %s was trained on %d classes, but the data set %s has %d"
                          % (checkpoint, ckpt["num_classes"], data, info.num_classes))

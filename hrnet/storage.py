@@ -878,7 +878,10 @@ def _safe_join(local_dir: str, rel: str, uri: str) -> str:
 
 
 def _download_dir(s: S3Settings, uri: str, local_dir: str, delete: bool, progress: Optional[bool],
-                  remote: Optional[Dict[str, _Obj]] = None, manifest: Optional[bytes] = None) -> TransferStats:
+                  remote: Optional[Dict[str, _Obj]] = None, manifest: Optional[bytes] = None,
+                  include: Optional[Callable[[str], bool]] = None) -> TransferStats:
+    """``include``: fetch only these files; ``delete`` then removes only local files that are
+    no longer at ``uri`` at all (another split's copies stay for the steps that read them)."""
     bucket, prefix = split_uri(uri)
     started = time.monotonic()
     if remote is None:
@@ -896,8 +899,9 @@ def _download_dir(s: S3Settings, uri: str, local_dir: str, delete: bool, progres
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(local_dir, MANIFEST))
 
-    names = sorted(rel for rel in remote if rel != MANIFEST)
+    names = sorted(rel for rel in remote if rel != MANIFEST and (include is None or include(rel)))
     paths = {rel: _safe_join(local_dir, rel, uri) for rel in names}
+    present = {_safe_join(local_dir, rel, uri) for rel in remote}
 
     def unchanged(rel):
         path, obj = paths[rel], remote[rel]
@@ -919,8 +923,9 @@ def _download_dir(s: S3Settings, uri: str, local_dir: str, delete: bool, progres
     todo = [rel for rel in names if not same[rel]]
     total = sum(remote[rel].size for rel in todo)
     if todo:
-        log.info("downloading %d of %d files (%.1f MiB) from %s to %s", len(todo), len(names), total / MIB, uri,
-                 local_dir)
+        part = f" (the {len(names)} of {len(remote) - int(MANIFEST in remote)} this step reads)" if include else ""
+        log.info("downloading %d of %d files%s (%.1f MiB) from %s to %s", len(todo), len(names), part, total / MIB,
+                 uri, local_dir)
     bar = _Progress(f"download {uri}", total, progress)
     try:
         for rel in todo:
@@ -933,7 +938,7 @@ def _download_dir(s: S3Settings, uri: str, local_dir: str, delete: bool, progres
     stats = TransferStats(files=len(names) + int(manifest is not None), transferred=len(todo), bytes=sum(sizes),
                           skipped=len(names) - len(todo))
     if delete:
-        keep = set(paths.values()) | {os.path.join(local_dir, MANIFEST)}
+        keep = (present if include else set(paths.values())) | {os.path.join(local_dir, MANIFEST)}
         for path in _walk(local_dir).values():
             if path not in keep:
                 os.remove(path)
@@ -1116,12 +1121,14 @@ def sync(src: str, dst: str, *, delete: bool = False, progress: Optional[bool] =
     return upload(src, dst, delete=delete, progress=progress)
 
 
-def local_input(uri: str, cache_dir: Optional[str] = None, verify: bool = True) -> str:
+def local_input(uri: str, cache_dir: Optional[str] = None, verify: bool = True,
+                include: Optional[Callable[[str], bool]] = None) -> str:
     """A local folder holding the complete output at ``uri`` (its manifest.json present).
 
     A remote ``uri`` is copied to ``cache_path(uri, cache_dir)``; a copy already there is
     reused when it matches the remote manifest.json and its files verify against it
-    (sizes, and sha256 unless ``verify`` is False)."""
+    (sizes, and sha256 unless ``verify`` is False). ``include(relative path)`` limits the
+    copy to the files a step reads (one split of a data set); the manifest always comes."""
     if not is_remote(uri):
         return _local_path(uri)
     s = settings_from_env()
@@ -1150,7 +1157,7 @@ def local_input(uri: str, cache_dir: Optional[str] = None, verify: bool = True) 
     manifest = current_manifest()
     if manifest is None:
         raise republished()
-    if _cache_matches(s, uri, dest, remote, manifest, verify):
+    if _cache_matches(s, uri, dest, remote, manifest, verify, include):
         log.info("using the verified local copy of %s in %s", uri, dest)
         return dest
     def changed():
@@ -1162,7 +1169,7 @@ def local_input(uri: str, cache_dir: Optional[str] = None, verify: bool = True) 
         return {k: o.etag for k, o in now.items()} != {k: o.etag for k, o in remote.items()}
 
     try:
-        _download_dir(s, uri, dest, delete=True, progress=None, remote=remote, manifest=manifest)
+        _download_dir(s, uri, dest, delete=True, progress=None, remote=remote, manifest=manifest, include=include)
     except ChangedError:
         raise republished() from None
     except (IntegrityError, ObjectNotFoundError):
@@ -1175,7 +1182,7 @@ def local_input(uri: str, cache_dir: Optional[str] = None, verify: bool = True) 
 
 
 def _cache_matches(s: S3Settings, uri: str, dest: str, remote: Dict[str, _Obj], manifest: bytes,
-                   verify: bool) -> bool:
+                   verify: bool, include: Optional[Callable[[str], bool]] = None) -> bool:
     path = os.path.join(dest, MANIFEST)
     try:
         with open(path, "rb") as f:
@@ -1184,6 +1191,9 @@ def _cache_matches(s: S3Settings, uri: str, dest: str, remote: Dict[str, _Obj], 
     except OSError:
         return False
     entries = _parse_manifest(manifest, dest)
+    if include is not None:
+        remote = {rel: obj for rel, obj in remote.items() if rel == MANIFEST or include(rel)}
+        entries = {rel: entry for rel, entry in entries.items() if include(rel)}
     local = _walk(dest)
     for rel, obj in remote.items():
         if rel not in local or os.path.getsize(local[rel]) != obj.size:

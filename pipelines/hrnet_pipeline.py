@@ -26,6 +26,7 @@ from components.convert import convert
 from components.evaluate import evaluate
 from components.export import export
 from components.record import record_run
+from components.reference import reference_records
 from components.train import train
 from components.validate import validate
 
@@ -46,6 +47,7 @@ TARGETS: Dict[str, Dict] = {
 STEP_RESOURCES = {
     "validate": (("100m", "1"), ("256M", "1G")),
     "convert": (("4", "16"), ("8G", "32G")),
+    "reference": (("100m", "1"), ("256M", "1G")),
     "evaluate": (("4", "16"), ("8G", "32G")),
     "export": (("2", "8"), ("8G", "16G")),
     "record-run": (("100m", "1"), ("256M", "1G")),
@@ -150,10 +152,13 @@ def build_pipeline(target: str = "ascend", image: Optional[str] = None, data_pvc
         train_options: str = "",
         checkpoint_uri: str = "",
         export_onnx: bool = True,
+        datasets_uri: str = "",
     ):
         """source_uri: an image tree to convert (ImageNet layout or class folders; a path
         under /data or an s3:// / minio:// URI). tfrecords_uri: TFRecords converted before
-        (an s3:// / minio:// URI). Give exactly one. devices: 1, 2, 4 or 8 per pod.
+        (an s3:// / minio:// URI). Give exactly one. datasets_uri: where the converted
+        records go ("": beside the convert step's artifacts in the pipeline root); the steps
+        pass only a reference to them, and each fetches just the shards it reads. devices: 1, 2, 4 or 8 per pod.
         batch_size: per device. train_steps 0: train for ``epochs``. lr 0: 0.1 x global
         batch / 256. precision "": mixed_fp16 on Ascend, fp32 elsewhere. seed 0: random.
         train_options: more `hrnet train` flags, e.g. "--schedule cosine --warmup-epochs 1".
@@ -172,17 +177,24 @@ def build_pipeline(target: str = "ascend", image: Optional[str] = None, data_pvc
             rest = dict(model=model, devices=devices, batch_size=batch_size, epochs=epochs,
                         train_steps=train_steps, lr=lr, precision=precision, image_size=image_size, seed=seed,
                         train_options=train_options, checkpoint_uri=checkpoint_uri, export_onnx=export_onnx)
+            # Datasets pass by reference (hrnet.data.reference): KFP's launcher would download a
+            # whole Dataset artifact into every pod that takes it.
             # Both branches run the same sub-pipeline: KFP's local runner cannot merge
             # artifacts of two branches (dsl.OneOf), and a sub-pipeline reads as one step anyway.
             with dsl.If(check.output == "convert", name="convert-images"):
-                convert_task = convert(source_uri=source_uri)
+                convert_task = convert(source_uri=source_uri, datasets_uri=datasets_uri)
                 _configure(convert_task, "convert", image)
+                # KFP's cache key is the source URI, not what is there: a changed tree under the
+                # same URI must be converted again. Converting unchanged input is a quick no-op
+                # when datasets_uri holds it already (the converter's own fingerprint).
+                convert_task.set_caching_options(False)
                 if data_pvc:
                     kubernetes.mount_pvc(convert_task, pvc_name=data_pvc, mount_path=images.DATA_MOUNT)
                 train_evaluate_export(dataset=convert_task.outputs["dataset"], **rest)
             with dsl.Else(name="use-tfrecords"):
-                records = dsl.importer(artifact_uri=tfrecords_uri, artifact_class=Dataset, reimport=False)
-                train_evaluate_export(dataset=records.output, **rest)
+                records = reference_records(tfrecords_uri=tfrecords_uri)
+                _configure(records, "reference", image)
+                train_evaluate_export(dataset=records.outputs["dataset"], **rest)
 
     return hrnet_pipeline
 

@@ -11,8 +11,8 @@ from components import images
 from pipelines.__main__ import compile_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = ("validate", "convert", "train", "evaluate", "export", "record-run")
-STORAGE_STEPS = ("convert", "train", "evaluate", "export")
+STEPS = ("validate", "convert", "reference-records", "train", "evaluate", "export", "record-run")
+STORAGE_STEPS = ("convert", "reference-records", "train", "evaluate", "export")
 
 
 def compile_ir(tmp_path, target, **kwargs):
@@ -131,9 +131,8 @@ def test_every_step_states_requests_and_limits(compiled, target):
 @pytest.mark.parametrize("target", images.TARGETS)
 def test_every_step_runs_as_the_images_non_root_user(compiled, target):
     ir, k8s, _ = compiled[target]
-    # The importer is KFP's own task (its launcher image), not a container of ours.
-    labels = [label for label in ir["deploymentSpec"]["executors"] if not label.startswith("exec-importer")]
-    assert len(labels) >= 5
+    labels = list(ir["deploymentSpec"]["executors"])
+    assert len(labels) >= 6
     for label in labels:
         assert k8s[label]["securityContext"] == {"runAsUser": str(images.RUN_AS_USER), "runAsNonRoot": True}, label
         name, value = images.OBJECT_STORE_CLIENT_LABEL
@@ -220,11 +219,12 @@ def test_validate_runs_first_and_picks_the_data_source(compiled):
     conditions = sorted(t["triggerPolicy"]["condition"] for t in branches.values())
     assert all("pipelinechannel--validate-Output" in c for c in conditions)
     assert any("'convert'" in c for c in conditions)
-    # The convert branch converts; the other imports the given TFRecords URI.
+    # The convert branch converts; the other refers to the given TFRecords (no importer: it
+    # would download the whole data set into every pod that takes it).
     branch_steps = {name: set(ir["components"][t["componentRef"]["name"]]["dag"]["tasks"])
                     for name, t in branches.items()}
     assert sorted(map(sorted, branch_steps.values())) == [["convert", "train-evaluate-export"],
-                                                         ["importer", "train-evaluate-export-2"]]
+                                                         ["reference-records", "train-evaluate-export-2"]]
 
 
 def test_run_time_parameters(compiled):
@@ -234,7 +234,7 @@ def test_run_time_parameters(compiled):
                 "epochs": "NUMBER_DOUBLE", "train_steps": "NUMBER_INTEGER", "batch_size": "NUMBER_INTEGER",
                 "lr": "NUMBER_DOUBLE", "precision": "STRING", "image_size": "NUMBER_INTEGER",
                 "seed": "NUMBER_INTEGER", "train_options": "STRING", "checkpoint_uri": "STRING",
-                "export_onnx": "BOOLEAN"}
+                "export_onnx": "BOOLEAN", "datasets_uri": "STRING"}
     assert {name: p["parameterType"] for name, p in params.items()} == expected
     assert params["devices"]["defaultValue"] == 1 and params["model"]["defaultValue"] == "w18"
 

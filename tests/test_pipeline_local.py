@@ -97,3 +97,14 @@ def test_the_exit_handler_recorded_success(demo_run):
     with open(os.path.join(step_dir(demo_run, "record-run"), "run_record", "manifest.json")) as f:
         record = json.load(f)
     assert record["state"] == "SUCCEEDED" and record["kind"] == "run-status"
+
+
+def test_the_data_set_passes_by_reference(demo_run):
+    """The Dataset artifact the steps take is a reference (a few kilobytes), not the records."""
+    from hrnet.data import reference
+
+    (artifact,) = glob.glob(os.path.join(demo_run["run_dir"], "convert*", "dataset"))
+    assert os.listdir(artifact) == [reference.REFERENCE]
+    records = reference.resolve(artifact)
+    assert os.path.dirname(records) == os.path.dirname(artifact)  # beside it, in the pipeline root
+    assert any(name.startswith("train-") for name in os.listdir(records))

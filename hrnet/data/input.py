@@ -71,14 +71,18 @@ def count_records(path: str) -> int:
 
 
 def dataset_info(data_dir: str, num_classes: Optional[int] = None, label_offset: Optional[int] = None,
-                 count: bool = True, verify: bool = False) -> DatasetInfo:
+                 count: bool = True, verify: bool = False, splits: Optional[Sequence[str]] = None) -> DatasetInfo:
     """Read a data set folder (path or URI) made by ``hrnet convert``, or by slim's
     build_imagenet_data.py when the caller gives ``num_classes`` and ``label_offset``
     (ImageNet from slim: 1000 and 1). Counts of slim records come from the shard headers
     (``count=False`` leaves them 0). Shards are checked against the manifest before
     anything reads them: their sizes always, their sha256 with ``verify`` (a remote data
-    set was hashed as it was downloaded)."""
-    local = storage.local_input(data_dir)
+    set was hashed as it was downloaded). ``data_dir`` may be a reference to the records
+    (hrnet.data.reference); with ``splits`` only those splits are fetched, checked and listed
+    in ``files``."""
+    from hrnet.data import reference
+
+    local = reference.stage(data_dir, splits)
     if not os.path.isdir(local):
         raise FileNotFoundError(f"no such data set folder: {data_dir}")
     if os.path.exists(os.path.join(local, MANIFEST)):
@@ -89,6 +93,8 @@ def dataset_info(data_dir: str, num_classes: Optional[int] = None, label_offset:
                 raise HrnetError(f"{name}={given} given, but {os.path.join(data_dir, MANIFEST)} says {stored}")
         files = {}
         for split, shards in manifest["shards"].items():
+            if splits is not None and split not in splits:
+                continue
             files[split] = [os.path.join(local, s["path"]) for s in shards]
             missing = [f for f in files[split] if not os.path.exists(f)]
             if missing:
@@ -106,7 +112,7 @@ def dataset_info(data_dir: str, num_classes: Optional[int] = None, label_offset:
         raise IncompleteError(f"{data_dir} holds an unfinished `hrnet convert` (no {MANIFEST}, but its "
                               f"{unfinished[0] if unfinished else 'temporary shards'} are there): run the same "
                               "convert again to finish it")
-    files = {split: schema.shard_files(local, split) for split in schema.SPLITS}
+    files = {split: schema.shard_files(local, split) for split in schema.SPLITS if splits is None or split in splits}
     if not any(files.values()):
         raise HrnetError(f"{data_dir} holds neither a manifest.json nor train-*/validation-* TFRecord shards")
     rows = _label_rows(local)
@@ -171,14 +177,17 @@ def _files_and_offset(data: Union[str, DatasetInfo], split: str, label_offset: O
                       num_classes: Optional[int]):
     """Shard files of a split and the label offset, from a DatasetInfo or a folder."""
     if not isinstance(data, DatasetInfo):
-        local = storage.local_input(data)
+        from hrnet.data import reference
+
+        local = reference.stage(data, (split,))
         if os.path.exists(os.path.join(local, MANIFEST)):
-            data = dataset_info(local, num_classes=num_classes, label_offset=label_offset)
+            data = dataset_info(local, num_classes=num_classes, label_offset=label_offset, splits=(split,))
         elif label_offset is None:
             raise HrnetError(f"{data} has no manifest.json (records made by slim's script?): give label_offset "
                              "(slim's ImageNet: 1)")
         elif num_classes is not None:  # slim's records, checked against what the caller says
-            data = dataset_info(local, num_classes=num_classes, label_offset=label_offset, count=False)
+            data = dataset_info(local, num_classes=num_classes, label_offset=label_offset, count=False,
+                                splits=(split,))
         else:
             files = schema.shard_files(local, split)
             if not files:
@@ -386,6 +395,10 @@ def train_dataset(data: Union[str, DatasetInfo], batch_size: int, image_size=224
                                                                  per_file_shard))
 
     def epoch_records(epoch):
+        # The shuffles' seeds are tensors (they depend on the epoch); TF cannot combine a tensor
+        # op seed with a global seed (tf.random.set_seed), so this function's graph has none:
+        # the order depends on ``seed`` and the epoch alone.
+        tf.compat.v1.get_default_graph().seed = None
         epoch_seed = tf.constant(base_seed, tf.int64) * 1000003 + epoch
         records = tf.data.Dataset.from_tensor_slices(own_files)
         records = records.shuffle(len(own_files), seed=epoch_seed, reshuffle_each_iteration=False)

@@ -50,7 +50,7 @@ def _data_info(cfg: TrainConfig, data_dir: str):
     from hrnet import data
 
     return data.dataset_info(data_dir, num_classes=cfg.num_classes, label_offset=cfg.label_offset,
-                             verify=cfg.verify_data)
+                             verify=cfg.verify_data, splits=("train",))
 
 
 def _train_input(cfg: TrainConfig, info, batch_size: int, worker_index: int, num_workers: int,
@@ -144,20 +144,25 @@ def _write_labels(out_dir: str, data_dir: str, info) -> None:
             f.write("%d\t%s\t%s\n" % (i + info.label_offset, name, text))
 
 
-def _stage_data(uri: str, chief: bool) -> str:
-    """The data set as a local folder. Remote data: the ranks of one machine share the
-    cache, so they take turns (a file lock); the first downloads and the others find the
-    copy. Only rank 0 re-hashes it, the others check sizes (ImageNet is 150 GB)."""
+def _stage_data(data: str, chief: bool) -> str:
+    """The data set's train split as a local folder (``data``: records, or a reference to
+    them). Remote data: the ranks of one machine share the cache, so they take turns (a
+    file lock); the first downloads and the others find the copy. Only rank 0 re-hashes
+    it, the others check sizes (ImageNet is 150 GB)."""
+    import fcntl
+
+    from hrnet.data import reference
+
+    uri = reference.resolve(data)
     if not storage.is_remote(uri):
         return storage.local_input(uri)
-    import fcntl
 
     lock_path = storage.cache_path(uri).rstrip("/") + ".lock"
     os.makedirs(os.path.dirname(lock_path), exist_ok=True)
     with open(lock_path, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            return storage.local_input(uri, verify=chief)
+            return reference.stage(uri, ("train",), verify=chief)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 

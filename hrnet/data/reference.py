@@ -1,0 +1,65 @@
+"""A data set passed by reference, and staging only the splits a step reads.
+
+Between pipeline steps a data set travels as a small folder (the KFP Dataset artifact)
+holding ``dataset.json``: where the records are (an s3:// / minio:// prefix or a folder) and
+a copy of their manifest. Every command that takes ``--data`` accepts such a folder as well
+as the records themselves, so a step's pod receives a few kilobytes from KFP and fetches
+only the shards it reads: training the train split, evaluation the validation split.
+"""
+import json
+import os
+from typing import Any, Dict, Optional, Sequence
+
+from hrnet import storage
+from hrnet.data import schema
+from hrnet.errors import HrnetError
+from hrnet.manifest import MANIFEST
+
+REFERENCE = "dataset.json"
+KIND = "dataset-reference"
+
+
+def write_reference(folder: str, records_uri: str, manifest: Optional[Dict[str, Any]] = None) -> str:
+    """Write ``folder/dataset.json`` naming ``records_uri``; returns its path."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, REFERENCE)
+    body = {"kind": KIND, "uri": records_uri, "manifest": manifest}
+    with open(path + ".tmp", "w") as f:
+        json.dump(body, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def resolve(data: str) -> str:
+    """The records' location: ``data`` itself, or the URI a reference folder names."""
+    if storage.is_remote(data):
+        return data
+    path = os.path.join(data, REFERENCE)
+    if not os.path.isfile(path):
+        return data
+    try:
+        with open(path) as f:
+            body = json.load(f)
+        uri = body["uri"]
+    except (ValueError, KeyError, TypeError):
+        raise HrnetError(f"{path} is not a data set reference (expected {{\"kind\": \"{KIND}\", \"uri\": ...}})") \
+            from None
+    if body.get("kind") != KIND or not isinstance(uri, str) or not uri:
+        raise HrnetError(f"{path} is not a data set reference (kind {body.get('kind')!r})")
+    return uri
+
+
+def stage(data: str, splits: Optional[Sequence[str]] = None, verify: bool = True) -> str:
+    """A local folder with the data set at ``data`` (records or a reference to them): for
+    remote records their manifest, labels file and the shards of ``splits`` only (all
+    splits when None), verified against the manifest."""
+    uri = resolve(data)
+    if not storage.is_remote(uri):
+        return storage.local_input(uri)
+    wanted = tuple(f"{split}-" for split in splits) if splits is not None else None
+
+    def include(rel: str) -> bool:
+        return wanted is None or rel in (MANIFEST, schema.LABELS_FILE) or ("/" not in rel and rel.startswith(wanted))
+
+    return storage.local_input(uri, verify=verify, include=include)
