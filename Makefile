@@ -8,7 +8,7 @@ EXTRAS  ?= cpu,legacy-keras,kfp,k8s,demo,onnx,test,torch
 LINT_VENV       ?= .venv-lint
 KFP_ASCEND_VENV ?= .venv-kfp-ascend
 
-.PHONY: setup test lint test-keras3 test-keras2 demo bench clean
+.PHONY: setup test lint test-keras3 test-keras2 test-containers containers-run demo bench clean
 
 setup: $(VENV)/.installed
 
@@ -27,12 +27,20 @@ lint: setup
 # The infra tests need every tool present (kubectl, kubernetes-validate and hadolint come
 # with the test extra; the Ascend image's older kfp lives in its own venv).
 test-keras3: setup $(KFP_ASCEND_VENV)/.installed
-	HRNET_REQUIRE_INFRA_TOOLS=1 HRNET_KFP_ASCEND_PYTHON=$(abspath $(KFP_ASCEND_VENV))/bin/python $(PYTEST) -q
+	HRNET_REQUIRE_INFRA_TOOLS=1 HRNET_KFP_ASCEND_PYTHON=$(abspath $(KFP_ASCEND_VENV))/bin/python $(PYTEST) -q -m "not containers"
 
 test-keras2: setup
 	TF_USE_LEGACY_KERAS=1 $(PYTEST) -q -m keras2
 
-test: lint lint-infra test-keras3 test-keras2
+# The steps in their images (tests/test_containers.py): a Docker engine (started here, and
+# stopped after, when none runs), the registry-free bases, the cpu image and the Ascend stand-in.
+test-containers: setup
+	images/with-docker.sh $(MAKE) images-local containers-run
+
+containers-run:
+	HRNET_REQUIRE_CONTAINERS=1 $(PYTEST) -q -m containers
+
+test: lint lint-infra test-keras3 test-keras2 test-containers
 
 demo: setup
 	$(BIN)/python -m pipelines run-local
@@ -51,23 +59,39 @@ REGISTRY        ?= $(call IMAGE_DEFAULT,REGISTRY)
 TAG             ?= $(call IMAGE_DEFAULT,TAG)
 IMAGE_TARGETS   ?= cpu gpu ascend
 CANN_BASE       ?=
+# cpu / gpu: the image they build FROM (default the public python:3.11-slim); ascend: NPU_ADAPTER=optional
+# builds on a base without the CANN TF adapter (the stand-in of make images-local).
+BASE_IMAGE      ?=
+NPU_ADAPTER     ?= required
+IMAGE_NAME      ?= $(REGISTRY)/hrnet-$$t:$(TAG)
 CONTAINER_TOOL  ?= $(firstword $(shell command -v docker podman buildah 2>/dev/null))
 CHECKOV_VERSION ?= 3.3.30
 
-.PHONY: images lint-infra
+.PHONY: images images-local lint-infra
 
 images:
 	@test -n "$(CONTAINER_TOOL)" || { echo "make images: no docker, podman or buildah (set CONTAINER_TOOL)" >&2; exit 2; }
 	@set -e; for t in $(IMAGE_TARGETS); do \
 	  case $$t in \
-	    cpu|gpu) args="";; \
+	    cpu|gpu) args="$(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE))";; \
 	    ascend) test -n "$(CANN_BASE)" || { echo "make images: the ascend image needs CANN_BASE=<ascend-toolkit image with Python 3.9>" >&2; exit 2; }; \
-	            args="--build-arg CANN_BASE=$(CANN_BASE)";; \
+	            args="--build-arg CANN_BASE=$(CANN_BASE) --build-arg NPU_ADAPTER=$(NPU_ADAPTER)";; \
 	    *) echo "make images: unknown target $$t (cpu, gpu, ascend)" >&2; exit 2;; \
 	  esac; \
-	  $(CONTAINER_TOOL) build $$args -f images/$$t/Dockerfile -t $(REGISTRY)/hrnet-$$t:$(TAG) .; \
-	  if [ -n "$(PUSH)" ]; then $(CONTAINER_TOOL) push $(REGISTRY)/hrnet-$$t:$(TAG); fi; \
+	  $(CONTAINER_TOOL) build $$args -f images/$$t/Dockerfile -t $(IMAGE_NAME) .; \
+	  if [ -n "$(PUSH)" ]; then $(CONTAINER_TOOL) push $(IMAGE_NAME); fi; \
 	done
+
+# Without a registry: Debian-made bases (images/base/make-base.sh), the cpu image on bookworm,
+# and the Ascend image's Python layer on a bullseye (Python 3.9) stand-in for the CANN base,
+# named hrnet-ascend-standin (it has no adapter, so it is not hrnet-ascend). With the classic
+# builder (DOCKER_BUILDKIT=0), which needs no registry for a Dockerfile frontend.
+images-local:
+	images/base/make-base.sh bookworm hrnet-base:bookworm
+	images/base/make-base.sh bullseye hrnet-base:bullseye
+	DOCKER_BUILDKIT=0 $(MAKE) images IMAGE_TARGETS=cpu BASE_IMAGE=hrnet-base:bookworm
+	DOCKER_BUILDKIT=0 $(MAKE) images IMAGE_TARGETS=ascend CANN_BASE=hrnet-base:bullseye NPU_ADAPTER=optional \
+	    IMAGE_NAME=hrnet-ascend-standin:$(TAG)
 
 # checkov over manifests and Dockerfiles, in its own venv (its pins clash with kfp's); hadolint,
 # kustomize and the schema checks run in the test suite (tests/test_manifests.py, test_images.py).

@@ -923,7 +923,10 @@ def _download_dir(s: S3Settings, uri: str, local_dir: str, delete: bool, progres
     todo = [rel for rel in names if not same[rel]]
     total = sum(remote[rel].size for rel in todo)
     if todo:
-        part = f" (the {len(names)} of {len(remote) - int(MANIFEST in remote)} this step reads)" if include else ""
+        part = ""
+        if include:
+            shown = ", ".join(todo[:4]) + (", ..." if len(todo) > 4 else "")
+            part = f" ({shown}: this step reads {len(names)} of {len(remote) - int(MANIFEST in remote)})"
         log.info("downloading %d of %d files%s (%.1f MiB) from %s to %s", len(todo), len(names), part, total / MIB,
                  uri, local_dir)
     bar = _Progress(f"download {uri}", total, progress)

@@ -9,6 +9,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -131,8 +132,32 @@ def _submit(args) -> int:
 
 # ---------------------------------------------------------------------------- run-local
 
-def run_local(workdir: str, **params) -> Dict[str, Any]:
-    """The cpu pipeline on this machine (kfp.local, no containers) on the demo digits.
+# What a step in a container needs of this machine's environment: the object store's settings.
+STEP_ENV = re.compile(r"^(S3_|AWS_|MINIO_|HRNET_S3_|HRNET_LEASE_|SSL_CERT_FILE$)")
+
+
+def _docker_runner(workdir: str):
+    """kfp.local's DockerRunner for the cpu image: on the host's network (an object store on
+    localhost is reachable), with the object store's variables, as a user that may write the
+    pipeline root (the image's uid 1000, which then owns it, when this runs as root)."""
+    from kfp import local
+
+    environment = {k: v for k, v in os.environ.items() if STEP_ENV.match(k)}
+    if os.getuid() == 0:
+        os.chown(workdir, images.RUN_AS_USER, 0)
+        user = f"{images.RUN_AS_USER}:0"
+    else:
+        user = f"{os.getuid()}:{os.getgid()}"
+        environment["HOME"] = "/tmp"  # the image's home belongs to its own user
+    return local.DockerRunner(network_mode="host", environment=environment, user=user)
+
+
+def run_local(workdir: str, runner: str = "subprocess", source_uri: str = "", tfrecords_uri: str = "",
+              datasets_uri: str = "", **params) -> Dict[str, Any]:
+    """The cpu pipeline on this machine with kfp.local: each step a subprocess here, or
+    (``runner="docker"``) a container of the cpu image. The data: the demo digits, unless
+    ``source_uri`` (an image tree) or ``tfrecords_uri`` names other data; ``datasets_uri``:
+    where converted records go (see the pipeline).
 
     Returns the evaluation metrics plus where the run's outputs are.
     """
@@ -148,19 +173,25 @@ def run_local(workdir: str, **params) -> Dict[str, Any]:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     warnings.filterwarnings("ignore", message=".*have no effect in the current local runner")
     warnings.filterwarnings("ignore", message=".*non-Python base image")
+    if runner not in ("subprocess", "docker"):
+        raise UsageError(f"runner must be subprocess or docker, not {runner!r}")
     workdir = os.path.abspath(workdir)
-    demo_dir = os.path.join(workdir, "demo-data")
-    try:
-        read_manifest(demo_dir)
-    except (FileNotFoundError, IncompleteError):  # absent or half-written: write it (again)
-        write_demo_data(demo_dir)
-    runs_dir = os.path.join(workdir, "runs")
+    if not source_uri and not tfrecords_uri:
+        source_uri = os.path.join(workdir, "demo-data")
+        try:
+            read_manifest(source_uri)
+        except (FileNotFoundError, IncompleteError):  # absent or half-written: write it (again)
+            write_demo_data(source_uri)
+    # A container sees only the pipeline root (mounted at the same path): it is the work folder.
+    runs_dir = os.path.join(workdir, "runs") if runner == "subprocess" else workdir
     os.makedirs(runs_dir, exist_ok=True)
     before = set(os.listdir(runs_dir))
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=runs_dir)
+    chosen = local.SubprocessRunner(use_venv=False) if runner == "subprocess" else _docker_runner(workdir)
+    local.init(runner=chosen, pipeline_root=runs_dir)
     pipeline = build_pipeline("cpu", data_pvc=None)
     started = time.time()
-    pipeline(source_uri=demo_dir, **params)  # raises RuntimeError naming the failed step
+    # raises RuntimeError naming the failed step
+    pipeline(source_uri=source_uri, tfrecords_uri=tfrecords_uri, datasets_uri=datasets_uri, **params)
     (run_dir,) = [os.path.join(runs_dir, name) for name in set(os.listdir(runs_dir)) - before]
     metrics_files = glob.glob(os.path.join(run_dir, "evaluate*", "evaluation", "metrics.json"))
     exported = glob.glob(os.path.join(run_dir, "export*", "exported"))
@@ -178,9 +209,11 @@ def run_local(workdir: str, **params) -> Dict[str, Any]:
 
 def _run_local(args) -> int:
     params = {name: getattr(args, name) for name in DEMO}
-    result = run_local(args.workdir, **params)
+    result = run_local(args.workdir, runner=args.runner, source_uri=args.source_uri,
+                       tfrecords_uri=args.tfrecords_uri, datasets_uri=args.datasets_uri, **params)
+    data = args.source_uri or args.tfrecords_uri or "the demo digits"
     print()
-    print(f"HRNet {params['model']} on the demo digits: top-1 {100 * result['top1']:.2f}%, "
+    print(f"HRNet {params['model']} on {data}: top-1 {100 * result['top1']:.2f}%, "
           f"top-5 {100 * result['top5']:.2f}% on {result['count']} validation images ({result['seconds']:.0f} s)")
     print(f"  run outputs:    {result['run_dir']}")
     print(f"  report:         {result['report']}")
@@ -227,6 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("run-local", help="run the whole pipeline here on the demo digits (kfp.local)")
     p.add_argument("--workdir", default="hrnet-local", help="demo data and run outputs (default ./hrnet-local)")
+    p.add_argument("--runner", default="subprocess", choices=("subprocess", "docker"),
+                   help="each step as a subprocess here (default), or in a container of the cpu image "
+                        "(make images IMAGE_TARGETS=cpu first)")
+    p.add_argument("--source-uri", default="", help="an image tree to use instead of the demo digits")
+    p.add_argument("--tfrecords-uri", default="", help="TFRecords to use instead of converting an image tree")
+    p.add_argument("--datasets-uri", default="", help="where converted records go (default: beside the artifacts)")
     p.add_argument("--model", default=DEMO["model"], help="HRNet config (default %(default)s)")
     p.add_argument("--devices", type=int, default=DEMO["devices"], help="training processes (default 1)")
     p.add_argument("--batch-size", type=int, default=DEMO["batch_size"], help="per device (default %(default)s)")

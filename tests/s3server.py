@@ -258,6 +258,7 @@ class TcpProxy:
         self._restore_after: Optional[float] = None
         self._fail_left = 0
         self._timers: List[threading.Timer] = []
+        self._stopped = False
 
     @property
     def endpoint(self) -> str:
@@ -394,10 +395,16 @@ class TcpProxy:
         self.drop_connections()
 
     def restore(self) -> None:
-        if self._listener is None:
-            self.start()
+        # A restore timer that fires after stop() must not bring a stopped proxy back: its
+        # port may be another test's proxy's by then.
+        with self._lock:
+            if self._stopped or self._listener is not None:
+                return
+        self.start()
 
     def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
         for timer in self._timers:
             timer.cancel()
         self.cut()

@@ -1,0 +1,146 @@
+"""The steps in their real images: the whole pipeline in the cpu image (kfp.local's
+DockerRunner, each step a container), against a real S3 server (SeaweedFS), once from an
+image tree in a bucket and once from TFRecords in a bucket; and the Ascend image's Python
+layer (TF 2.6.5, kfp 2.5.0, hrnet) on a Python 3.9 stand-in for the CANN base.
+
+What makes these fail: a step's image lacking a dependency, a component importing what its
+image does not have, a step that cannot write the pipeline root as the image's user, or a
+train / evaluate step that fetches more of the data set than the split it reads.
+
+The images come from `make images-local` (images/base/make-base.sh bases, then the
+Dockerfiles); `make test` builds them first, with a Docker engine it starts itself.
+"""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from components import images
+
+pytestmark = [pytest.mark.containers, pytest.mark.slow]
+
+CPU_IMAGE = images.IMAGES["cpu"]
+ASCEND_STANDIN = os.environ.get("HRNET_ASCEND_STANDIN_IMAGE", f"hrnet-ascend-standin:{images.TAG}")
+# Short and far above chance on the digits (10 classes): the same recipe as the demo, 2 epochs.
+RUN_FLAGS = ["--epochs", "2", "--image-size", "32", "--seed", "1"]
+
+
+def docker(*args, timeout=600):
+    return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def need_image(name):
+    try:
+        found = docker("image", "inspect", name, timeout=30).returncode == 0
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        found = False
+    if not found:
+        message = f"no image {name} (or no Docker engine): run `images/with-docker.sh make images-local`"
+        if os.environ.get("HRNET_REQUIRE_CONTAINERS"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def sections(output):
+    """The pipeline's output cut into {task: its lines}, by kfp.local's 'Executing task' lines."""
+    found, current = {}, None
+    for line in output.splitlines():
+        m = re.search(r"Executing task \S*?'([\w-]+)'", line)
+        if m:
+            current = re.sub(r"-\d+$", "", m.group(1))  # the second branch's copies: train-2 ...
+            found.setdefault(current, [])
+        elif current:
+            found[current].append(line)
+    return found
+
+
+def fetched(lines):
+    """Names of the data set files a step downloaded (hrnet.storage's partial-download lines)."""
+    names = []
+    for line in lines:
+        m = re.search(r"downloading \d+ of \d+ files \((.*): this step reads", line)
+        if m:
+            names += [n for n in m.group(1).split(", ") if n != "..."]
+    return names
+
+
+def run_pipeline(tmp_path, name, *flags):
+    workdir = tmp_path / name
+    command = [sys.executable, "-m", "pipelines", "run-local", "--runner", "docker", "--workdir", str(workdir),
+               *RUN_FLAGS, *flags]
+    done = subprocess.run(command, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-6000:]
+    top1 = float(re.search(r"top-1 ([\d.]+)%", done.stdout).group(1)) / 100
+    return workdir, top1, sections(done.stdout)
+
+
+@pytest.fixture(scope="module")
+def bucket_runs(seaweedfs_server, tmp_path_factory):
+    """Both runs against one bucket: from images, then from the records the first one made."""
+    need_image(CPU_IMAGE)
+    from s3server import apply_env, env_for, make_bucket
+
+    from hrnet.data.demo import write_demo_data
+
+    tmp = tmp_path_factory.mktemp("containers")
+    monkeypatch = pytest.MonkeyPatch()
+    bucket = make_bucket(seaweedfs_server)
+    apply_env(monkeypatch, env_for(seaweedfs_server, str(tmp / "cache")))
+    try:
+        write_demo_data(f"s3://{bucket}/demo")
+        records = f"s3://{bucket}/datasets/demo"
+        from_images = run_pipeline(tmp, "from-images", "--source-uri", f"s3://{bucket}/demo",
+                                   "--datasets-uri", records)
+        from_records = run_pipeline(tmp, "from-records", "--tfrecords-uri", records)
+        yield {"images": from_images, "records": from_records, "bucket": bucket}
+    finally:
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("run", ["images", "records"])
+def test_the_pipeline_runs_in_the_cpu_image_against_a_real_bucket(bucket_runs, run):
+    workdir, top1, steps = bucket_runs[run]
+    expected = ["validate", "convert" if run == "images" else "reference-records", "train", "evaluate", "export",
+                "record-run"]
+    assert [s for s in expected if s in steps] == expected, sorted(steps)
+    assert top1 > 0.5, top1  # chance is 0.1
+    (exported,) = [os.path.join(root, "saved_model") for root, dirs, _ in os.walk(workdir) if "saved_model" in dirs]
+    assert os.path.exists(os.path.join(exported, "saved_model.pb"))
+
+
+@pytest.mark.parametrize("run", ["images", "records"])
+def test_train_and_evaluate_fetch_only_the_split_they_read(bucket_runs, run):
+    _, _, steps = bucket_runs[run]
+    train, evaluate = fetched(steps["train"]), fetched(steps["evaluate"])
+    assert any(n.startswith("train-") for n in train), steps["train"][-40:]
+    assert any(n.startswith("validation-") for n in evaluate), steps["evaluate"][-40:]
+    assert not [n for n in train if n.startswith("validation-")]
+    assert not [n for n in evaluate if n.startswith("train-")]
+    # And the Dataset artifact KFP hands each step is a reference, not the records.
+    assert not [ln for ln in steps["train"] + steps["evaluate"] if re.search(r"Downloading .*tfrecords", ln)]
+
+
+def test_the_ascend_python_layer_runs_tf_2_6_on_python_3_9():
+    """The Ascend image's whole Python layer (TF 2.6.5 with Keras 2, kfp 2.5.0, hrnet) on a
+    Debian bullseye stand-in for the CANN base: everything but --device npu, for real."""
+    need_image(ASCEND_STANDIN)
+    script = " && ".join([
+        "python3 -c 'import sys, tensorflow as tf, kfp; print(\"versions\", sys.version.split()[0], tf.__version__, "
+        "kfp.__version__)'",
+        "hrnet info --model w18_small_v1",
+        "hrnet demo-data --out /tmp/demo",
+        "hrnet convert --src /tmp/demo --out /tmp/records --no-progress",
+        "hrnet train --data /tmp/records --out /tmp/run --model w18_small_v1 --image-size 32 --batch-size 8 "
+        "--train-steps 3 --log-every 1 --seed 1",
+        "hrnet export --checkpoint /tmp/run --out /tmp/export --no-onnx",
+        "ls /tmp/export/saved_model /tmp/export/frozen",
+    ])
+    done = docker("run", "--rm", "--network", "none", ASCEND_STANDIN, "bash", "-c", script, timeout=900)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-6000:]
+    assert re.search(r"versions 3\.9\.\d+ 2\.6\.5 2\.5\.0", output), output[-3000:]
+    assert "13,187,464" in output  # w18_small_v1's official parameter count
+    assert "step 3/3" in output and "saved_model.pb" in output and "hrnet.pb" in output
