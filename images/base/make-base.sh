@@ -26,7 +26,11 @@ if [ -z "${FORCE:-}" ] && "$tool" image inspect "$image" > /dev/null 2>&1; then
   echo "make-base.sh: $image exists (FORCE=1 makes it again)"
   exit 0
 fi
-command -v debootstrap > /dev/null || { echo "make-base.sh: needs debootstrap (apt-get install debootstrap)" >&2; exit 2; }
+if ! command -v debootstrap > /dev/null; then
+  [ "$(id -u)" = 0 ] || { echo "make-base.sh: needs debootstrap (apt-get install debootstrap) and root" >&2; exit 2; }
+  echo "make-base.sh: installing debootstrap"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap > /dev/null
+fi
 
 # The mirror apt here uses: the first Debian (not security) URI of the active sources, in the
 # deb822 or the one-line format.
