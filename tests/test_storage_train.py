@@ -9,7 +9,8 @@ resumes from the bucket on a machine that has none of its local files.
                                                     their outputs to it
 
 Training runs as real `hrnet train` processes (one of them killed) against the test S3
-server (moto, or MinIO with HRNET_TEST_S3_ENDPOINT), with a tiny model on 32x32 images.
+servers (SeaweedFS and moto, or MinIO with HRNET_TEST_S3_ENDPOINT), with a tiny model on
+32x32 images.
 """
 import json
 import os
@@ -23,6 +24,13 @@ import time
 import pytest
 
 from hrnet import storage
+
+
+@pytest.fixture(scope="module")
+def s3_server(both_servers):
+    """Every test here runs against SeaweedFS and against moto."""
+    return both_servers
+
 
 TINY_MODEL = (pathlib.Path(__file__).parent / "configs" / "tiny.yaml").read_text()
 STEPS = 60  # the first run is killed once its third checkpoint (step 15) is in the bucket
