@@ -2,6 +2,7 @@
 security settings every workload must carry, and the Ascend specifics (chips, /dev/shm, the
 HCCL rank table, the Volcano Job), checked with the real tools (kubectl, kubernetes-validate;
 both come with the `test` extra, so a missing one fails here rather than skipping)."""
+import json
 import re
 import shutil
 import socket
@@ -339,8 +340,8 @@ def test_names_agree_with_components_images():
                     assert images.OBJECT_STORE_ENV[ref["key"]] == e["name"], f"{where}: {e['name']}"
 
 
-def test_only_its_own_folder_holds_the_secret_so_a_re_apply_never_resets_it():
-    holders = [folder for folder in PLAIN if ("Secret", images.OBJECT_STORE_SECRET) in map(key, folder_objects(folder))]
+def test_only_its_own_folder_holds_the_secrets_so_a_re_apply_never_resets_them():
+    holders = [folder for folder in PLAIN if "Secret" in {d["kind"] for d in folder_objects(folder)}]
     assert holders == ["secrets"]
     for name in OVERLAYS:
         assert "Secret" not in {d["kind"] for d in build(MANIFESTS / "overlays" / name)}, name
@@ -403,8 +404,38 @@ def test_kfp_launcher_points_the_pipeline_root_at_the_bucket():
     port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "s3")
     assert provider["endpoint"] == f"minio.{NAMESPACE}.svc.cluster.local:{port}"
     assert secret["stringData"]["endpoint"] == f"http://{provider['endpoint']}"
-    make_bucket = objects[("Job", "minio-make-bucket")]["spec"]["template"]["spec"]["containers"][0]
-    assert make_bucket["args"][-1] == f"hrnet/{bucket}"
+    job = objects[("Job", "minio-make-bucket")]["spec"]["template"]["spec"]
+    make_bucket = next(c for c in job["initContainers"] if "mb" in c["args"])
+    assert make_bucket["args"][-1] == f"root/{bucket}"
+
+
+def test_the_steps_hold_a_user_limited_to_the_bucket_not_minios_root():
+    objects = {key(d): d for d in folder_objects("secrets") + folder_objects("minio")}
+    root = objects[("Secret", "minio-root")]
+    assert root["stringData"] == {"user": "replace-me", "password": "replace-me"}
+    # Only MinIO and its set-up Job see the root credentials.
+    for where, template in workloads():
+        refs = {e["valueFrom"]["secretKeyRef"]["name"] for c in containers(template) for e in c.get("env", [])
+                if "secretKeyRef" in e.get("valueFrom", {})}
+        if "minio-root" in refs:
+            assert where in ("minio", "minio-make-bucket"), where
+    # The set-up Job makes the steps' key (hrnet-object-store) a MinIO user with a policy on
+    # the bucket alone, and attaches it: mb, policy create, user add, then policy attach.
+    job = objects[("Job", "minio-make-bucket")]["spec"]["template"]["spec"]
+    steps = [c["args"][2:] for c in job["initContainers"] + job["containers"]]
+    assert [s[:3] for s in steps] == [["mb", "--ignore-existing", "root/hrnet"], ["admin", "policy", "create"],
+                                      ["admin", "user", "add"], ["admin", "policy", "attach"]]
+    env = {e["name"]: e for e in job["containers"][0]["env"]}
+    assert env["STEPS_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": images.OBJECT_STORE_SECRET,
+                                                                    "key": "accesskey"}
+    assert steps[2][3:] == ["root", "$(STEPS_ACCESS_KEY)", "$(STEPS_SECRET_KEY)"]
+    assert steps[3][-2:] == ["--user", "$(STEPS_ACCESS_KEY)"] and steps[1][4] == steps[3][4] == "hrnet-bucket"
+    policy = json.loads(objects[("ConfigMap", "minio-hrnet-bucket-policy")]["data"]["hrnet-bucket.json"])
+    resources = {r for statement in policy["Statement"] for r in statement["Resource"]}
+    assert resources == {"arn:aws:s3:::hrnet", "arn:aws:s3:::hrnet/*"}
+    assert all(statement["Effect"] == "Allow" and not any(a.startswith("admin:") or a == "s3:*"
+                                                          for a in statement["Action"])
+               for statement in policy["Statement"])
 
 
 def test_every_hrnet_command_line_in_the_manifests_parses():
