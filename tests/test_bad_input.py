@@ -126,3 +126,17 @@ def test_run_local_refuses_nan(capsys):
     with pytest.raises(SystemExit) as e:
         main(["run-local", "--lr", "nan"])
     assert e.value.code == 2 and "finite number" in capsys.readouterr().err
+
+
+def test_an_unreadable_class_folder_is_named_not_called_empty(tmp_path, capsys, monkeypatch):
+    """(The tests run as root, whom file modes do not stop: the permission check is faked.)"""
+    from test_storage_train import write_images
+
+    from hrnet.data import convert
+
+    write_images(str(tmp_path / "images"))
+    locked = str(tmp_path / "images" / "train" / "class1")
+    real_access = os.access
+    monkeypatch.setattr(convert.os, "access", lambda p, mode: p != locked and real_access(p, mode))
+    code, line = run(capsys, "convert", "--src", tmp_path / "images", "--out", tmp_path / "out", "--no-progress")
+    assert code == 2 and "cannot read the class folder" in line and "class1" in line and "permission" in line, line
