@@ -370,3 +370,46 @@ def test_convert_from_a_bucket_of_images_to_a_bucket(s3_env, tmp_path):
     assert info.counts == manifest["counts"] and info.class_names == ["a", "b"]
     x, y = next(iter(data.eval_dataset(out, 8, 32)))
     assert x.shape == (2, 32, 32, 3) and sorted(y.numpy().tolist()) == [0, 1]
+
+
+def test_real_world_files_16_bit_png_gif_tiff_hidden_files_and_unreadable_classes(tmp_path):
+    """What real photo folders hold: a 16-bit grayscale PNG (valid: converted), GIF and TIFF
+    (images of a type we do not take: said so), macOS metadata (ignored, even with --strict),
+    an unreadable file whose reason must read the same in every run, and a class folder whose
+    every file is unreadable (as fatal as an empty one)."""
+    root = tmp_path / "src"
+    for c in ("a", "b"):
+        save(str(root / "train" / c / "ok.jpg"), Image.fromarray(noise(40, 30, ord(c))), quality=95)
+    deep = (np.arange(30 * 40, dtype=np.uint16).reshape(30, 40) * 50).astype(np.uint16)
+    save(str(root / "train" / "a" / "deep.png"), Image.fromarray(deep), "PNG")
+    save(str(root / "train" / "a" / "anim.gif"), Image.fromarray(noise(20, 20, 3)), "GIF")
+    save(str(root / "train" / "b" / "scan.tiff"), Image.fromarray(noise(20, 20, 4)), "TIFF")
+    (root / "train" / "b" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (root / "train" / "b" / "._ok.jpg").write_bytes(b"\0\5\26\7 AppleDouble")
+    (root / "train" / "b" / "broken.jpg").write_bytes(b"\x89PNG not really")
+
+    manifests = [convert_dataset(str(root), str(tmp_path / f"out{i}"), workers=1, progress=False) for i in (0, 1)]
+    reasons = {s["path"]: s["reason"] for s in manifests[0]["skipped"]}
+    assert manifests[0]["counts_per_class"]["train"] == {"a": 2, "b": 1}  # the 16-bit PNG is a record
+    gif, tiff = os.path.join("train", "a", "anim.gif"), os.path.join("train", "b", "scan.tiff")
+    assert "a type the converter does not take (.gif)" in reasons[gif]
+    assert "a type the converter does not take (.tiff)" in reasons[tiff]
+    assert reasons[os.path.join("train", "b", ".DS_Store")].startswith("hidden file")
+    assert reasons[os.path.join("train", "b", "._ok.jpg")].startswith("hidden file")
+    broken = reasons[os.path.join("train", "b", "broken.jpg")]
+    assert "0x" not in broken and "object at" not in broken, broken
+    assert manifests[0]["skipped"] == manifests[1]["skipped"]  # the same run twice, the same manifest
+
+    # --strict stops at the GIF, not at .DS_Store.
+    with pytest.raises(HrnetError, match="anim.gif"):
+        convert_dataset(str(root), str(tmp_path / "strict"), workers=1, progress=False, strict=True)
+    os.remove(root / "train" / "a" / "anim.gif")
+    os.remove(root / "train" / "b" / "scan.tiff")
+    os.remove(root / "train" / "b" / "broken.jpg")
+    convert_dataset(str(root), str(tmp_path / "strict2"), workers=1, progress=False, strict=True)
+
+    # A class whose every file is unreadable is refused, naming it and why.
+    (root / "train" / "c").mkdir()
+    (root / "train" / "c" / "x.jpg").write_bytes(b"not a jpeg at all")
+    with pytest.raises(HrnetError, match=r"no readable image: c \(every file was skipped, e\.g\. .*x\.jpg"):
+        convert_dataset(str(root), str(tmp_path / "lost"), workers=1, progress=False)

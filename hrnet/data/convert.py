@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import xml.etree.ElementTree as ET
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -35,7 +36,10 @@ from hrnet.runtime import usable_cpus
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+# Images, but of a type the converter does not take (animated, multi-page, vector, HDR...).
+OTHER_IMAGE_EXTENSIONS = (".gif", ".tif", ".tiff", ".heic", ".heif", ".avif", ".svg", ".ico", ".jp2", ".exr")
 STATE_DIR = ".convert"
+HIDDEN = "hidden file (system metadata), ignored"
 TEMP_PREFIX = ".tmp-"
 # slim's ImageNet shards hold about this many records: 1024 train and 128 validation shards.
 RECORDS_PER_SHARD = {"train": 1250, "validation": 390}
@@ -53,6 +57,12 @@ DEVKIT_META = os.path.join("ILSVRC2012_devkit_t12", "data", "meta.mat")
 
 class BadImage(Exception):
     """A source file that cannot become a record; the message is the reason."""
+
+
+def _why(e: Exception) -> str:
+    """An exception's message without object reprs (``<_io.BytesIO object at 0x7f...>``): a
+    skip reason must read the same in every run, or two identical runs differ."""
+    return re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(e)).strip() or type(e).__name__
 
 
 # --------------------------------------------------------------------------------------
@@ -90,14 +100,14 @@ def read_image(path: str, quality: int = 95, verify: bool = False) -> Tuple[byte
         image = Image.open(io.BytesIO(data))
         fmt, mode, (width, height) = image.format, image.mode, image.size
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise BadImage(f"not a readable image ({e})") from None
+        raise BadImage(f"not a readable image ({_why(e)})") from None
     orientation = _orientation(image)
     if fmt in ("JPEG", "MPO") and mode == "RGB" and orientation == 1:
         if verify or not _has_end_marker(data):
             try:
                 image.load()
             except Exception as e:
-                raise BadImage(f"truncated or corrupt JPEG ({e})") from None
+                raise BadImage(f"truncated or corrupt JPEG ({_why(e)})") from None
         return data, height, width, None
     try:
         image.load()
@@ -113,7 +123,7 @@ def read_image(path: str, quality: int = 95, verify: bool = False) -> Tuple[byte
     except BadImage:
         raise
     except Exception as e:
-        raise BadImage("truncated or corrupt {} ({})".format(fmt or "image", e)) from None
+        raise BadImage("truncated or corrupt {} ({})".format(fmt or "image", _why(e))) from None
     out = io.BytesIO()
     image.save(out, "JPEG", quality=quality)
     return out.getvalue(), image.height, image.width, "+".join(reasons)
@@ -130,8 +140,17 @@ def _to_rgb(image):
         background = Image.new("RGB", rgba.size, (255, 255, 255))
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        raise BadImage(f"unsupported {image.mode} pixel mode (more than 8 bits per channel)")
+    if image.mode in ("I", "I;16", "I;16B", "I;16L"):
+        # 16-bit grayscale (PNG): scaled to 8 bits, as a viewer shows it.
+        import numpy as np
+
+        pixels = np.asarray(image, dtype=np.int64)
+        if pixels.min() < 0 or pixels.max() > 65535:
+            raise BadImage(f"unsupported {image.mode} pixel values outside 0..65535")
+        scale = 257.0 if image.mode != "I" or pixels.max() > 255 else 1.0
+        return Image.fromarray(np.round(pixels / scale).astype(np.uint8), "L").convert("RGB")
+    if image.mode == "F":
+        raise BadImage("unsupported floating-point pixels (mode F)")
     return image.convert("RGB")
 
 
@@ -182,7 +201,7 @@ def normalize_boxes(boxes, ref_size: Tuple[int, int]) -> List[Tuple[float, float
 # --------------------------------------------------------------------------------------
 
 def _is_image_name(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not os.path.basename(name).startswith(".")
 
 
 def _raise(error: OSError) -> None:
@@ -360,10 +379,15 @@ def make_plan(src: str, *, train_dir: Optional[str] = None, validation_dir: Opti
             items = [(p, c, None) for c, files in folders.items() for p in files]
             class_sets[split] = sorted(folders)
         for p in others:
+            ext = os.path.splitext(p)[1].lower()
             if os.path.dirname(p) == split_dir and _is_image_name(p):
                 reason = "not inside a class folder"
+            elif os.path.basename(p).startswith("."):
+                reason = HIDDEN  # .DS_Store, ._foo.jpg (macOS), .directory: no one's data
+            elif ext in OTHER_IMAGE_EXTENSIONS:
+                reason = f"an image of a type the converter does not take ({ext}): convert it to JPEG or PNG"
             else:
-                reason = "not an image file ({})".format(os.path.splitext(p)[1] or "no extension")
+                reason = "not an image file ({})".format(ext or "no extension")
             skipped.append({"split": split, "path": os.path.relpath(p, src), "reason": reason})
         per_split[split] = items
 
@@ -599,8 +623,9 @@ def convert_dataset(src: str, out: str, *, train_shards: Optional[int] = None,
                               devkit=devkit, synset_names=synset_names, bbox_dir=bbox_dir).items()}
     plan = make_plan(_local_source(src), train_shards=train_shards, validation_shards=validation_shards,
                      label_offset=label_offset, seed=seed, **local)
-    if strict and plan["skipped"]:
-        first = plan["skipped"][0]
+    refused = [s for s in plan["skipped"] if s["reason"] != HIDDEN]  # --strict is about images, not .DS_Store
+    if strict and refused:
+        first = refused[0]
         raise HrnetError("{}: {} (strict mode: stopping)".format(first["path"], first["reason"]))
     fingerprint = hashlib.sha256((plan["fingerprint"] + json.dumps([quality, verify])).encode()).hexdigest()
     with storage.local_output(out, kind="tfrecords", force=force) as out_dir:
@@ -642,6 +667,14 @@ def convert_dataset(src: str, out: str, *, train_shards: Optional[int] = None,
         manifest = _manifest(plan, states, src, out_dir, fingerprint, dict(
             train_shards=plan["shards"].get("train"), validation_shards=plan["shards"].get("validation"),
             quality=quality, verify=verify, seed=seed, bbox_dir=bool(bbox_dir)))
+        lost = [c for c, n in manifest["counts_per_class"].get("train", {}).items() if n == 0]
+        if lost:
+            # As fatal as an empty class folder: a class with no training record is a broken data set.
+            why = next((f"{s['path']}: {s['reason']}" for s in manifest["skipped"]
+                        if s["split"] == "train" and os.path.basename(os.path.dirname(s["path"])) == lost[0]), "")
+            raise HrnetError("class folder{} with no readable image: {} (every file was skipped{}); fix or remove "
+                             "{}".format("s" if len(lost) > 1 else "", ", ".join(lost[:5]),
+                                         f", e.g. {why}" if why else "", "them" if len(lost) > 1 else "it"))
         write_manifest(out_dir, manifest)
         manifest = read_manifest(out_dir)
         shutil.rmtree(os.path.join(out_dir, STATE_DIR), ignore_errors=True)
