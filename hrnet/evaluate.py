@@ -23,13 +23,31 @@ log = logging.getLogger(__name__)
 METRICS = "metrics.json"
 
 
-def load_checkpoint_model(checkpoint_dir: str, image_size: Optional[int] = None):
-    """(model, checkpoint manifest) from a finished checkpoint folder (local path)."""
-    from hrnet import weights
+# What can be evaluated and exported: a finished training run, or the weights `hrnet
+# import-weights` wrote (official / timm ImageNet models: their image size is 224).
+MODEL_KINDS = ("checkpoint", "weights")
+IMPORTED_IMAGE_SIZE = 224
+
+
+def read_model_manifest(checkpoint_dir: str) -> Dict[str, Any]:
+    """The manifest of a checkpoint folder or an imported weights folder."""
     from hrnet.manifest import read_manifest
+
+    manifest = read_manifest(checkpoint_dir)
+    if manifest.get("kind") not in MODEL_KINDS:
+        raise HrnetError("%s holds a %r output, not a model (the output of `hrnet train` or `hrnet import-weights`)"
+                         % (checkpoint_dir, manifest.get("kind")))
+    if manifest["kind"] == "weights":
+        manifest = dict(manifest, image_size=manifest.get("image_size", IMPORTED_IMAGE_SIZE))
+    return manifest
+
+
+def load_checkpoint_model(checkpoint_dir: str, image_size: Optional[int] = None):
+    """(model, manifest) from a finished checkpoint folder or imported weights (local path)."""
+    from hrnet import weights
     from hrnet.model import build_model
 
-    manifest = read_manifest(checkpoint_dir, kind="checkpoint")
+    manifest = read_model_manifest(checkpoint_dir)
     size = image_size or manifest["image_size"]
     model = build_model(manifest.get("model_config") or manifest["model"], num_classes=manifest["num_classes"],
                         input_size=(size, size))
@@ -37,35 +55,49 @@ def load_checkpoint_model(checkpoint_dir: str, image_size: Optional[int] = None)
     return model, manifest
 
 
-def _dataset_info(hdata, data_dir: str, ckpt: Dict[str, Any], split: str):
-    """The data set's own description, for ``split`` only; slim-made records without a
-    manifest are read with the checkpoint's class count and label offset."""
+def _dataset_info(hdata, data_dir: str, ckpt: Dict[str, Any], split: str, num_classes: Optional[int],
+                  label_offset: Optional[int]):
+    """The data set's own description, for ``split`` only. Records without a manifest
+    (slim's) are read with the given class count and label offset, else the checkpoint's;
+    a manifest's own values win, and one that disagrees with a given value is an error."""
     from hrnet.manifest import MANIFEST
 
     if os.path.exists(os.path.join(data_dir, MANIFEST)):
-        return hdata.dataset_info(data_dir, splits=(split,))
-    return hdata.dataset_info(data_dir, num_classes=ckpt["num_classes"], label_offset=ckpt.get("label_offset"),
+        return hdata.dataset_info(data_dir, num_classes=num_classes, label_offset=label_offset, splits=(split,))
+    if label_offset is None:
+        label_offset = ckpt.get("label_offset")
+    if label_offset is None:
+        raise HrnetError("%s has no manifest.json (records made by slim's script?): give --label-offset (slim's "
+                         "ImageNet: 1)" % data_dir)
+    return hdata.dataset_info(data_dir, num_classes=num_classes or ckpt["num_classes"], label_offset=label_offset,
                               splits=(split,))
 
 
 def evaluate(data: str, checkpoint: str, out: Optional[str] = None, batch_size: int = 100,
-             split: str = "validation", image_size: Optional[int] = None, force: bool = False) -> Dict[str, Any]:
-    """Evaluate the checkpoint at ``checkpoint`` on ``split`` of the data set at ``data``;
-    returns the metrics (also written to ``out`` when given)."""
+             split: str = "validation", image_size: Optional[int] = None, force: bool = False,
+             num_classes: Optional[int] = None, label_offset: Optional[int] = None,
+             crop_ratio: float = 0.875) -> Dict[str, Any]:
+    """Evaluate the model at ``checkpoint`` (a training run's checkpoint folder, or the
+    weights ``hrnet import-weights`` wrote) on ``split`` of the data set at ``data``, with
+    the official protocol (shorter side to size / ``crop_ratio``, center crop); returns the
+    metrics (also written to ``out`` when given). ``num_classes`` / ``label_offset``: for
+    records without a manifest (slim's ImageNet: 1000 and 1)."""
     import numpy as np
     import tensorflow as tf
 
     from hrnet import data as hdata
     from hrnet.compat import set_mixed_precision
-    from hrnet.manifest import read_manifest, write_manifest
+    from hrnet.manifest import write_manifest
 
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1, got %r" % batch_size)
     set_mixed_precision("float32")  # evaluation is in float32 whatever the training precision was
     ckpt_dir = storage.local_input(checkpoint)
-    ckpt = read_manifest(ckpt_dir, kind="checkpoint")
+    ckpt = read_model_manifest(ckpt_dir)
+    if out:
+        storage.claim_output(out, "evaluation", mark=False)  # a wrong --out fails now, not after the work
     # Only the split evaluated is fetched (a remote ImageNet: 6 of its 150 GB).
-    info = _dataset_info(hdata, stage(data, (split,)), ckpt, split)
+    info = _dataset_info(hdata, stage(data, (split,)), ckpt, split, num_classes, label_offset)
     if info.num_classes != ckpt["num_classes"]:
         raise HrnetError("the checkpoint %s was trained on %d classes, but the data set %s has %d"
                          % (checkpoint, ckpt["num_classes"], data, info.num_classes))
@@ -81,7 +113,7 @@ def evaluate(data: str, checkpoint: str, out: Optional[str] = None, batch_size: 
         logits = model(images, training=False)
         return tf.math.top_k(logits, k=min(5, num_classes)).indices
 
-    dataset = hdata.eval_dataset(info, batch_size=batch_size, image_size=size, split=split)
+    dataset = hdata.eval_dataset(info, batch_size=batch_size, image_size=size, split=split, crop_ratio=crop_ratio)
     total_batches = -(-expected // batch_size)
     count, top1, top5 = 0, 0, 0
     per_class_count = np.zeros(num_classes, np.int64)
@@ -142,18 +174,28 @@ def evaluate(data: str, checkpoint: str, out: Optional[str] = None, batch_size: 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--data", required=True, help="data set folder or URI (output of `hrnet convert`)")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint folder or URI (output of `hrnet train`)")
+    parser.add_argument("--checkpoint", "--weights", dest="checkpoint", required=True,
+                        help="checkpoint folder or URI (output of `hrnet train`), or imported weights (output of "
+                             "`hrnet import-weights`)")
     parser.add_argument("--out", default=None, help="folder or URI for metrics.json and manifest.json")
     parser.add_argument("--batch-size", type=int, default=100, help="images per batch (default 100)")
     parser.add_argument("--split", default="validation", help="split to evaluate (default validation)")
     parser.add_argument("--image-size", type=int, default=None,
-                        help="evaluation crop size (default: the training size)")
+                        help="evaluation crop size (default: the training size; 224 for imported weights)")
+    parser.add_argument("--crop-ratio", type=float, default=0.875,
+                        help="center crop / resized shorter side (default 0.875: 224 of 256)")
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="records without a manifest.json: their class count (default: the model's)")
+    parser.add_argument("--label-offset", type=int, default=None, choices=(0, 1),
+                        help="records without a manifest.json: the label of class 0 (slim's ImageNet: 1; default: "
+                             "the checkpoint's)")
     storage.add_force_argument(parser)
 
 
 def run(args) -> int:
     m = evaluate(args.data, args.checkpoint, out=args.out, batch_size=args.batch_size, split=args.split,
-                 image_size=args.image_size, force=args.force)
+                 image_size=args.image_size, force=args.force, num_classes=args.num_classes,
+                 label_offset=args.label_offset, crop_ratio=args.crop_ratio)
     print("%s: top-1 %.2f%%, top-5 %.2f%% on %d %s images" % (m["model"], 100 * m["top1"], 100 * m["top5"],
                                                                m["count"], m["split"]))
     return 0

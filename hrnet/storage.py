@@ -1235,20 +1235,23 @@ def _describe_foreign(names: List[str]) -> str:
     return f"{len(names)} file{'' if len(names) == 1 else 's'} ({shown}{', ...' if len(names) > 3 else ''})"
 
 
-def claim_output(uri: str, kind: str) -> None:
+def claim_output(uri: str, kind: str, mark: bool = True) -> None:
     """Make sure ``uri`` is empty or already an output of ``kind`` (finished, or unfinished
-    and resumable), and mark it as one. Anything else there is refused (OwnershipError)
-    with what it holds, before a single byte is written."""
+    and resumable), and mark it as one (unless ``mark`` is False: only the check). Anything
+    else there is refused (OwnershipError) with what it holds, before a single byte is
+    written."""
     target = output_target(uri)
     marker = json.dumps({"kind": kind, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
                         sort_keys=True).encode()
     if not is_remote(target):
+        if not mark and not os.path.exists(target):
+            return
         os.makedirs(target, exist_ok=True)
         names = [n for n in os.listdir(target) if n not in CONTROL_FILES]
         owner = _read_json_file(os.path.join(target, OWNER_FILE))
         manifest = _read_json_file(os.path.join(target, MANIFEST))
         _check_owner(uri, kind, names, owner, manifest)
-        if owner is None:
+        if owner is None and mark:
             _write_local(os.path.join(target, OWNER_FILE), marker)
         return
     s = settings_from_env()
@@ -1267,7 +1270,7 @@ def claim_output(uri: str, kind: str) -> None:
 
     owner = remote_json(OWNER_FILE)
     _check_owner(uri, kind, names, owner, remote_json(MANIFEST) if MANIFEST in names else None)
-    if owner is None:
+    if owner is None and mark:
         write_bytes(_join(target, OWNER_FILE), marker)
 
 

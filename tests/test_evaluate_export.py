@@ -180,3 +180,44 @@ def test_onnx_export_matches_when_tf2onnx_is_installed(setup, tmp_path):
     (logits,) = session.run(None, {session.get_inputs()[0].name: batch})
     model, _ = load_checkpoint_model(str(setup / "ckpt"))
     np.testing.assert_allclose(logits, model(batch, training=False).numpy(), atol=1e-4)
+
+
+def test_imported_weights_are_evaluated_directly_on_slim_style_records(setup, tmp_path, capsys):
+    """The first thing a user does: `hrnet import-weights`, then `hrnet evaluate --weights` on
+    records laid out as slim writes them (labels 1..N, no manifest.json), no training step.
+    The weights here are the checkpoint's, written as import-weights writes them."""
+    import shutil
+
+    from hrnet import cli, weights
+    from hrnet.data.convert import convert_dataset
+    from hrnet.evaluate import evaluate, load_checkpoint_model
+    from hrnet.manifest import file_entry, write_manifest
+
+    model, ckpt = load_checkpoint_model(str(setup / "ckpt"))
+    imported = tmp_path / "imported"
+    imported.mkdir()
+    weights.save_weights(model, str(imported / "weights"))
+    write_manifest(str(imported), {
+        "kind": "weights", "model": ckpt["model"], "model_config": ckpt["model_config"],
+        "num_classes": CLASSES, "image_size": 32, "weights": "weights",
+        "files": [file_entry(str(imported / f), str(imported)) for f in sorted(os.listdir(imported))
+                  if f.startswith("weights.")]})
+    slim = tmp_path / "slim"
+    convert_dataset(str(setup / "tree"), str(slim), validation_shards=3, workers=1, progress=False, label_offset=1)
+    for name in os.listdir(slim):  # slim's records have no manifest and none of our bookkeeping
+        if not name.startswith(("train-", "validation-")):
+            path = slim / name
+            shutil.rmtree(path) if path.is_dir() else os.remove(path)
+
+    ours = evaluate(str(setup / "records"), str(setup / "ckpt"), batch_size=5)
+    theirs = evaluate(str(slim), str(imported), batch_size=5, label_offset=1)
+    assert (theirs["count"], theirs["top1"], theirs["top5"]) == (ours["count"], ours["top1"], ours["top5"])
+    # The same through the command line; without the offset it says what it needs.
+    assert cli.main(["evaluate", "--data", str(slim), "--weights", str(imported), "--label-offset", "1",
+                     "--num-classes", str(CLASSES)]) == 0
+    assert cli.main(["evaluate", "--data", str(slim), "--weights", str(imported)]) == 2
+    assert "give --label-offset" in capsys.readouterr().err
+    # A wrong --out is refused before the evaluation, and nothing is left behind there.
+    assert cli.main(["evaluate", "--data", str(slim), "--weights", str(imported), "--label-offset", "1",
+                     "--out", str(setup / "ckpt")]) == 2
+    assert "already holds a checkpoint output" in capsys.readouterr().err
