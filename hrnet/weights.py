@@ -12,6 +12,7 @@ gamma/beta/moving_mean/moving_variance. torch is imported only here.
 """
 import logging
 import os
+import re
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -117,7 +118,15 @@ def torch_state_dict(path: str) -> Dict[str, np.ndarray]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a file that is no checkpoint
-        raise HrnetError("%s is not a readable PyTorch checkpoint: %s" % (path, str(e).splitlines()[0])) from e
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch colours its message for terminals
+        if "Unsupported global" in text:
+            # A pickled whole model (torch.save(model)): unpickling it would run its code.
+            raise HrnetError("%s holds a pickled model object, not a state_dict; save the weights alone with "
+                             "torch.save(model.state_dict(), path) and import that file" % path) from None
+        # torch's own detail follows its advice on weights_only (which does not apply here).
+        detail = text.split("WeightsUnpickler error:", 1)[-1].strip()
+        first = detail.splitlines()[0] if detail else type(e).__name__
+        raise HrnetError("%s is not a readable PyTorch checkpoint: %s" % (path, first[:200])) from None
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]

@@ -146,15 +146,18 @@ def test_import_with_new_classes_and_bad_checkpoints(tmp_path, capsys):
     missing = {k: v for k, v in state.items() if k != "stage3.0.branches.1.1.bn2.running_var"}
     torch.save(missing, tmp_path / "missing.pth")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "whole.pth")  # torch.save(model), not its state_dict
     cases = [
         ("bad_shape.pth", "w18_small_v1", "shape mismatch for 'layer1_0_conv2/kernel'"),
         ("model.pth", "w18", "unexpected key|shape mismatch|missing key"),
         ("missing.pth", "w18_small_v1", "missing key 'stage3_0_branches_1_1_bn2/moving_variance'"),
         ("junk.pth", "w18_small_v1", "not a readable PyTorch checkpoint"),
+        ("whole.pth", "w18_small_v1", r"holds a pickled model object, not a state_dict; save the weights alone "
+                                      r"with torch.save\(model.state_dict\(\), path\)"),
     ]
     for name, model_name, message in cases:
         code = hrnet_main(["import-weights", "--model", model_name, "--torch-checkpoint",
                            str(tmp_path / name), "--output", str(tmp_path / "o")])
         err = capsys.readouterr().err
         assert code == 2 and re.search(message, err), (name, err)
-        assert "Traceback" not in err
+        assert "Traceback" not in err and "\x1b" not in err and len(err.strip().splitlines()) == 1, err
