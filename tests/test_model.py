@@ -35,13 +35,18 @@ def test_official_params_and_gmacs(name):
     assert count_macs(model) / 1024 ** 3 == pytest.approx(gflops, rel=0.01)
 
 
-@pytest.mark.parametrize("alias,name", [("w18_s4", "w18"), ("w30_s4", "w30"), ("hrnet_w18_small", "w18_small_v1")])
+@pytest.mark.parametrize("alias,name", [("w18_s4", "w18"), ("w30_s4", "w30"), ("hrnet_w18_small", "w18_small_v1"),
+                                        # timm's names with a pretrained tag
+                                        ("hrnet_w18.ms_aug_in1k", "w18"),
+                                        ("hrnet_w18_small_v2.ms_in1k", "w18_small_v2")])
 def test_aliases(alias, name):
     assert configs.canonical_name(alias) == name
     assert configs.load(alias) == configs.load(name)
 
 
 def test_unknown_model_lists_known_ones():
+    with pytest.raises(ValueError, match="unknown HRNet model 'w18.tagged'"):
+        configs.canonical_name("w18.tagged")  # a tag only on a timm name
     with pytest.raises(ValueError, match="unknown HRNet model 'w17'.*w18_small_v1.*w64"):
         build_model("w17")
 

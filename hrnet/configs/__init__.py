@@ -26,7 +26,12 @@ def available() -> List[str]:
 
 
 def canonical_name(name: str) -> str:
-    """The official name for ``name`` or an alias; ValueError listing the known ones."""
+    """The official name for ``name`` or an alias; ValueError listing the known ones. A timm
+    name may carry its pretrained tag (``hrnet_w18.ms_aug_in1k``): the tag names weights,
+    not an architecture."""
+    base, dot, _ = name.partition(".")
+    if dot and base in ALIASES:
+        name = base
     name = ALIASES.get(name, name)
     if name not in available():
         raise ValueError(
