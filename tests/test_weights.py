@@ -161,3 +161,33 @@ def test_import_with_new_classes_and_bad_checkpoints(tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and re.search(message, err), (name, err)
         assert "Traceback" not in err and "\x1b" not in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.torch
+def test_init_from_takes_a_pytorch_checkpoint_and_uris(tmp_path, s3_env):
+    """Fine-tuning starts from an official-style .pth (imported on the fly, here from a
+    bucket) or from import-weights output in a bucket; a 5-class head is new."""
+    import torch
+
+    from hrnet import storage
+    from hrnet.train.loop import _init_from
+
+    pth = _timm_reference("hrnet_w18_small", 2, tmp_path)
+    state = torch.load(pth, weights_only=True)["state_dict"]
+    # As the official training script saves: wrapped, with DataParallel's module. prefix.
+    torch.save({"state_dict": {"module." + k: v for k, v in state.items()}, "epoch": 99, "optimizer": {}},
+               tmp_path / "official.pth")
+    storage.write_bytes(s3_env.uri("models/official.pth"), (tmp_path / "official.pth").read_bytes())
+    conv1 = state["conv1.weight"].numpy().transpose(2, 3, 1, 0)
+    for source in (str(tmp_path / "official.pth"), s3_env.uri("models/official.pth")):
+        model = build_model("w18_small_v1", num_classes=5)
+        _init_from(model, source, 5)
+        np.testing.assert_allclose(model.get_layer("conv1").kernel.numpy(), conv1)
+        assert model.get_layer("classifier").kernel.shape == (2048, 5)
+    assert hrnet_main(["import-weights", "--model", "hrnet_w18_small", "--torch-checkpoint", str(pth),
+                       "--output", str(tmp_path / "imported")]) == 0
+    storage.upload(str(tmp_path / "imported"), s3_env.uri("models/imported"))
+    model = build_model("w18_small_v1", num_classes=1000)
+    _init_from(model, s3_env.uri("models/imported"), 1000)
+    np.testing.assert_allclose(model.get_layer("classifier").kernel.numpy(),
+                               state["classifier.weight"].numpy().T)

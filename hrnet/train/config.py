@@ -76,9 +76,9 @@ class TrainConfig:
     # Fine-tuning.
     verify_data: bool = _f(False, "check every shard's sha256 against the data set's manifest.json before training "
                                   "(sizes are always checked; remote data is hashed as it is downloaded)")
-    init_from: Optional[str] = _f(None, "start from these weights (prefix written by `hrnet import-weights` or a "
-                                        "checkpoint folder); the classifier is re-initialised if the class count "
-                                        "differs")
+    init_from: Optional[str] = _f(None, "start from these weights: the output of `hrnet import-weights`, a "
+                                        "checkpoint folder, or an official / timm PyTorch .pth (a path or an s3:// "
+                                        "URI); the classifier is re-initialised if the class count differs")
     # Augmentation (train split only).
     area_range: Tuple[float, float] = _f((0.08, 1.0), "RandomResizedCrop area range", nargs=2)
     aspect_range: Tuple[float, float] = _f((0.75, 4.0 / 3.0), "RandomResizedCrop aspect ratio range", nargs=2)

@@ -489,15 +489,29 @@ def _barrier(strategy) -> None:
         all_reduce_one().numpy()
 
 
+TORCH_SUFFIXES = (".pth", ".pt", ".pth.tar")
+
+
 def _init_from(model, source: str, num_classes: int) -> None:
-    """Start from imported weights (``hrnet import-weights`` output or a checkpoint folder);
-    a classifier of another class count is left freshly initialised."""
+    """Start from other weights: ``hrnet import-weights`` output, a checkpoint folder, or an
+    official / timm PyTorch checkpoint (imported on the fly), each a local path or an s3:// /
+    minio:// URI; a classifier of another class count is left freshly initialised."""
     from hrnet import weights
 
-    prefix = source
-    if os.path.isdir(source):
-        prefix = os.path.join(source, WEIGHTS)
-    values = weights.read_weights(prefix)
+    if source.endswith(TORCH_SUFFIXES):
+        with tempfile.TemporaryDirectory(prefix="hrnet-init-") as tmp:
+            path = source
+            if storage.is_remote(source):
+                path = os.path.join(tmp, os.path.basename(source))
+                with open(path, "wb") as f:
+                    f.write(storage.read_bytes(source))  # verified against the object's sha256
+            values = weights.torch_to_keras(weights.torch_state_dict(path), model)
+        prefix = source
+    else:
+        prefix = storage.local_input(source) if storage.is_remote(source) else source
+        if os.path.isdir(prefix):
+            prefix = os.path.join(prefix, WEIGHTS)
+        values = weights.read_weights(prefix)
     kernel = values.get(weights.CLASSIFIER + "/kernel")
     skip = kernel is not None and int(kernel.shape[-1]) != num_classes
     if skip:
