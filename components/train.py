@@ -26,13 +26,15 @@ def train(
 
     ``train_options``: more ``hrnet train`` flags (checked by the validate step).
     ``checkpoint_uri``: where training mirrors its checkpoints as it goes, so that a retried
-    pod (or a later run) resumes there instead of starting over; "" keeps them in the pod.
+    pod (or a later run) resumes there instead of starting over; "" mirrors them beside
+    this step's artifact in the pipeline root, which a retry of the same task finds again
+    (its output URIs are the same).
     """
     from hrnet import storage
     from hrnet.runtime.launch import launch
     from hrnet.train.config import train_command
 
-    out = checkpoint_uri or model.path
+    out = checkpoint_uri or model.uri.rsplit("/", 1)[0] + "/checkpoints"
     command = train_command(dataset.path, out, model_name, device, batch_size, image_size, epochs, train_steps,
                             lr, precision, seed, train_options)
     code = launch(devices, command, device=device)

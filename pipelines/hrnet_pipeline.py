@@ -93,9 +93,9 @@ def _configure_train(task, target: str, image: str, devices):
         kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                    size_limit=spec["shm"])
     kubernetes.use_secret_as_env(task, images.OBJECT_STORE_SECRET, images.OBJECT_STORE_ENV)
-    # Node loss, a preempted pod or an HCCL connect timeout deserve another try (which resumes
-    # from the last checkpoint when the run has a checkpoint_uri).
-    # The first retry waits out the lease a killed pod left on its checkpoint_uri (storage.LEASE_TTL).
+    # Node loss, a preempted pod or an HCCL connect timeout deserve another try, which resumes
+    # from the last checkpoint mirrored (to checkpoint_uri, or beside the step's artifact). It
+    # waits out the lease the killed pod left on that location (storage.LEASE_TTL).
     task.set_retry(num_retries=2, backoff_duration="150s", backoff_factor=2.0)
     return task
 
@@ -163,7 +163,8 @@ def build_pipeline(target: str = "ascend", image: Optional[str] = None, data_pvc
         batch / 256. precision "": mixed_fp16 on Ascend, fp32 elsewhere. seed 0: random.
         train_options: more `hrnet train` flags, e.g. "--schedule cosine --warmup-epochs 1".
         checkpoint_uri: an s3:// / minio:// prefix where training mirrors its checkpoints as it
-        goes; a retried train step, or a new run given the same URI, resumes from there.
+        goes; a retried train step, or a new run given the same URI, resumes from there ("":
+        beside the train step's artifact in the pipeline root, which a retry finds too).
         export_onnx: also export model.onnx (besides the SavedModel and the frozen graph)."""
         record_task = record_run()
         _configure(record_task, "record-run", image, secret=False)

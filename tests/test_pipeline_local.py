@@ -108,3 +108,51 @@ def test_the_data_set_passes_by_reference(demo_run):
     records = reference.resolve(artifact)
     assert os.path.dirname(records) == os.path.dirname(artifact)  # beside it, in the pipeline root
     assert any(name.startswith("train-") for name in os.listdir(records))
+
+
+
+# The train component's body as KFP's executor calls it, with artifacts at the given URIs.
+_TRAIN_TASK = """
+import json, sys
+from kfp.dsl import Dataset, Model
+from components.train import train
+args = json.loads(sys.argv[1])
+args["dataset"], args["model"] = Dataset(uri=args["dataset"]), Model(uri=args["model"])
+train.python_func(**args)
+"""
+
+
+def test_a_retried_train_step_resumes_with_no_checkpoint_uri(demo_run, tmp_path):
+    """A retry of the train task gets the same output URIs; with checkpoint_uri "" the
+    checkpoints are mirrored beside its artifact, so the retry resumes instead of starting
+    over. The first attempt is killed (its whole process group, as a lost pod) once a
+    checkpoint is mirrored."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (dataset,) = glob.glob(os.path.join(demo_run["run_dir"], "convert*", "dataset"))
+    model = str(tmp_path / "train" / "model")
+    args = json.dumps(dict(dataset=dataset, model=model, model_name="w18_small_v1", devices=1, device="cpu",
+                           batch_size=32, epochs=0.0, train_steps=20, lr=0.05, precision="fp32", image_size=32,
+                           seed=1, train_options="--no-flip --checkpoint-every 5 --log-every 5",
+                           checkpoint_uri=""))
+    mirror = tmp_path / "train" / "checkpoints"
+    command = [sys.executable, "-c", _TRAIN_TASK, args]
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (mirror / "checkpoint").exists():
+            assert first.poll() is None and time.monotonic() < deadline, "no checkpoint mirrored in time"
+            time.sleep(0.1)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert not (mirror / "manifest.json").exists()
+    retry = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert retry.returncode == 0, retry.stdout[-3000:] + retry.stderr[-3000:]
+    assert "resuming from ckpt-" in retry.stdout + retry.stderr
+    manifest = json.load(open(os.path.join(model, "manifest.json")))
+    assert manifest["step"] == 20 and manifest["kind"] == "checkpoint"
+    assert [json.loads(line)["step"] for line in open(mirror / "history.jsonl")] == [5, 10, 15, 20]
