@@ -164,6 +164,20 @@ def test_a_run_killed_twice_has_the_loss_of_every_step_of_an_uninterrupted_one(d
     assert [h["step"] for h in got] == list(range(1, 31))
     assert [h["loss"] for h in got] == pytest.approx([h["loss"] for h in expected], rel=1e-5, abs=1e-6)
     assert [h["top1"] for h in got] == [h["top1"] for h in expected]
+    # TensorBoard: each step once, though three processes wrote the curve.
+    assert _event_steps(killed / "logs", "train/loss") == list(range(1, 31))
+
+
+def _event_steps(logs, tag):
+    import tensorflow as tf
+    from tensorflow.core.util import event_pb2
+
+    steps = []
+    for path in sorted(logs.glob("*tfevents*")):
+        for raw in tf.data.TFRecordDataset(str(path)):
+            event = event_pb2.Event.FromString(raw.numpy())
+            steps += [event.step for v in event.summary.value if v.tag == tag]
+    return sorted(steps)
 
 
 def test_a_diverging_run_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(digits, tmp_path, capsys):
