@@ -12,10 +12,11 @@ def convert(source_uri: str, datasets_uri: str, dataset: Output[Dataset]):
     at ``datasets_uri``, or "" for a ``tfrecords`` prefix beside this step's artifact in the
     pipeline root; ``dataset`` holds only a reference to them (hrnet.data.reference), so the
     steps after this one fetch just the shards they read."""
+    from hrnet import storage
     from hrnet.data.convert import convert_dataset
     from hrnet.data.reference import write_reference
 
-    records = datasets_uri or dataset.uri.rsplit("/", 1)[0] + "/tfrecords"
+    records = datasets_uri or storage.sibling(dataset.uri, "tfrecords")
     manifest = convert_dataset(source_uri, records)
     write_reference(dataset.path, records, manifest)
     # Shown beside the artifact in the KFP UI.

@@ -34,7 +34,7 @@ def train(
     from hrnet.runtime.launch import launch
     from hrnet.train.config import train_command
 
-    out = checkpoint_uri or model.uri.rsplit("/", 1)[0] + "/checkpoints"
+    out = checkpoint_uri or storage.sibling(model.uri, "checkpoints")
     command = train_command(dataset.path, out, model_name, device, batch_size, image_size, epochs, train_steps,
                             lr, precision, seed, train_options)
     code = launch(devices, command, device=device)

@@ -1308,6 +1308,12 @@ def _join(uri: str, name: str) -> str:
     return uri.rstrip("/") + "/" + name
 
 
+def sibling(uri: str, name: str) -> str:
+    """The location ``name`` beside ``uri`` (a URI or a path): where a pipeline step keeps
+    what it writes outside its own artifact (the records, the mirrored checkpoints)."""
+    return _join(uri.rstrip("/").rsplit("/", 1)[0], name)
+
+
 def _lease_ttl() -> float:
     return _env_number(os.environ, "HRNET_LEASE_TTL", LEASE_TTL, float, 1.0)
 

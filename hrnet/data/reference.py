@@ -21,14 +21,25 @@ KIND = "dataset-reference"
 
 def write_reference(folder: str, records_uri: str, manifest: Optional[Dict[str, Any]] = None) -> str:
     """Write ``folder/dataset.json`` naming ``records_uri``; returns its path."""
-    os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, REFERENCE)
     body = {"kind": KIND, "uri": records_uri, "manifest": manifest}
-    with open(path + ".tmp", "w") as f:
-        json.dump(body, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(path + ".tmp", path)
+    storage.write_text(path, json.dumps(body, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def refer(records_uri: str, folder: str) -> Dict[str, Any]:
+    """A reference in ``folder`` to records converted before (ours, or slim's without a
+    manifest), checked to be there and, where they have a manifest, to be TFRecords."""
+    manifest_uri = records_uri.rstrip("/") + "/" + MANIFEST
+    manifest = None
+    if storage.exists(manifest_uri):
+        manifest = json.loads(storage.read_text(manifest_uri))
+        if manifest.get("kind") != "tfrecords":
+            raise HrnetError(f"{records_uri} holds a {manifest.get('kind')!r} output, not TFRecords")
+    elif not storage.exists(records_uri):
+        raise HrnetError(f"{records_uri}: there is nothing there")
+    write_reference(folder, records_uri, manifest)
+    return {"kind": KIND, "uri": records_uri, "manifest": manifest}
 
 
 def resolve(data: str) -> str:
