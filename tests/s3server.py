@@ -259,6 +259,9 @@ class TcpProxy:
         self._fail_left = 0
         self._timers: List[threading.Timer] = []
         self._stopped = False
+        # Bumped by every cut: a connection accepted just before a cut, but registered after
+        # it, would otherwise outlive the cut and carry the client's retries to the server.
+        self._generation = 0
 
     @property
     def endpoint(self) -> str:
@@ -269,11 +272,13 @@ class TcpProxy:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", self.port))
         listener.listen(64)
-        self._listener = listener
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        with self._lock:
+            self._listener = listener
+            generation = self._generation
+        threading.Thread(target=self._accept, args=(listener, generation), daemon=True).start()
         return self
 
-    def _accept(self, listener: socket.socket) -> None:
+    def _accept(self, listener: socket.socket, generation: int) -> None:
         while True:
             try:
                 client, _ = listener.accept()
@@ -289,17 +294,25 @@ class TcpProxy:
                 client.close()
                 continue
             with self._lock:
-                self._conns += [client, upstream]
-            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+                alive = generation == self._generation
+                if alive:
+                    self._conns += [client, upstream]
+            if not alive:  # cut while this connection was being opened
+                client.close()
+                upstream.close()
+                return
+            threading.Thread(target=self._pump, args=(client, upstream, True, generation), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False, generation), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, upward: bool) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, upward: bool, generation: int) -> None:
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
                     break
                 with self._lock:
+                    if generation != self._generation:
+                        break
                     if upward:
                         self.bytes_up += len(data)
                     else:
@@ -389,6 +402,7 @@ class TcpProxy:
     def cut(self) -> None:
         with self._lock:
             self.cuts += 1
+            self._generation += 1
             listener, self._listener = self._listener, None
         if listener is not None:
             listener.close()

@@ -61,7 +61,10 @@ def test_failed_republish_is_incomplete_and_a_rerun_completes(proxy, s3_env, tmp
     v2 = make_output(str(tmp_path / "v2"), seed=2, shards=6, size=200_000, big=BIG, labels="v2")
 
     monkeypatch.setenv("HRNET_S3_RETRIES", "3")
-    proxy.cut_after(2_500_000)  # down for good
+    # One file at a time, cut in train-00001 (sorted order: big.bin, labels.txt, train-00000,
+    # ...), so that some files surely landed before the outage however the threads are scheduled.
+    monkeypatch.setenv("HRNET_S3_WORKERS", "1")
+    proxy.cut_after(BIG + 300_000)  # down for good
     started = time.monotonic()
     with pytest.raises(storage.StorageError, match="run it again|cannot reach") as info:
         with storage.local_output(uri) as out:
@@ -115,7 +118,8 @@ def test_download_interrupted_then_resumed(proxy, s3_env, tmp_path, monkeypatch)
     v2 = make_output(str(tmp_path / "v2"), shards=6, size=300_000, big=BIG, seed=2, labels="v2")
     storage.upload(v2, uri, delete=True)
     monkeypatch.setenv("HRNET_S3_RETRIES", "2")
-    proxy.cut_after(3_000_000, down=True)  # down for good while the cache is being updated to v2
+    monkeypatch.setenv("HRNET_S3_WORKERS", "1")  # cut in train-00001, after big.bin and train-00000 arrived
+    proxy.cut_after(BIG + 450_000, down=True)  # down for good while the cache is being updated to v2
     with pytest.raises(storage.StorageError):
         storage.local_input(uri)
     assert not os.path.exists(os.path.join(local, "manifest.json"))  # a half-updated cache is not "complete"
