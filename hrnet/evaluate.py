@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from hrnet import storage
 from hrnet.data.reference import stage
@@ -42,17 +42,117 @@ def read_model_manifest(checkpoint_dir: str) -> Dict[str, Any]:
     return manifest
 
 
-def load_checkpoint_model(checkpoint_dir: str, image_size: Optional[int] = None):
-    """(model, manifest) from a finished checkpoint folder or imported weights (local path)."""
+WEIGHT_CHOICES = ("best", "last")
+
+
+def pick_weights(manifest: Dict[str, Any], which: str = "best") -> Dict[str, Any]:
+    """Which weights of a model folder to use: ``best`` (by validation top-1, when the run
+    validated; else the last, said in the log) or ``last``. Returns {"which", "weights"
+    (file prefix), "step"}."""
+    if which not in WEIGHT_CHOICES:
+        raise HrnetError("weights must be one of %s, got %r" % (", ".join(WEIGHT_CHOICES), which))
+    best = manifest.get("best")
+    if which == "best" and best:
+        return {"which": "best", "weights": best["weights"], "step": best["step"], "val_top1": best["val_top1"]}
+    if which == "best" and manifest.get("kind") == "checkpoint":
+        log.info("the run kept no best weights (it trained without validation): using its last weights")
+    return {"which": "last", "weights": manifest.get("weights", "weights"), "step": manifest.get("step")}
+
+
+def load_checkpoint_model(checkpoint_dir: str, image_size: Optional[int] = None, which: str = "best"):
+    """(model, manifest, picked) from a finished checkpoint folder or imported weights (a
+    local path); ``picked``: the weights loaded (pick_weights)."""
     from hrnet import weights
     from hrnet.model import build_model
 
     manifest = read_model_manifest(checkpoint_dir)
+    picked = pick_weights(manifest, which)
     size = image_size or manifest["image_size"]
     model = build_model(manifest.get("model_config") or manifest["model"], num_classes=manifest["num_classes"],
                         input_size=(size, size))
-    weights.load_weights(model, os.path.join(checkpoint_dir, manifest.get("weights", "weights")))
-    return model, manifest
+    weights.load_weights(model, os.path.join(checkpoint_dir, picked["weights"]))
+    return model, manifest, picked
+
+
+class Tally:
+    """What one pass over a split found: the confusion matrix (rows: true class, columns:
+    predicted top-1) and the top-5 hits; every accuracy figure derives from these."""
+
+    def __init__(self, num_classes: int):
+        import numpy as np
+
+        self.confusion = np.zeros((num_classes, num_classes), np.int64)
+        self.top5_hits = 0
+
+    def add(self, top, labels) -> None:
+        """top: [batch, k] predicted classes, best first; labels: [batch] true classes."""
+        import numpy as np
+
+        np.add.at(self.confusion, (labels, top[:, 0]), 1)
+        self.top5_hits += int((top == labels[:, None]).any(axis=1).sum())
+
+    @property
+    def count(self) -> int:
+        return int(self.confusion.sum())
+
+    @property
+    def top1(self) -> float:
+        return float(self.confusion.trace()) / self.count if self.count else 0.0
+
+    @property
+    def top5(self) -> float:
+        return self.top5_hits / self.count if self.count else 0.0
+
+
+def tally(predict, dataset, num_classes: int, expected: int, what: str, batch_size: int) -> Tally:
+    """Run ``predict`` (images -> top-k classes) over ``dataset`` (batches of images and
+    0-based labels, each record once); checks every label and the record count."""
+    result = Tally(num_classes)
+    total_batches = -(-expected // batch_size)
+    for i, (images, labels) in enumerate(dataset):
+        top = predict(images).numpy()
+        labels = labels.numpy()
+        if labels.min() < 0 or labels.max() >= num_classes:
+            raise HrnetError("%s holds label %d, outside the model's %d classes"
+                             % (what, int(labels.max() if labels.max() >= num_classes else labels.min()),
+                                num_classes))
+        result.add(top, labels)
+        if (i + 1) % 50 == 0 or i + 1 == total_batches:
+            log.info("evaluated %d/%d images (%d/%d batches), top-1 so far %.4f", result.count, expected, i + 1,
+                     total_batches, result.top1)
+    if result.count != expected:
+        raise HrnetError("evaluated %d records of %s, but the data set says it holds %d"
+                         % (result.count, what, expected))
+    return result
+
+
+def top_k_predictor(model, image_size: int, num_classes: int):
+    """A tf.function: float images [batch, size, size, 3] -> the top-5 (or fewer) classes."""
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.float32)])
+    def predict(images):
+        logits = model(images, training=False)
+        return tf.math.top_k(logits, k=min(5, num_classes)).indices
+
+    return predict
+
+
+# The most-confused pairs listed in metrics.json and the reports.
+CONFUSED_PAIRS = 20
+
+
+def most_confused(confusion, names: List[str], top: int = CONFUSED_PAIRS) -> List[Dict[str, Any]]:
+    """The ``top`` (true, predicted) pairs of different classes with the most images, most
+    first (ties: by true then predicted class)."""
+    import numpy as np
+
+    off = confusion.copy()
+    np.fill_diagonal(off, 0)
+    true, pred = np.nonzero(off)
+    order = sorted(zip(true.tolist(), pred.tolist()), key=lambda tp: (-int(off[tp]), tp))[:top]
+    return [{"true": t, "true_name": names[t], "predicted": p, "predicted_name": names[p], "count": int(off[t, p]),
+             "of": int(confusion[t].sum())} for t, p in order]
 
 
 def _dataset_info(hdata, data_dir: str, ckpt: Dict[str, Any], split: str, num_classes: Optional[int],
@@ -76,24 +176,23 @@ def _dataset_info(hdata, data_dir: str, ckpt: Dict[str, Any], split: str, num_cl
 def evaluate(data: str, checkpoint: str, out: Optional[str] = None, batch_size: int = 100,
              split: str = "validation", image_size: Optional[int] = None, force: bool = False,
              num_classes: Optional[int] = None, label_offset: Optional[int] = None,
-             crop_ratio: float = 0.875) -> Dict[str, Any]:
+             crop_ratio: float = 0.875, weights: str = "best") -> Dict[str, Any]:
     """Evaluate the model at ``checkpoint`` (a training run's checkpoint folder, or the
     weights ``hrnet import-weights`` wrote) on ``split`` of the data set at ``data``, with
     the official protocol (shorter side to size / ``crop_ratio``, center crop); returns the
     metrics (also written to ``out`` when given). ``num_classes`` / ``label_offset``: for
-    records without a manifest (slim's ImageNet: 1000 and 1)."""
-    import numpy as np
-    import tensorflow as tf
-
+    records without a manifest (slim's ImageNet: 1000 and 1). ``weights``: "best" (by
+    validation top-1, when the run validated) or "last"."""
     from hrnet import data as hdata
     from hrnet.compat import set_mixed_precision
-    from hrnet.manifest import write_manifest
+    from hrnet.manifest import file_entry, write_manifest
 
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1, got %r" % batch_size)
     set_mixed_precision("float32")  # evaluation is in float32 whatever the training precision was
     ckpt_dir = storage.local_input(checkpoint)
     ckpt = read_model_manifest(ckpt_dir)
+    pick_weights(ckpt, weights)  # a bad choice fails before any data moves
     if out:
         storage.claim_output(out, "evaluation", mark=False)  # a wrong --out fails now, not after the work
     # Only the split evaluated is fetched (a remote ImageNet: 6 of its 150 GB).
@@ -101,75 +200,76 @@ def evaluate(data: str, checkpoint: str, out: Optional[str] = None, batch_size: 
     if info.num_classes != ckpt["num_classes"]:
         raise HrnetError("the checkpoint %s was trained on %d classes, but the data set %s has %d"
                          % (checkpoint, ckpt["num_classes"], data, info.num_classes))
-    model, ckpt = load_checkpoint_model(ckpt_dir, image_size)
+    model, ckpt, picked = load_checkpoint_model(ckpt_dir, image_size, weights)
     size = image_size or ckpt["image_size"]
     expected = info.counts.get(split, 0)
     if not expected:
         raise HrnetError("%s has no %s records to evaluate on" % (data, split))
     num_classes = ckpt["num_classes"]
-
-    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
-    def predict(images):
-        logits = model(images, training=False)
-        return tf.math.top_k(logits, k=min(5, num_classes)).indices
-
-    dataset = hdata.eval_dataset(info, batch_size=batch_size, image_size=size, split=split, crop_ratio=crop_ratio)
-    total_batches = -(-expected // batch_size)
-    count, top1, top5 = 0, 0, 0
-    per_class_count = np.zeros(num_classes, np.int64)
-    per_class_correct = np.zeros(num_classes, np.int64)
     start = time.time()
-    for i, (images, labels) in enumerate(dataset):
-        top = predict(images).numpy()
-        labels = labels.numpy()
-        if labels.min() < 0 or labels.max() >= num_classes:
-            raise HrnetError("%s holds label %d, outside the checkpoint's %d classes"
-                             % (data, int(labels.max() if labels.max() >= num_classes else labels.min()), num_classes))
-        hit1 = top[:, 0] == labels
-        top1 += int(hit1.sum())
-        top5 += int((top == labels[:, None]).any(axis=1).sum())
-        count += len(labels)
-        np.add.at(per_class_count, labels, 1)
-        np.add.at(per_class_correct, labels, hit1.astype(np.int64))
-        if (i + 1) % 50 == 0 or i + 1 == total_batches:
-            log.info("evaluated %d/%d images (%d/%d batches), top-1 so far %.4f", count, expected, i + 1,
-                     total_batches, top1 / count)
-    if count != expected:
-        raise HrnetError("evaluated %d %s records, but the data set says it holds %d" % (count, split, expected))
-    names = list(info.class_names)
-    texts = list(getattr(info, "class_texts", names))
+    dataset = hdata.eval_dataset(info, batch_size=batch_size, image_size=size, split=split, crop_ratio=crop_ratio)
+    result = tally(top_k_predictor(model, size, num_classes), dataset, num_classes, expected,
+                   "%s (%s)" % (data, split), batch_size)
     metrics = {
-        "top1": top1 / count,
-        "top5": top5 / count,
-        "count": count,
+        "top1": result.top1,
+        "top5": result.top5,
+        "count": result.count,
         "split": split,
-        "per_class": {
-            str(c): {"name": names[c] if c < len(names) else str(c), "text": texts[c] if c < len(texts) else "",
-                     "count": int(per_class_count[c]), "correct": int(per_class_correct[c]),
-                     "top1": float(per_class_correct[c] / per_class_count[c]) if per_class_count[c] else 0.0}
-            for c in range(num_classes)
-        },
         "model": ckpt["model"],
-        "step": ckpt.get("step"),
+        "weights": picked["which"],
+        "step": picked["step"],
         "image_size": size,
         "seconds": round(time.time() - start, 1),
     }
-    log.info("%s on %d %s images: top-1 %.4f, top-5 %.4f", ckpt["model"], count, split, metrics["top1"],
-             metrics["top5"])
+    metrics.update(class_metrics(result.confusion, list(info.class_names), list(info.class_texts)))
+    log.info("%s (%s weights, step %s) on %d %s images: top-1 %.4f, top-5 %.4f", ckpt["model"], picked["which"],
+             picked["step"], result.count, split, metrics["top1"], metrics["top5"])
     if out:
         with storage.local_output(out, kind="evaluation", force=force) as out_dir:
             path = os.path.join(out_dir, METRICS)
             with open(path, "w") as f:
-                json.dump(metrics, f, indent=2)
-                f.write("\n")
-            from hrnet.manifest import file_entry
-
+                f.write(metrics_json(metrics))
             write_manifest(out_dir, {
                 "kind": "evaluation", "data": data, "checkpoint": checkpoint, "model": ckpt["model"],
-                "step": ckpt.get("step"), "split": split, "count": count, "top1": metrics["top1"],
-                "top5": metrics["top5"], "files": [file_entry(path, out_dir)],
+                "weights": picked["which"], "step": picked["step"], "split": split, "count": result.count,
+                "top1": metrics["top1"], "top5": metrics["top5"], "files": [file_entry(path, out_dir)],
             })
     return metrics
+
+
+def metrics_json(metrics: Dict[str, Any]) -> str:
+    """metrics.json's text: indented, with one line per confusion-matrix row (ImageNet's
+    matrix would otherwise take a million lines)."""
+    rows = metrics["confusion_matrix"]["rows"]
+    matrix = dict(metrics["confusion_matrix"], rows="@ROWS@")
+    text = json.dumps(dict(metrics, confusion_matrix=matrix), indent=2)
+    return text.replace('"@ROWS@"', "[\n" + ",\n".join("      " + json.dumps(r) for r in rows) + "\n    ]") + "\n"
+
+
+def class_metrics(confusion, names: List[str], texts: List[str]) -> Dict[str, Any]:
+    """metrics.json's class-level part, all from the confusion matrix: per_class (index ->
+    name, text, count, correct, top1), confusion_matrix (rows: true class, columns:
+    predicted) and the most-confused pairs."""
+    num_classes = confusion.shape[0]
+    names = [names[c] if c < len(names) else str(c) for c in range(num_classes)]
+    texts = [texts[c] if c < len(texts) else "" for c in range(num_classes)]
+    counts, correct = confusion.sum(axis=1), confusion.diagonal()
+    return {
+        "per_class": {
+            str(c): {"name": names[c], "text": texts[c], "count": int(counts[c]), "correct": int(correct[c]),
+                     "top1": float(correct[c] / counts[c]) if counts[c] else 0.0}
+            for c in range(num_classes)
+        },
+        "confusion_matrix": {"classes": names, "rows": confusion.tolist()},
+        "most_confused": most_confused(confusion, names),
+    }
+
+
+def add_weights_argument(parser) -> None:
+    """--use best|last, for evaluate and export."""
+    parser.add_argument("--use", dest="weights", default="best", choices=WEIGHT_CHOICES,
+                        help="a training run's best weights (by validation top-1; its last ones when it did not "
+                             "validate) or its last ones (default best)")
 
 
 def add_arguments(parser) -> None:
@@ -178,6 +278,7 @@ def add_arguments(parser) -> None:
                         help="checkpoint folder or URI (output of `hrnet train`), or imported weights (output of "
                              "`hrnet import-weights`)")
     parser.add_argument("--out", default=None, help="folder or URI for metrics.json and manifest.json")
+    add_weights_argument(parser)
     parser.add_argument("--batch-size", type=int, default=100, help="images per batch (default 100)")
     parser.add_argument("--split", default="validation", help="split to evaluate (default validation)")
     parser.add_argument("--image-size", type=int, default=None,
@@ -195,7 +296,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     m = evaluate(args.data, args.checkpoint, out=args.out, batch_size=args.batch_size, split=args.split,
                  image_size=args.image_size, force=args.force, num_classes=args.num_classes,
-                 label_offset=args.label_offset, crop_ratio=args.crop_ratio)
-    print("%s: top-1 %.2f%%, top-5 %.2f%% on %d %s images" % (m["model"], 100 * m["top1"], 100 * m["top5"],
-                                                               m["count"], m["split"]))
+                 label_offset=args.label_offset, crop_ratio=args.crop_ratio, weights=args.weights)
+    print("%s (%s weights, step %s): top-1 %.2f%%, top-5 %.2f%% on %d %s images" % (
+        m["model"], m["weights"], m["step"], 100 * m["top1"], 100 * m["top5"], m["count"], m["split"]))
     return 0

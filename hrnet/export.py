@@ -126,8 +126,9 @@ def _onnx(model, image_size: int, path: str) -> Dict[str, Any]:
 
 
 def export_model(checkpoint: str, out: str, atc_batch_size: int = 1, soc_version: str = "Ascend910",
-                 onnx: bool = True, force: bool = False) -> Dict[str, Any]:
-    """Export the checkpoint at ``checkpoint`` into ``out``; returns the manifest."""
+                 onnx: bool = True, force: bool = False, weights: str = "best") -> Dict[str, Any]:
+    """Export the checkpoint at ``checkpoint`` into ``out``; returns the manifest.
+    ``weights``: the run's "best" (by validation top-1, when it validated) or "last"."""
     import tensorflow as tf
 
     from hrnet.compat import set_mixed_precision
@@ -138,7 +139,7 @@ def export_model(checkpoint: str, out: str, atc_batch_size: int = 1, soc_version
         raise ValueError("atc_batch_size must be >= 1, got %r" % atc_batch_size)
     set_mixed_precision("float32")  # serve in float32 whatever the training precision was
     ckpt_dir = storage.local_input(checkpoint)
-    model, ckpt = load_checkpoint_model(ckpt_dir)
+    model, ckpt, picked = load_checkpoint_model(ckpt_dir, which=weights)
     size = ckpt["image_size"]
     names = _class_names(ckpt_dir, ckpt["num_classes"])
     with storage.local_output(out, kind="export", force=force) as out_dir:
@@ -179,7 +180,8 @@ def export_model(checkpoint: str, out: str, atc_batch_size: int = 1, soc_version
             "model": ckpt["model"],
             "num_classes": ckpt["num_classes"],
             "image_size": size,
-            "step": ckpt.get("step"),
+            "weights": picked["which"],
+            "step": picked["step"],
             "saved_model": {
                 "path": "saved_model",
                 "signatures": {
@@ -207,20 +209,23 @@ def _mean_std():
 
 
 def add_arguments(parser) -> None:
+    from hrnet.evaluate import add_weights_argument
+
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder or URI (output of `hrnet train`)")
     parser.add_argument("--out", required=True, help="folder or URI for the exported model")
     parser.add_argument("--atc-batch-size", type=int, default=1, help="fixed batch size of the frozen graph (ATC)")
     parser.add_argument("--soc-version", default="Ascend910", help="ATC --soc_version (Ascend910, Ascend310, ...)")
     parser.add_argument("--no-onnx", dest="onnx", action="store_false", help="skip the ONNX export")
+    add_weights_argument(parser)
     storage.add_force_argument(parser)
 
 
 def run(args) -> int:
     m = export_model(args.checkpoint, args.out, atc_batch_size=args.atc_batch_size, soc_version=args.soc_version,
-                     onnx=args.onnx, force=args.force)
+                     onnx=args.onnx, force=args.force, weights=args.weights)
     formats = ["saved_model", "frozen"] + (["onnx"] if "onnx" in m else [])
-    print("exported %s (%d classes, %dx%d) to %s: %s%s" % (m["model"], m["num_classes"], m["image_size"],
-                                                           m["image_size"], args.out, ", ".join(formats),
-                                                           "" if "onnx" in m else " (onnx: %s)" % m["onnx_skipped"]))
+    print("exported %s (%s weights, step %s; %d classes, %dx%d) to %s: %s%s" % (
+        m["model"], m["weights"], m["step"], m["num_classes"], m["image_size"], m["image_size"], args.out,
+        ", ".join(formats), "" if "onnx" in m else " (onnx: %s)" % m["onnx_skipped"]))
     print("atc: " + m["frozen"]["atc"])
     return 0

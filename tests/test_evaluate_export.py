@@ -71,7 +71,7 @@ def test_evaluate_counts_every_validation_record_once_and_matches_per_image_pred
     assert [metrics["per_class"][str(c)]["name"] for c in range(CLASSES)] == ["class_%d" % c for c in range(CLASSES)]
 
     # Reference: each image on its own, from its JPEG bytes, through the same eval preprocessing.
-    model, _ = load_checkpoint_model(str(setup / "ckpt"))
+    model, _, _ = load_checkpoint_model(str(setup / "ckpt"))
     samples = _validation_jpegs(setup)
     images = tf.stack([preprocess_for_eval(tf.constant(data), 32) for data, _ in samples])
     ranked = np.argsort(-model(images, training=False).numpy(), axis=1)  # inference mode: per-image results
@@ -120,7 +120,7 @@ def test_exported_saved_model_reproduces_the_model_on_real_jpeg_bytes(setup, tmp
     on_disk = json.loads((tmp_path / "export" / "manifest.json").read_text())
     assert {e["path"] for e in on_disk["files"]} >= {"saved_model/saved_model.pb", "frozen/hrnet.pb",
                                                      "frozen/nodes.json", "frozen/atc.sh"}
-    model, _ = load_checkpoint_model(str(setup / "ckpt"))
+    model, _, _ = load_checkpoint_model(str(setup / "ckpt"))
     loaded = tf.saved_model.load(str(tmp_path / "export" / "saved_model"))
     assert set(loaded.signatures) == {"serving_default", "classify_bytes"}
 
@@ -178,7 +178,7 @@ def test_onnx_export_matches_when_tf2onnx_is_installed(setup, tmp_path):
     session = ort.InferenceSession(str(tmp_path / "export" / "model.onnx"), providers=["CPUExecutionProvider"])
     batch = np.random.default_rng(2).normal(size=(2, 32, 32, 3)).astype(np.float32)
     (logits,) = session.run(None, {session.get_inputs()[0].name: batch})
-    model, _ = load_checkpoint_model(str(setup / "ckpt"))
+    model, _, _ = load_checkpoint_model(str(setup / "ckpt"))
     np.testing.assert_allclose(logits, model(batch, training=False).numpy(), atol=1e-4)
 
 
@@ -193,7 +193,7 @@ def test_imported_weights_are_evaluated_directly_on_slim_style_records(setup, tm
     from hrnet.evaluate import evaluate, load_checkpoint_model
     from hrnet.manifest import file_entry, write_manifest
 
-    model, ckpt = load_checkpoint_model(str(setup / "ckpt"))
+    model, ckpt, _ = load_checkpoint_model(str(setup / "ckpt"))
     imported = tmp_path / "imported"
     imported.mkdir()
     weights.save_weights(model, str(imported / "weights"))

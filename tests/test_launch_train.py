@@ -104,6 +104,10 @@ def dataset(tmp_path_factory):
                 example = schema.make_example(images[i], "img%d.jpg" % i, label, "c%d" % label, "class %d" % label,
                                               32, 32)
                 writer.write(example.SerializeToString())
+    with tf.io.TFRecordWriter(str(root / schema.shard_name("validation", 0, 1))) as writer:
+        for i in range(IMAGES):  # validated after every step (an epoch is one step here)
+            writer.write(schema.make_example(images[i], "img%d.jpg" % i, i % 4, "c%d" % (i % 4), "class %d" % (i % 4),
+                                             32, 32).SerializeToString())
     (root / "tiny.yaml").write_text(TINY_MODEL)
     return root
 
@@ -172,8 +176,13 @@ def test_two_cpu_workers_train_in_sync_and_match_one_process(dataset, tmp_path):
         assert moved > 1.0
         assert off <= tolerance * moved, (off, moved)
     # The logged loss and accuracy of each step agree too (rank 0 logs the global batch's).
-    history = [[json.loads(line) for line in (run / "ckpt" / "history.jsonl").read_text().splitlines()]
-               for run in (two, one)]
+    lines = [[json.loads(line) for line in (run / "ckpt" / "history.jsonl").read_text().splitlines()]
+             for run in (two, one)]
+    history = [[h for h in run if "loss" in h] for run in lines]
+    # Validation ran on both ranks in step (its reads of mirrored variables are collective ops).
+    validations = [[h for h in run if "val_top1" in h] for run in lines]
+    assert [v["step"] for v in validations[0]] == [v["step"] for v in validations[1]] == list(range(1, STEPS + 1))
+    assert all(v["val_count"] == IMAGES for run in validations for v in run)
     assert [h["step"] for h in history[0]] == [h["step"] for h in history[1]] == list(range(1, STEPS + 1))
     for a, b in zip(*history):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-3) and a["top1"] == b["top1"], (a, b)

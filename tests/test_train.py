@@ -8,6 +8,7 @@ HRNet configs (same code as the official ones, fewer channels) so that it stays 
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,9 +39,11 @@ def digits(tmp_path_factory):
     return root
 
 
-def read_history(out):
+def read_history(out, validation=False):
+    """history.jsonl's training lines (or, with ``validation``, its validation lines)."""
     with open(os.path.join(out, "history.jsonl")) as f:
-        return [json.loads(line) for line in f]
+        lines = [json.loads(line) for line in f]
+    return [h for h in lines if ("val_top1" in h) == validation]
 
 
 def test_learns_the_digits(digits, tmp_path):
@@ -201,6 +204,57 @@ def test_a_diverging_run_stops_with_a_clear_error_and_keeps_the_last_good_checkp
     for name, dtype in reader.get_variable_to_dtype_map().items():
         if dtype.is_floating:
             assert np.all(np.isfinite(reader.get_tensor(name))), name
+
+
+def test_validation_every_epoch_keeps_the_best_weights_which_evaluate_and_export_reproduce(digits, tmp_path):
+    """Three epochs on the digits, then two more on records whose training labels are
+    shifted by one (digit d labelled d+1, validation unchanged): validation falls, so the
+    best weights (epoch 3) are not the last (epoch 5)."""
+    import tensorflow as tf
+
+    from hrnet import data
+    from hrnet.data.convert import convert_dataset
+    from hrnet.evaluate import evaluate
+    from hrnet.export import export_model
+    from hrnet.train.loop import train
+
+    shifted = tmp_path / "shifted"
+    for split in ("train", "validation"):
+        for c in range(10):
+            target = (c + 1) % 10 if split == "train" else c
+            shutil.copytree(digits / "jpeg" / split / str(c), shifted / split / str(target))
+    convert_dataset(str(shifted), str(tmp_path / "shifted-records"), train_shards=2, validation_shards=2,
+                    workers=1, progress=False)
+    out = str(tmp_path / "run")
+    run = {"out": out, "model": str(digits / "tiny.yaml"), "image_size": 32, "batch_size": 16,
+           "nb_train_samples": 320, "lr": 0.1, "lr_decay": 1.0, "flip": False, "area_range": [0.35, 1.0],
+           "log_every": 10, "checkpoint_every": 100, "seed": 0}  # 20 steps per epoch; every epoch validated
+    train(dict(run, data=str(digits / "records"), epochs=3))
+    manifest = train(dict(run, data=str(tmp_path / "shifted-records"), epochs=5))  # resumes at step 60
+
+    validations = read_history(out, validation=True)
+    assert [v["step"] for v in validations] == [20, 40, 60, 80, 100]
+    assert all(v["val_count"] == 359 for v in validations)
+    best, last = manifest["best"], manifest["validation"]
+    top = max(validations, key=lambda v: v["val_top1"])
+    assert best["step"] == top["step"] <= 60 and best["val_top1"] == top["val_top1"]
+    assert last["step"] == 100 and last["val_top1"] < best["val_top1"] - 0.1, validations
+    assert {"best.index", "best.json"} <= set(os.listdir(out))
+
+    # The same protocol (and batch size) on the saved weights gives what validation recorded.
+    for which, expected in (("best", best), ("last", last)):
+        metrics = evaluate(str(digits / "records"), out, batch_size=16, weights=which)
+        assert (metrics["weights"], metrics["step"]) == (which, expected["step"])
+        assert metrics["top1"] == expected["val_top1"] and metrics["top5"] == expected["val_top5"]
+    assert _event_steps(pathlib.Path(out) / "logs", "validation/top1") == [20, 40, 60, 80, 100]
+
+    exported = export_model(out, str(tmp_path / "export"), onnx=False)  # the best weights, by default
+    assert (exported["weights"], exported["step"]) == ("best", best["step"])
+    serve = tf.saved_model.load(str(tmp_path / "export" / "saved_model")).signatures["serving_default"]
+    info = data.dataset_info(str(digits / "records"), splits=("validation",))
+    hits = sum(int(np.sum(np.argmax(serve(images=images)["logits"].numpy(), axis=1) == labels.numpy()))
+               for images, labels in data.eval_dataset(info, batch_size=16, image_size=32))
+    assert hits / 359 == best["val_top1"]
 
 
 def test_init_from_keeps_the_backbone_and_reinitialises_another_classifier(digits, tmp_path):

@@ -84,7 +84,10 @@ class TrainConfig:
     aspect_range: Tuple[float, float] = _f((0.75, 4.0 / 3.0), "RandomResizedCrop aspect ratio range", nargs=2)
     flip: bool = _f(True, "random horizontal flip")
     # Bookkeeping.
-    checkpoint_every: int = _f(1000, "save a checkpoint every N steps (and always at the end)")
+    eval_every: Optional[int] = _f(None, "validate every N epochs and at the end, keeping the best weights by "
+                                         "validation top-1 (default: every epoch when the data set has validation "
+                                         "records; 0: never)")
+    checkpoint_every: int = _f(1000, "save a checkpoint every N steps, and at each validation and the end")
     keep_checkpoints: int = _f(3, "keep the last K checkpoints")
     log_every: int = _f(100, "a log line (and history.jsonl, TensorBoard) every N steps")
     seed: Optional[int] = _f(None, "random seed for weights and input order (default: random)")
@@ -165,6 +168,8 @@ class TrainConfig:
         for name in ("batch_size", "checkpoint_every", "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError("%s must be >= 1, got %s" % (name, getattr(self, name)))
+        if self.eval_every is not None and self.eval_every < 0:
+            raise ValueError("eval_every must be >= 0 (0: no validation), got %s" % self.eval_every)
         for name in ("global_batch_size", "train_steps", "nb_train_samples", "num_classes"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -191,12 +196,17 @@ class TrainConfig:
         return self
 
     # ---- resolution -----------------------------------------------------------------
-    def resolve(self, num_classes: int, label_offset: int, train_count: int, num_replicas: int) -> "TrainConfig":
+    def resolve(self, num_classes: int, label_offset: int, train_count: int, num_replicas: int,
+                validation_count: int = 0) -> "TrainConfig":
         """Fill in what depends on the data set and the device count; returns a new config.
 
         num_replicas: devices taking part in one synchronous step (all workers together).
         """
         self.validate()
+        eval_every = self.eval_every if self.eval_every is not None else (1 if validation_count else 0)
+        if eval_every and not validation_count:
+            raise HrnetError("eval_every %d asks for validation, but the data set has no validation records "
+                             "(--eval-every 0 trains without it)" % eval_every)
         if self.num_classes is not None and self.num_classes != num_classes:
             raise HrnetError(
                 "num_classes %d was asked for, but the data set has %d classes" % (self.num_classes, num_classes)
@@ -247,12 +257,22 @@ class TrainConfig:
             precision=precision,
             precision_mode=precision_mode,
             seed=seed,
+            eval_every=eval_every,
         )
 
     @property
     def steps_per_epoch(self) -> float:
         """Steps in one epoch (fractional); valid on a resolved config."""
         return self.nb_train_samples / float(self.global_batch_size)
+
+    def validation_steps(self) -> List[int]:
+        """The steps after which a resolved config validates: every eval_every epochs, and
+        the last step; [] without validation."""
+        if not self.eval_every:
+            return []
+        every = self.eval_every * self.steps_per_epoch
+        steps = {int(round(k * every)) for k in range(1, int(self.train_steps / every) + 1)}
+        return sorted(s for s in steps | {self.train_steps} if 0 < s <= self.train_steps)
 
     def lr_schedule(self):
         """step -> lr of a resolved config (hrnet.train.schedules)."""

@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 HISTORY = "history.jsonl"
 LABELS = "labels.txt"
 WEIGHTS = "weights"
+# The weights with the best validation top-1 so far (a weights prefix, like WEIGHTS) and
+# what validation found for them; written in this order, so a crash between the two is
+# healed by the validation a resumed run repeats.
+BEST = "best"
+BEST_INFO = "best.json"
 CHECKPOINT_NAME = "ckpt"
 
 
@@ -45,12 +50,17 @@ class NonFiniteLossError(HrnetError):
 
 # ----------------------------------------------------------------------------- data seam
 
+def _splits(cfg: TrainConfig):
+    """The splits a run reads: validation too unless it was switched off."""
+    return ("train",) if cfg.eval_every == 0 else ("train", "validation")
+
+
 def _data_info(cfg: TrainConfig, data_dir: str):
     """hrnet.data.DatasetInfo: classes, label offset, counts and files per split."""
     from hrnet import data
 
     return data.dataset_info(data_dir, num_classes=cfg.num_classes, label_offset=cfg.label_offset,
-                             verify=cfg.verify_data, splits=("train",))
+                             verify=cfg.verify_data, splits=_splits(cfg))
 
 
 def _train_input(cfg: TrainConfig, info, batch_size: int, worker_index: int, num_workers: int,
@@ -144,8 +154,8 @@ def _write_labels(out_dir: str, data_dir: str, info) -> None:
             f.write("%d\t%s\t%s\n" % (i + info.label_offset, name, text))
 
 
-def _stage_data(data: str, chief: bool) -> str:
-    """The data set's train split as a local folder (``data``: records, or a reference to
+def _stage_data(data: str, chief: bool, splits) -> str:
+    """The data set's ``splits`` as a local folder (``data``: records, or a reference to
     them). Remote data: the ranks of one machine share the cache, so they take turns (a
     file lock); the first downloads and the others find the copy. Only rank 0 re-hashes
     it, the others check sizes (ImageNet is 150 GB)."""
@@ -162,12 +172,17 @@ def _stage_data(data: str, chief: bool) -> str:
     with open(lock_path, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            return reference.stage(uri, ("train",), verify=chief)
+            return reference.stage(uri, splits, verify=chief)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _write_scalars(writer, step: int, values: Dict[str, Any]) -> None:
+# TensorBoard tag -> history.jsonl key.
+TRAIN_SCALARS = {"train/" + k: k for k in ("loss", "top1", "lr", "images_per_sec", "loss_scale")}
+VALIDATION_SCALARS = {"validation/top1": "val_top1", "validation/top5": "val_top5"}
+
+
+def _write_scalars(writer, step: int, values: Dict[str, Any], tags: Dict[str, str]) -> None:
     """TensorBoard scalars through tf.summary.write with the scalars plugin's metadata:
     tf.summary.scalar needs the tensorboard package, which TF 2.21 no longer installs."""
     import tensorflow as tf
@@ -176,11 +191,32 @@ def _write_scalars(writer, step: int, values: Dict[str, Any]) -> None:
     metadata = summary_pb2.SummaryMetadata()
     metadata.plugin_data.plugin_name = "scalars"
     with writer.as_default():
-        for key in ("loss", "top1", "lr", "images_per_sec", "loss_scale"):
+        for tag, key in tags.items():
             if key in values:
-                tf.summary.write("train/" + key, tf.constant(float(values[key]), tf.float32), step=step,
+                tf.summary.write(tag, tf.constant(float(values[key]), tf.float32), step=step,
                                  metadata=metadata.SerializeToString())
     writer.flush()
+
+
+def _read_history(path: str):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(ln) for ln in f if ln.strip()]
+
+
+def _read_best(directory: str, start_step: int) -> Optional[Dict[str, Any]]:
+    """The best validation so far of the run being resumed at ``start_step``."""
+    path = os.path.join(directory, BEST_INFO)
+    if not os.path.exists(path) or not os.path.exists(os.path.join(directory, BEST + ".index")):
+        return None
+    with open(path) as f:
+        best = json.load(f)
+    if best["step"] > start_step:  # from after the checkpoint resumed: that future is being redone
+        log.warning("the best weights (step %d) are newer than the checkpoint resumed (step %d): they are "
+                    "forgotten, and the best is found again", best["step"], start_step)
+        return None
+    return best
 
 
 # ----------------------------------------------------------------------------- training
@@ -228,14 +264,15 @@ def _train(cfg: TrainConfig, backend, out_dir: str, write_dir: str) -> Dict[str,
     from hrnet.manifest import MANIFEST, file_entry, read_manifest, write_manifest
     from hrnet.model import build_model, count_params
 
-    data_dir = _stage_data(cfg.data, backend.is_chief)
+    data_dir = _stage_data(cfg.data, backend.is_chief, _splits(cfg))
     info = _data_info(cfg, data_dir)
     if not info.counts.get("train"):
         raise HrnetError("%s has no training records" % cfg.data)
     saved = load_saved(out_dir)
     if cfg.seed is None and saved is not None and saved.seed is not None:
         cfg = cfg.replace(seed=saved.seed)  # the input order of a resumed run is the one it started with
-    cfg = cfg.resolve(info.num_classes, info.label_offset, info.counts["train"], backend.num_replicas)
+    cfg = cfg.resolve(info.num_classes, info.label_offset, info.counts["train"], backend.num_replicas,
+                      info.counts.get("validation", 0))
     if not cfg.model.endswith((".yaml", ".yml")):
         cfg = cfg.replace(model=configs.canonical_name(cfg.model))
     model_config = configs.load(cfg.model)
@@ -281,9 +318,11 @@ def _train(cfg: TrainConfig, backend, out_dir: str, write_dir: str) -> Dict[str,
         # must leave a foreign checkpoint folder exactly as it was.
         cfg.save(out_dir)
         _write_labels(out_dir, data_dir, info)
+    history_path = os.path.join(out_dir, HISTORY)
+    # Read before the first collective op, so that no rank sees a line the chief writes later.
+    validated = {h["step"] for h in _read_history(history_path) if "val_top1" in h}
     backend.broadcast_variables(model.variables)
     start_step = int(step_var.numpy())
-    history_path = os.path.join(out_dir, HISTORY)
     if chief:
         _truncate_history(history_path, start_step)
         _truncate_events(os.path.join(out_dir, "logs"), start_step)
@@ -347,8 +386,43 @@ def _train(cfg: TrainConfig, backend, out_dir: str, write_dir: str) -> Dict[str,
         step_var.assign_add(1)
         return [strategy.reduce(tf.distribute.ReduceOp.SUM, r, axis=None) for r in results]
 
-    # ---- loop --------------------------------------------------------------------
+    # ---- validation ------------------------------------------------------------------
+    # Every rank validates on the whole split (the same batches, so the same collective reads
+    # of mirrored variables and the same decisions); only the chief writes what it found.
     writer = tf.summary.create_file_writer(os.path.join(out_dir, "logs")) if chief else None
+    val_steps = set(cfg.validation_steps())
+    best = _read_best(out_dir, start_step) if val_steps else None
+    last_val: Dict[str, Any] = {}
+    if val_steps:
+        from hrnet import data
+        from hrnet.evaluate import tally, top_k_predictor
+
+        predict = top_k_predictor(model, cfg.image_size, cfg.num_classes)
+
+    def validate(step: int) -> None:
+        nonlocal best, last_val
+        count = info.counts["validation"]
+        log.info("validating at step %d on %d images", step, count)
+        result = tally(predict, data.eval_dataset(info, batch_size=cfg.batch_size, image_size=cfg.image_size),
+                       cfg.num_classes, count, "%s (validation)" % cfg.data, cfg.batch_size)
+        last_val = {"step": step, "epoch": round(step / cfg.steps_per_epoch, 4), "val_top1": result.top1,
+                    "val_top5": result.top5, "val_count": result.count}
+        improved = best is None or result.top1 > best["val_top1"]
+        if improved:
+            weights.save_weights(model, os.path.join(write_dir, BEST))  # every rank: the reads are collective
+            best = dict(last_val, weights=BEST)
+        if chief:
+            if improved:
+                storage.write_text(os.path.join(out_dir, BEST_INFO), json.dumps(best, indent=2) + "\n")
+            with open(history_path, "a") as f:
+                f.write(json.dumps(last_val) + "\n")
+            _write_scalars(writer, step, last_val, VALIDATION_SCALARS)
+        validated.add(step)
+        log.info("validation at step %d (epoch %.2f): top-1 %.4f, top-5 %.4f%s", step, last_val["epoch"],
+                 result.top1, result.top5, " (the best so far)" if improved else
+                 "; the best is %.4f at step %d" % (best["val_top1"], best["step"]))
+
+    # ---- loop --------------------------------------------------------------------
     params = count_params(model)
     log.info("training %s (%s params, %d classes) at %dx%d on %d images/epoch: %d steps of %d images "
              "(%.2f epochs), lr %.4g %s, %s, %s", model_name, f"{params:,}", cfg.num_classes,
@@ -385,6 +459,8 @@ def _train(cfg: TrainConfig, backend, out_dir: str, write_dir: str) -> Dict[str,
     run_start = time.time()
     timed_steps, timed_seconds = 0, 0.0
     last_log: Dict[str, Any] = {}
+    if start_step in val_steps and start_step not in validated and start_step < cfg.train_steps:
+        validate(start_step)  # the killed run saved this step's checkpoint but did not finish validating it
     while step < cfg.train_steps:
         t0 = time.time()
         try:
@@ -422,20 +498,27 @@ def _train(cfg: TrainConfig, backend, out_dir: str, write_dir: str) -> Dict[str,
             if backend.loss_scaling:
                 last_log["loss_scale"] = compat.loss_scale_value(optimizer)
             eta = per_step * (cfg.train_steps - step)
-            log.info("step %d/%d epoch %.2f loss %.4f top1 %.4f lr %.5g images/s %.1f eta %s",
-                     step, cfg.train_steps, last_log["epoch"], last_log["loss"], last_log["top1"], last_log["lr"],
+            log.info("step %d/%d epoch %.2f loss %.4f top1 %.4f%s lr %.5g images/s %.1f eta %s",
+                     step, cfg.train_steps, last_log["epoch"], last_log["loss"], last_log["top1"],
+                     " val-top1 %.4f" % last_val["val_top1"] if last_val else "", last_log["lr"],
                      last_log["images_per_sec"], _fmt_duration(eta))
             if chief:
                 with open(history_path, "a") as f:
                     f.write(json.dumps(last_log) + "\n")
-                _write_scalars(writer, step, last_log)
+                _write_scalars(writer, step, last_log, TRAIN_SCALARS)
             window = {"loss": 0.0, "correct": 0.0, "steps": 0}
             window_start = time.time()
             timed_steps, timed_seconds = 0, 0.0
-        if step % cfg.checkpoint_every == 0 and step < cfg.train_steps:
+        # A validated step is a checkpointed one: a resumed run never has to redo the steps
+        # before a validation to know what it found.
+        if (step % cfg.checkpoint_every == 0 or step in val_steps) and step < cfg.train_steps:
             save(step)
+            if step in val_steps:
+                validate(step)
     if step > start_step or latest is None:  # the same decision on every rank (saves are collective)
         save(step)
+    if step in val_steps and step not in validated:
+        validate(step)
 
     # ---- outputs: portable weights, then the manifest, last -------------------------
     weights.save_weights(model, os.path.join(write_dir, WEIGHTS))
@@ -460,6 +543,9 @@ def _train(cfg: TrainConfig, backend, out_dir: str, write_dir: str) -> Dict[str,
         "weights": WEIGHTS,
         "checkpoint": os.path.basename(manager.latest_checkpoint),
         "final": last_log,
+        # The weights with the best validation top-1 (evaluate / export use them by default).
+        "best": best,
+        "validation": last_val or None,
         "seconds": round(time.time() - run_start, 1),
         "tensorflow": tf.__version__,
         "keras": ".".join(str(v) for v in compat.KERAS_VERSION),
@@ -469,7 +555,7 @@ def _train(cfg: TrainConfig, backend, out_dir: str, write_dir: str) -> Dict[str,
     if not chief:
         return manifest
     manifest["files"] = [file_entry(os.path.join(out_dir, f), out_dir) for f in sorted(os.listdir(out_dir))
-                         if f.startswith(WEIGHTS + ".") or f in (LABELS, CONFIG_FILE)]
+                         if f.startswith((WEIGHTS + ".", BEST + ".")) or f in (LABELS, CONFIG_FILE, BEST_INFO)]
     write_manifest(out_dir, manifest)
     storage.mirror(out_dir, cfg.out)
     log.info("done: step %d, checkpoint %s, weights %s", step, manifest["checkpoint"],
