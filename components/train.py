@@ -21,6 +21,7 @@ def train(
     seed: int,
     train_options: str,
     checkpoint_uri: str,
+    init_from: str,
 ):
     """Checkpoints, portable weights, history.jsonl and TensorBoard logs in ``model``.
 
@@ -28,7 +29,8 @@ def train(
     ``checkpoint_uri``: where training mirrors its checkpoints as it goes, so that a retried
     pod (or a later run) resumes there instead of starting over; "" mirrors them beside
     this step's artifact in the pipeline root, which a retry of the same task finds again
-    (its output URIs are the same).
+    (its output URIs are the same). ``init_from``: starting weights (fine-tuning); a resumed
+    run continues from its checkpoint instead.
     """
     from hrnet import storage
     from hrnet.runtime.launch import launch
@@ -36,7 +38,7 @@ def train(
 
     out = checkpoint_uri or storage.sibling(model.uri, "checkpoints")
     command = train_command(dataset.path, out, model_name, device, batch_size, image_size, epochs, train_steps,
-                            lr, precision, seed, train_options)
+                            lr, precision, seed, train_options, init_from)
     code = launch(devices, command, device=device)
     if code:
         raise RuntimeError(f"hrnet launch exited with code {code} (see the log above)")

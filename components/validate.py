@@ -22,10 +22,11 @@ def validate(
     precision: str,
     image_size: int,
     train_options: str,
+    init_from: str,
 ) -> str:
     """Raise ValueError naming the first bad parameter; return the data source to use:
     "convert" (an image tree to convert) or "tfrecords" (records converted before)."""
     from hrnet.train.config import check_pipeline_parameters
 
     return check_pipeline_parameters(source_uri, tfrecords_uri, model, devices, device, batch_size, epochs,
-                                     train_steps, lr, precision, image_size, train_options)
+                                     train_steps, lr, precision, image_size, train_options, init_from)

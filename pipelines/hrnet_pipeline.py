@@ -121,12 +121,13 @@ def build_pipeline(target: str = "ascend", image: Optional[str] = None, data_pvc
         seed: int,
         train_options: str,
         checkpoint_uri: str,
+        init_from: str,
         export_onnx: bool,
     ):
         train_task = train(dataset=dataset, model_name=model, devices=devices, device=device,
                            batch_size=batch_size, epochs=epochs, train_steps=train_steps, lr=lr,
                            precision=precision, image_size=image_size, seed=seed, train_options=train_options,
-                           checkpoint_uri=checkpoint_uri)
+                           checkpoint_uri=checkpoint_uri, init_from=init_from)
         _configure_train(train_task, target, image, devices)
         evaluate_task = evaluate(dataset=dataset, model=train_task.outputs["model"])
         _configure(evaluate_task, "evaluate", image)
@@ -151,6 +152,7 @@ def build_pipeline(target: str = "ascend", image: Optional[str] = None, data_pvc
         seed: int = 0,
         train_options: str = "",
         checkpoint_uri: str = "",
+        init_from: str = "",
         export_onnx: bool = True,
         datasets_uri: str = "",
     ):
@@ -165,19 +167,25 @@ def build_pipeline(target: str = "ascend", image: Optional[str] = None, data_pvc
         checkpoint_uri: an s3:// / minio:// prefix where training mirrors its checkpoints as it
         goes; a retried train step, or a new run given the same URI, resumes from there ("":
         beside the train step's artifact in the pipeline root, which a retry finds too).
-        export_onnx: also export model.onnx (besides the SavedModel and the frozen graph)."""
+        init_from: starting weights for fine-tuning (an s3:// / minio:// URI of `hrnet
+        import-weights` or `hrnet train` output, or of an official / timm PyTorch .pth; "": from
+        scratch). Training validates every epoch; evaluate and export take the best weights
+        by validation top-1. export_onnx: also export model.onnx (besides the SavedModel and
+        the frozen graph)."""
         record_task = record_run()
         _configure(record_task, "record-run", image, secret=False)
         record_task.set_caching_options(False)
         with dsl.ExitHandler(record_task, name="hrnet-run"):
             check = validate(source_uri=source_uri, tfrecords_uri=tfrecords_uri, model=model, devices=devices,
                              device=device, batch_size=batch_size, epochs=epochs, train_steps=train_steps, lr=lr,
-                             precision=precision, image_size=image_size, train_options=train_options)
+                             precision=precision, image_size=image_size, train_options=train_options,
+                             init_from=init_from)
             _configure(check, "validate", image, secret=False)
             check.set_caching_options(False)
             rest = dict(model=model, devices=devices, batch_size=batch_size, epochs=epochs,
                         train_steps=train_steps, lr=lr, precision=precision, image_size=image_size, seed=seed,
-                        train_options=train_options, checkpoint_uri=checkpoint_uri, export_onnx=export_onnx)
+                        train_options=train_options, checkpoint_uri=checkpoint_uri, init_from=init_from,
+                        export_onnx=export_onnx)
             # Datasets pass by reference (hrnet.data.reference): KFP's launcher would download a
             # whole Dataset artifact into every pod that takes it.
             # Both branches run the same sub-pipeline: KFP's local runner cannot merge

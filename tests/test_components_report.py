@@ -6,7 +6,7 @@ from html.parser import HTMLParser
 import pytest
 
 from hrnet.errors import HrnetError
-from hrnet.report import curve_svg, render, write_report
+from hrnet.report import UI_CONFUSION_LIMIT, curve_svg, markdown_summary, render, ui_confusion_matrix, weakest, write_report
 
 
 class Page(HTMLParser):
@@ -91,3 +91,75 @@ def test_missing_metrics_is_a_clear_error(tmp_path):
     (tmp_path / "eval" / "metrics.json").unlink()
     with pytest.raises(HrnetError, match=re.escape("metrics.json is missing")):
         render(checkpoint, evaluation)
+
+
+def test_weakest_classes_include_ties_and_never_a_perfect_one():
+    rows = [{"index": i, "top1": t} for i, t in enumerate([1.0, 1.0, 0.5, 1.0, 0.7, 0.7, 0.7, 1.0, 0.9])]
+    # Five asked for: 0.5, then the three at 0.7, then 0.9; none of the four at 100%.
+    assert [r["index"] for r in weakest(rows, 5)] == [2, 4, 5, 6, 8]
+    # Four asked for: the cut falls among the 0.7s, so all three come (ties included).
+    assert [r["index"] for r in weakest(rows, 2)] == [2, 4, 5, 6]
+    assert weakest([{"index": i, "top1": 1.0} for i in range(9)], 5) == []  # all perfect: none is weak
+
+
+def _with_validation(tmp_path, num_classes=8):
+    """make_run's folders plus validation lines, a best, and a real confusion matrix."""
+    import numpy as np
+
+    from hrnet.evaluate import class_metrics
+
+    checkpoint, evaluation = make_run(tmp_path, num_classes=num_classes)
+    with open(tmp_path / "ckpt" / "history.jsonl", "a") as f:
+        for epoch, acc in ((0.5, 0.3), (1.0, 0.5), (1.5, 0.45)):
+            f.write(json.dumps({"step": int(epoch * 20), "epoch": epoch, "val_top1": acc, "val_top5": 0.9}) + "\n")
+    manifest = json.loads((tmp_path / "ckpt" / "manifest.json").read_text())
+    manifest["best"] = {"step": 20, "epoch": 1.0, "val_top1": 0.5, "weights": "best"}
+    (tmp_path / "ckpt" / "manifest.json").write_text(json.dumps(manifest))
+    confusion = np.diag(np.full(num_classes, 8))
+    confusion[3, 5], confusion[3, 3] = 6, 2  # class 3 is mostly taken for class 5
+    confusion[1, 0], confusion[1, 1] = 1, 7
+    names = [f"n0{c}" for c in range(num_classes)]
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    metrics.update(class_metrics(confusion, names, [f"digit {c}" for c in range(num_classes)]),
+                   weights="best", step=20)
+    (tmp_path / "eval" / "metrics.json").write_text(json.dumps(metrics))
+    return checkpoint, evaluation
+
+
+def test_report_has_a_legend_the_validation_curve_on_epochs_and_the_most_confused(tmp_path):
+    checkpoint, evaluation = _with_validation(tmp_path)
+    text = render(checkpoint, evaluation)
+    page = Page()
+    page.feed(text)
+    loss, top1, val = page.polylines
+    assert len(val) == 3 and val[1][1] < val[0][1]  # rises from epoch 0.5 to 1 (y grows downwards)
+    assert val[0][0] == pytest.approx(top1[1][0])  # epoch 0.5 is where the training line's epoch 0.5 is
+    for legend in ("train loss", "train top-1", "validation top-1"):
+        assert f">{legend}</text>" in text
+    assert ">epoch</text>" in text and ">step</text>" not in text
+    assert "best weights (step 20)" in text and "best validation top-1 50.00% at epoch 1" in text
+    confused = next(i for i, row in enumerate(page.rows) if row[:2] == ["true class", "taken for"])
+    assert page.rows[confused + 1] == ["n03 (digit 3)", "n05 (digit 5)", "6", "75.0"]
+    assert page.rows[confused + 2] == ["n01 (digit 1)", "n00 (digit 0)", "1", "12.5"]
+
+
+def test_markdown_summary_and_the_ui_confusion_matrix(tmp_path):
+    checkpoint, evaluation = _with_validation(tmp_path, num_classes=12)
+    md = markdown_summary(checkpoint, evaluation)
+    assert "| n03 (digit 3) | n05 (digit 5) | 6 | 75.0 |" in md
+    assert md.index("n03 (digit 3) | n05") < md.index("n01 (digit 1) | n00")
+    weak = md[md.index("## Weakest classes"):].splitlines()[4:]
+    assert weak == ["| 3 | n03 (digit 3) | 8 | 25.00 |", "| 1 | n01 (digit 1) | 8 | 87.50 |"]
+    categories, rows = ui_confusion_matrix(evaluation)
+    assert categories == [f"n0{c}" for c in range(12)] and rows[3][5] == 6 and len(rows) == 12
+
+    from kfp.dsl import ClassificationMetrics
+
+    artifact = ClassificationMetrics(name="confusion")
+    artifact.log_confusion_matrix(categories, rows)  # the shape KFP's artifact accepts
+    assert artifact.metadata["confusionMatrix"]["rows"][3]["row"][5] == 6
+
+    big = tmp_path / "big"
+    big.mkdir()
+    checkpoint, evaluation = _with_validation(big, num_classes=UI_CONFUSION_LIMIT + 1)
+    assert ui_confusion_matrix(evaluation) is None

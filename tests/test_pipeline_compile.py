@@ -233,7 +233,7 @@ def test_run_time_parameters(compiled):
     expected = {"source_uri": "STRING", "tfrecords_uri": "STRING", "model": "STRING", "devices": "NUMBER_INTEGER",
                 "epochs": "NUMBER_DOUBLE", "train_steps": "NUMBER_INTEGER", "batch_size": "NUMBER_INTEGER",
                 "lr": "NUMBER_DOUBLE", "precision": "STRING", "image_size": "NUMBER_INTEGER",
-                "seed": "NUMBER_INTEGER", "train_options": "STRING", "checkpoint_uri": "STRING",
+                "seed": "NUMBER_INTEGER", "train_options": "STRING", "checkpoint_uri": "STRING", "init_from": "STRING",
                 "export_onnx": "BOOLEAN", "datasets_uri": "STRING"}
     assert {name: p["parameterType"] for name, p in params.items()} == expected
     assert params["devices"]["defaultValue"] == 1 and params["model"]["defaultValue"] == "w18"

@@ -15,7 +15,7 @@ from pipelines.hrnet_pipeline import build_pipeline
 
 GOOD = dict(source_uri="/data/raw", tfrecords_uri="", model="w18_small_v1", devices=1, device="cpu",
             batch_size=32, epochs=1.0, train_steps=0, lr=0.0, precision="", image_size=32,
-            train_options="--schedule cosine --no-flip --area-range 0.35 1")
+            train_options="--schedule cosine --no-flip --area-range 0.35 1", init_from="")
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,9 @@ def test_devices_3_fails_the_first_step_and_the_run_is_recorded(runs_dir, capfd)
     (dict(train_options="--warmup-epochs -1"), "weight_decay and warmup_epochs must be >= 0"),
     (dict(train_options="--batch-size 8"), "train_options may not set --batch-size: the pipeline sets it"),
     (dict(train_options="--area-range 0.5 2"), "area_range must satisfy 0 < min <= max <= 1"),
+    (dict(train_options="--eval-every -1"), "eval_every must be >= 0"),
+    (dict(train_options="--init-from s3://b/w"), "train_options may not set --init-from: the pipeline sets it"),
+    (dict(init_from="/no/such/weights.pth"), "init_from '/no/such/weights.pth' is neither"),
 ])
 def test_bad_parameters_are_named(runs_dir, capfd, change, message):
     with pytest.raises(RuntimeError, match="validate"):

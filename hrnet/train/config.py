@@ -393,12 +393,12 @@ def load_saved(directory: str) -> Optional[TrainConfig]:
 
 # Flags the pipeline sets from parameters of its own, so train_options may not.
 PIPELINE_FLAGS = ("config", "data", "out", "model", "device", "batch_size", "epochs", "train_steps", "lr",
-                  "precision", "image_size", "seed")
+                  "precision", "image_size", "seed", "init_from")
 
 
 def check_pipeline_parameters(source_uri: str, tfrecords_uri: str, model: str, devices: int, device: str,
                               batch_size: int, epochs: float, train_steps: int, lr: float, precision: str,
-                              image_size: int, train_options: str) -> str:
+                              image_size: int, train_options: str, init_from: str = "") -> str:
     """Check a pipeline run's parameters before any pod asks for accelerators; ValueError
     naming the first bad one. Returns the data source to use: "convert" (an image tree)
     or "tfrecords" (records converted before). 0 / "" mean "the library's default"
@@ -416,6 +416,9 @@ def check_pipeline_parameters(source_uri: str, tfrecords_uri: str, model: str, d
     if tfrecords_uri and not is_remote(tfrecords_uri) and not os.path.isdir(tfrecords_uri):
         # KFP imports the records as an artifact: in a cluster that takes an object-store URI.
         raise ValueError(f"tfrecords_uri {tfrecords_uri!r} is neither an s3:// / minio:// URI nor a folder here")
+    if init_from and not is_remote(init_from) and not os.path.exists(init_from):
+        raise ValueError(f"init_from {init_from!r} is neither an s3:// / minio:// URI nor a path here (weights of "
+                         "`hrnet import-weights` or `hrnet train`, or a PyTorch .pth)")
     canonical_name(model)
     if devices not in VALID_NPROC:
         raise ValueError(f"devices must be one of {', '.join(map(str, VALID_NPROC))} (one training process per "
@@ -443,14 +446,14 @@ def check_pipeline_parameters(source_uri: str, tfrecords_uri: str, model: str, d
 
 def train_command(data: str, out: str, model: str, device: str, batch_size: int, image_size: int,
                   epochs: float, train_steps: int, lr: float, precision: str, seed: int,
-                  train_options: str = "") -> List[str]:
+                  train_options: str = "", init_from: str = "") -> List[str]:
     """The ``hrnet train`` command line of a pipeline run; 0 / "" leave a flag at the
     library's default."""
     import shlex
 
     flags = {"--data": data, "--out": out, "--model": model, "--device": device, "--batch-size": batch_size,
              "--image-size": image_size, "--epochs": epochs, "--train-steps": train_steps, "--lr": lr,
-             "--precision": precision, "--seed": seed}
+             "--precision": precision, "--seed": seed, "--init-from": init_from}
     command = ["hrnet", "train"]
     for flag, value in flags.items():
         if value not in (0, "", None):
