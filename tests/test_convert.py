@@ -117,7 +117,9 @@ def test_odd_images_become_rgb_records_and_bad_files_are_reported(odd_tree, tmp_
             h, w = feature(ex, "image/height")[0], feature(ex, "image/width")[0]
             assert (h, w) == image.shape[:2]
             assert feature(ex, "image/format") == [b"JPEG"] and feature(ex, "image/colorspace") == [b"RGB"]
-            seen[fname] = (feature(ex, "image/class/label")[0], (h, w), encoded, image)
+            assert "/" not in fname  # the bare file name, as slim stores it
+            label = feature(ex, "image/class/label")[0]
+            seen[("cat", "dog")[label] + "/" + fname] = (label, (h, w), encoded, image)
     assert {k: v[:2] for k, v in seen.items()} == expected
 
     # A good RGB JPEG is stored byte for byte; the others were re-encoded.
@@ -172,6 +174,41 @@ def test_read_image_detects_truncation_of_a_large_jpeg(tmp_path):
     assert read_image(good) == (data, 150, 200, None)
     with pytest.raises(Exception, match="truncated"):
         read_image(cut)
+
+
+def test_verify_finds_random_bytes_inside_a_complete_jpeg_that_decoders_pass(tmp_path):
+    import random
+
+    from hrnet.data.convert import jpeg_structure_error
+
+    data = jpeg_bytes(Image.fromarray(noise(240, 200, 4)), quality=95)
+    rng = random.Random(45)
+    at = rng.randrange(1000, len(data) - 4000)
+    corrupt = data[:at] + bytes(rng.randrange(256) for _ in range(3000)) + data[at:]
+    Image.open(io.BytesIO(corrupt)).load()  # PIL (what --verify decoded with) passes this one
+    tree = tmp_path / "tree" / "train"
+    (tree / "a").mkdir(parents=True)
+    (tree / "b").mkdir()
+    (tree / "a" / "corrupt.jpg").write_bytes(corrupt)
+    # Valid JPEGs of every structure pass: baseline, progressive, optimized, restart markers.
+    for i, kw in enumerate([dict(quality=95), dict(progressive=True), dict(optimize=True),
+                            dict(restart_marker_blocks=4), dict(restart_marker_rows=1)]):
+        valid = jpeg_bytes(Image.fromarray(noise(64, 48, 10 + i)), **kw)
+        assert jpeg_structure_error(valid) is None, kw
+        (tree / "b" / f"valid{i}.jpg").write_bytes(valid)
+    (tree / "a" / "fine.jpg").write_bytes(data)
+
+    plain = convert_dataset(str(tmp_path / "tree"), str(tmp_path / "plain"), workers=1, progress=False)
+    assert plain["counts"]["train"] == 7 and not plain["skipped"]  # without --verify it goes in
+    checked = convert_dataset(str(tmp_path / "tree"), str(tmp_path / "checked"), workers=1, progress=False,
+                              verify=True)
+    assert checked["counts"]["train"] == 6
+    (skip,) = checked["skipped"]
+    assert skip["path"] == "train/a/corrupt.jpg" and skip["reason"].startswith("corrupt JPEG (")
+    # The share of damage the walk finds: 3,000 random bytes at random places in 100 copies.
+    found = sum(bool(jpeg_structure_error(data[:p] + bytes(rng.randrange(256) for _ in range(3000)) + data[p:]))
+                for p in (rng.randrange(1000, len(data) - 1000) for _ in range(100)))
+    assert found >= 97
 
 
 def test_orient_boxes_follow_exif_transpose():
@@ -229,13 +266,13 @@ def test_imagenet_layout_with_loc_csv_boxes_and_slim_labels(tmp_path):
     with open(os.path.join(out, "labels.txt")) as f:
         assert f.read().splitlines() == [f"{i + 1}\t{s}\t{t}" for i, (s, t) in enumerate(zip(synsets, texts))]
     train = by_name(os.path.join(out, shards_of(out, "train")[0]))
-    boxed = train[f"{synsets[1]}/{synsets[1]}_0.JPEG"]
+    boxed = train[f"{synsets[1]}_0.JPEG"]  # the bare name, as slim stores it
     assert feature(boxed, "image/class/label") == [2]
     assert feature(boxed, "image/class/text") == [texts[1].encode()]
     box = [feature(boxed, "image/object/bbox/" + k)[0] for k in ("xmin", "ymin", "xmax", "ymax")]
     np.testing.assert_allclose(box, [0.1, 0.1, 0.5, 1.0], atol=1e-6)
     assert feature(boxed, "image/object/bbox/label") == [2]
-    assert feature(train[f"{synsets[0]}/{synsets[0]}_1.JPEG"], "image/object/bbox/xmin") == []
+    assert feature(train[f"{synsets[0]}_1.JPEG"], "image/object/bbox/xmin") == []
     val = by_name(os.path.join(out, shards_of(out, "validation")[0]))
     for i, s in enumerate(val_truth):
         e = val[f"ILSVRC2012_val_{i + 1:08d}.JPEG"]

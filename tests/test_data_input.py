@@ -217,14 +217,14 @@ def test_eval_yields_every_record_once_for_uneven_shards(tmp_path, shards):
     src = class_tree(str(tmp_path / "src"), [1, 1], [3, 4])  # 7 validation images
     out = str(tmp_path / "out")
     convert_dataset(src, out, validation_shards=shards, workers=1, progress=False)
-    every = sorted(f"class{c:02d}/{c}_{i}.jpg" for c, n in enumerate([3, 4]) for i in range(n))
+    every = sorted(f"{c}_{i}.jpg" for c, n in enumerate([3, 4]) for i in range(n))  # bare names, as slim's
     for workers in (1, shards - 1):
         seen, batches = [], []
         for w in range(workers):
             for x, y, f in data.eval_dataset(out, 2, 32, num_workers=workers, worker_index=w, with_filenames=True):
                 batches.append(int(x.shape[0]))
                 names = [n.decode() for n in f.numpy()]
-                assert [int(n[5:7]) for n in names] == y.numpy().tolist()
+                assert [int(n.split("_")[0]) for n in names] == y.numpy().tolist()
                 seen.extend(names)
         assert sorted(seen) == every, (shards, workers)
         assert sum(batches) == 7

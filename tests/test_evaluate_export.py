@@ -212,6 +212,11 @@ def test_imported_weights_are_evaluated_directly_on_slim_style_records(setup, tm
     ours = evaluate(str(setup / "records"), str(setup / "ckpt"), batch_size=5)
     theirs = evaluate(str(slim), str(imported), batch_size=5, label_offset=1)
     assert (theirs["count"], theirs["top1"], theirs["top5"]) == (ours["count"], ours["top1"], ours["top5"])
+    # Class names come from the synset and text each slim record carries (there is no labels.txt).
+    names = [(c["name"], c["text"]) for _, c in sorted(ours["per_class"].items(), key=lambda kv: int(kv[0]))]
+    assert [(c["name"], c["text"]) for _, c in sorted(theirs["per_class"].items(), key=lambda kv: int(kv[0]))] \
+        == names and names[0][0] != "0"
+    assert theirs["confusion_matrix"]["classes"] == [n for n, _ in names]
     # The same through the command line; without the offset it says what it needs.
     assert cli.main(["evaluate", "--data", str(slim), "--weights", str(imported), "--label-offset", "1",
                      "--num-classes", str(CLASSES)]) == 0

@@ -75,6 +75,72 @@ def _has_end_marker(data: bytes) -> bool:
     return len(data) > 8192 and b"\xff\xd9" in data[-1024:]
 
 
+# Markers that stand alone (no length field): TEM, RST0-7, SOI, EOI.
+_STANDALONE = {0x01, *range(0xD0, 0xD8), 0xD8, 0xD9}
+# What may follow a scan: another scan's tables and header (progressive JPEGs), or the end.
+_AFTER_SCAN = {0xC4, 0xCC, 0xDA, 0xDB, 0xDD, 0xD9, 0xFE, *range(0xE0, 0xF0)}
+
+
+def jpeg_structure_error(data: bytes) -> Optional[str]:
+    """What is wrong with a JPEG's marker structure, or None. libjpeg (under PIL and TF)
+    decodes through most damage inside the entropy-coded data, with a warning at most; this
+    walk finds what such damage leaves behind: a marker where none may be (0xFF followed by
+    anything but a stuffed 0x00 or the next restart marker), a segment that runs past the
+    file or is not followed by a marker. Damage that happens to hold no 0xFF byte passes."""
+    if data[:2] != b"\xff\xd8":
+        return "no JPEG start marker"
+    i, n, in_scan, restart_interval, next_rst = 2, len(data), False, 0, 0
+    while i < n:
+        if in_scan:
+            j = data.find(b"\xff", i)
+            if j < 0 or j + 1 >= n:
+                return "the data ends inside a scan"
+            code = data[j + 1]
+            if code == 0x00:
+                i = j + 2
+                continue
+            if code == 0xFF:  # fill bytes before a marker
+                i = j + 1
+                continue
+            if 0xD0 <= code <= 0xD7:
+                if not restart_interval or code - 0xD0 != next_rst:
+                    return f"an unexpected restart marker FF{code:02X} at byte {j}"
+                next_rst = (next_rst + 1) % 8
+                i = j + 2
+                continue
+            if code not in _AFTER_SCAN:
+                return f"marker FF{code:02X} inside the image data at byte {j}"
+            in_scan, i = False, j
+        if data[i] != 0xFF:
+            return f"byte {i} should start a marker"
+        code = data[i + 1] if i + 1 < n else -1
+        if code == 0xFF:
+            i += 1
+            continue
+        if code == 0xD9:
+            # What follows an end marker is a camera's trailer, an appended image or a motion
+            # photo's video, none of it ours; but image data ending in the file's real end
+            # marker, after this one, means damage made an end marker of its own.
+            rest = data[i + 2:]
+            if len(rest) > 2 and rest.endswith(b"\xff\xd9") and not rest.startswith(b"\xff\xd8") \
+                    and b"ftyp" not in rest[:16]:
+                return f"an end marker at byte {i}, {len(rest)} bytes before the file's own end marker"
+            return None
+        if code in _STANDALONE or code < 0:
+            return f"an unexpected marker FF{code:02X} at byte {i}" if code >= 0 else "the data ends at a marker"
+        if i + 4 > n:
+            return "the data ends in a segment header"
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if length < 2 or i + 2 + length > n:
+            return f"segment FF{code:02X} at byte {i} runs past the end of the file"
+        if code == 0xDD and length >= 4:
+            restart_interval = int.from_bytes(data[i + 4:i + 6], "big")
+        if code == 0xDA:
+            in_scan, next_rst = True, 0
+        i += 2 + length
+    return "no JPEG end marker"
+
+
 def _orientation(image) -> int:
     try:
         return int(image.getexif().get(0x0112, 1) or 1)
@@ -108,6 +174,9 @@ def read_image(path: str, quality: int = 95, verify: bool = False) -> Tuple[byte
                 image.load()
             except Exception as e:
                 raise BadImage(f"truncated or corrupt JPEG ({_why(e)})") from None
+        problem = jpeg_structure_error(data) if verify else None
+        if problem:
+            raise BadImage(f"corrupt JPEG ({problem})")
         return data, height, width, None
     try:
         image.load()
@@ -494,9 +563,9 @@ def write_shard(task: Dict[str, Any]) -> Dict[str, Any]:
                     raise HrnetError(f"{rel}: {reason} (strict mode: stopping)") from None
                 skipped.append({"split": task["split"], "path": rel, "reason": reason})
                 continue
-            # The file name relative to the split folder ("n01440764/n01440764_10026.JPEG"): unique.
-            name_in_split = os.path.relpath(path, task["split_dir"]).replace(os.sep, "/")
-            example = schema.make_example(data, name_in_split, c + offset, classes[c], texts[c], height, width, boxes)
+            # The bare file name ("n01440764_10026.JPEG"), as slim's build_imagenet_data.py stores it.
+            example = schema.make_example(data, os.path.basename(path), c + offset, classes[c], texts[c], height,
+                                          width, boxes)
             # deterministic=True: map keys in a fixed order, so a re-run writes identical bytes.
             writer.write(example.SerializeToString(deterministic=True))
             per_class[classes[c]] = per_class.get(classes[c], 0) + 1
@@ -746,7 +815,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--bbox-dir", help="ImageNet bounding box XML folder (stored as image/object/bbox/*)")
     parser.add_argument("--strict", action="store_true", help="stop at the first unreadable file instead of skipping")
     parser.add_argument("--verify", action="store_true",
-                        help="decode every image to check it (slower; catches corruption inside complete JPEGs)")
+                        help="decode every image and check every JPEG's marker structure (slower; catches "
+                             "corruption inside complete JPEGs that decoders pass with a warning)")
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images (default 95)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     storage.add_force_argument(parser)

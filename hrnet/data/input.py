@@ -5,6 +5,7 @@ flip, normalize) composed in one visible chain each for train and eval. Randomne
 stateless and seeded per image (from its position in the stream), so a seeded pipeline
 is deterministic however many threads run it.
 """
+import logging
 import numbers
 import os
 import random
@@ -19,6 +20,8 @@ from hrnet.compat import data_options
 from hrnet.data import schema
 from hrnet.errors import HrnetError, IncompleteError
 from hrnet.manifest import MANIFEST, read_manifest
+
+log = logging.getLogger(__name__)
 
 MEAN_RGB = (0.485, 0.456, 0.406)
 STDDEV_RGB = (0.229, 0.224, 0.225)
@@ -122,8 +125,10 @@ def dataset_info(data_dir: str, num_classes: Optional[int] = None, label_offset:
         raise HrnetError(f"{data_dir} has no manifest.json (records made by slim's script?): give num_classes and "
                          "label_offset (slim's ImageNet: 1000 and 1)")
     _check_labels(data_dir, [f for fs in files.values() for f in fs[:1]], num_classes, label_offset)
-    names = [r[1] for r in rows] if rows else [str(i) for i in range(num_classes)]
-    texts = [r[2] for r in rows] if rows else list(names)
+    if rows:
+        names, texts = [r[1] for r in rows], [r[2] for r in rows]
+    else:
+        names, texts = class_names_from_records([f for fs in files.values() for f in fs], num_classes, label_offset)
     counts = {split: sum(count_records(f) for f in fs) if count else 0 for split, fs in files.items() if fs}
     return DatasetInfo(local, num_classes, label_offset, names, texts, counts,
                        {s: f for s, f in files.items() if f})
@@ -166,6 +171,33 @@ def _check_labels(data_dir: str, files: List[str], num_classes: int, label_offse
         raise HrnetError(f"{data_dir}: records hold labels {min(labels)}..{max(labels)}, outside "
                          f"{label_offset}..{num_classes + label_offset - 1} (num_classes={num_classes}, "
                          f"label_offset={label_offset}); slim's ImageNet records need label_offset=1")
+
+
+def class_names_from_records(files: Sequence[str], num_classes: int, label_offset: int,
+                             limit: int = 50_000) -> Tuple[List[str], List[str]]:
+    """(synsets, texts) by 0-based label, from the ``image/class/synset`` and ``text`` every
+    slim record carries: records are read until every class was seen (slim shuffles, so
+    ImageNet's 1000 take some 7,500 records) or ``limit`` records; a class never seen is
+    named by its label."""
+    spec = {schema.LABEL: tf.io.FixedLenFeature([], tf.int64, default_value=-1),
+            schema.SYNSET: tf.io.FixedLenFeature([], tf.string, default_value=""),
+            schema.TEXT: tf.io.FixedLenFeature([], tf.string, default_value="")}
+    names: Dict[int, Tuple[str, str]] = {}
+    records = tf.data.TFRecordDataset(list(files)).take(limit).batch(1024)
+    for batch in records.map(lambda r: tf.io.parse_example(r, spec)):
+        for label, synset, text in zip(batch[schema.LABEL].numpy(), batch[schema.SYNSET].numpy(),
+                                       batch[schema.TEXT].numpy()):
+            index = int(label) - label_offset
+            if 0 <= index < num_classes and index not in names and synset:
+                names[index] = (synset.decode("utf-8", "replace"), text.decode("utf-8", "replace"))
+        if len(names) == num_classes:
+            break
+    if len(names) < num_classes:
+        log.info("%d of %d classes have no synset in the records read: they are named by their label",
+                 num_classes - len(names), num_classes)
+    synsets = [names.get(i, (str(i), ""))[0] for i in range(num_classes)]
+    texts = [names.get(i, ("", str(i)))[1] or synsets[i] for i in range(num_classes)]
+    return synsets, texts
 
 
 def _label_rows(local: str) -> List[List[str]]:
