@@ -7,9 +7,11 @@ from components.images import IMAGES
 
 @dsl.component(base_image=IMAGES["cpu"], install_kfp_package=False)
 def export(model: Input[Model], exported: Output[Model], onnx: bool):
-    """saved_model/, frozen/ (.pb, node names, the atc command), model.onnx if asked for, and
-    manifest.json in ``exported``."""
+    """The training run's best weights by validation top-1 (its last when it did not
+    validate): saved_model/, frozen/ (.pb, node names, the atc command), model.onnx if asked
+    for, and manifest.json in ``exported``."""
     from hrnet.export import export_model
 
     manifest = export_model(model.path, exported.path, onnx=onnx)
-    exported.metadata.update({"formats": sorted(k for k in ("saved_model", "frozen", "onnx") if k in manifest)})
+    exported.metadata.update({"formats": sorted(k for k in ("saved_model", "frozen", "onnx") if k in manifest),
+                              "weights": manifest["weights"], "step": manifest["step"]})

@@ -123,11 +123,13 @@ def _label(name: str, text: str) -> str:
     return f"{name} ({text})" if text and text != name else name
 
 
-def confused_rows(metrics: Dict[str, Any], rows: Sequence[Dict[str, Any]], top: int) -> List[Tuple[str, str, int, int]]:
+def confused_rows(metrics: Dict[str, Any], rows: Sequence[Dict[str, Any]],
+                  top: int) -> List[Tuple[str, str, int, int]]:
     """(true class, predicted class, images, of images of the true class) of the most-confused pairs."""
     texts = {r["index"]: r.get("text", "") for r in rows}
-    return [(_label(p["true_name"], texts.get(p["true"], "")), _label(p["predicted_name"], texts.get(p["predicted"], "")),
-             p["count"], p["of"]) for p in metrics.get("most_confused", [])[:top]]
+    return [(_label(p["true_name"], texts.get(p["true"], "")),
+             _label(p["predicted_name"], texts.get(p["predicted"], "")), p["count"], p["of"])
+            for p in metrics.get("most_confused", [])[:top]]
 
 
 def _facts(metrics: Dict[str, Any], manifest: Dict[str, Any]) -> str:
@@ -153,7 +155,8 @@ def render(checkpoint: str, evaluation: str, worst: int = 5, pairs: int = 10) ->
         for r in rows)
     note = f"the {len(shaded)} weakest classes are shaded (ties included)" if shaded else ""
     confused = "".join(f'<tr><td class="name">{html.escape(t)}</td><td class="name">{html.escape(p)}</td>'
-                       f'<td>{n}</td><td>{100 * n / of:.1f}</td></tr>' for t, p, n, of in confused_rows(metrics, rows, pairs))
+                       f'<td>{n}</td><td>{100 * n / of:.1f}</td></tr>'
+                       for t, p, n, of in confused_rows(metrics, rows, pairs))
     confused_section = (f'<h2>Most confused</h2><table><tr><th>true class</th><th>taken for</th><th>images</th>'
                         f'<th>% of the class</th></tr>{confused}</table>') if confused else ""
     model = html.escape(str(manifest.get("model", "?")))

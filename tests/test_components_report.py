@@ -6,7 +6,15 @@ from html.parser import HTMLParser
 import pytest
 
 from hrnet.errors import HrnetError
-from hrnet.report import UI_CONFUSION_LIMIT, curve_svg, markdown_summary, render, ui_confusion_matrix, weakest, write_report
+from hrnet.report import (
+    UI_CONFUSION_LIMIT,
+    curve_svg,
+    markdown_summary,
+    render,
+    ui_confusion_matrix,
+    weakest,
+    write_report,
+)
 
 
 class Page(HTMLParser):

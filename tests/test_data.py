@@ -135,4 +135,5 @@ def test_eval_dataset_covers_the_validation_split_once(records, demo):
     assert len(set(names)) == 359
     # The label matches the class folder the image came from.
     root = demo[0]
-    assert all(os.path.exists(os.path.join(root, "validation", str(label), n.decode())) for n, label in zip(names, labels))
+    assert all(os.path.exists(os.path.join(root, "validation", str(label), n.decode()))
+               for n, label in zip(names, labels))

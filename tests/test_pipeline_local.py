@@ -50,7 +50,20 @@ def test_the_ui_gets_metrics_and_a_report(demo_run):
     with open(demo_run["report"], encoding="utf-8") as f:
         report = f.read()
     assert f"top-1 <b>{100 * demo_run['top1']:.2f}%</b>" in report
-    assert report.count("<polyline") == 2 and report.count("<tr") == 11  # header + 10 digits
+    # Train loss, train top-1, validation top-1; the per-class table (header + 10 digits) and
+    # the most-confused pairs (header + up to 10).
+    assert report.count("<polyline") == 3 and report.count("validation top-1") >= 1
+    assert report.count('<td class="name">') >= 20
+    # The confusion matrix as KFP's ClassificationMetrics (10 classes: under the UI limit) ...
+    (confusion,) = outputs["confusion"]["artifacts"]
+    matrix = confusion["metadata"]["confusionMatrix"]
+    assert [c["displayName"] for c in matrix["annotationSpecs"]] == [str(d) for d in range(10)]
+    assert sum(sum(r["row"]) for r in matrix["rows"]) == 359
+    assert sum(matrix["rows"][d]["row"][d] for d in range(10)) == round(demo_run["top1"] * 359)
+    # ... and the Markdown summary.
+    (summary,) = outputs["summary"]["artifacts"]
+    with open(os.path.join(evaluate_dir, "summary")) as f:
+        assert f.read().startswith("# HRNet w18_small_v1")
 
 
 def test_the_checkpoint_keeps_the_run_settings(demo_run):
@@ -137,7 +150,7 @@ def test_a_retried_train_step_resumes_with_no_checkpoint_uri(demo_run, tmp_path)
     args = json.dumps(dict(dataset=dataset, model=model, model_name="w18_small_v1", devices=1, device="cpu",
                            batch_size=32, epochs=0.0, train_steps=20, lr=0.05, precision="fp32", image_size=32,
                            seed=1, train_options="--no-flip --checkpoint-every 5 --log-every 5",
-                           checkpoint_uri=""))
+                           checkpoint_uri="", init_from=""))
     mirror = tmp_path / "train" / "checkpoints"
     command = [sys.executable, "-c", _TRAIN_TASK, args]
     first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
