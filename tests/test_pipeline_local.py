@@ -169,3 +169,34 @@ def test_a_retried_train_step_resumes_with_no_checkpoint_uri(demo_run, tmp_path)
     manifest = json.load(open(os.path.join(model, "manifest.json")))
     assert manifest["step"] == 20 and manifest["kind"] == "checkpoint"
     assert [h["step"] for h in map(json.loads, open(mirror / "history.jsonl")) if "loss" in h] == [5, 10, 15, 20]
+
+
+@pytest.mark.torch
+def test_the_train_step_fine_tunes_from_an_official_pytorch_checkpoint(demo_run, tmp_path, capfd):
+    """The pipeline's init_from input: the train task starts from a checkpoint saved the way
+    the official training script saves one ({'state_dict', 'epoch', 'optimizer'}, keys with
+    DataParallel's `module.`), imported on the fly; the 1000-class head is re-initialised
+    for the digits' 10."""
+    import numpy as np
+    import timm
+    import torch
+    from kfp.dsl import Dataset, Model
+
+    from components.train import train
+    from hrnet import weights
+
+    torch.manual_seed(0)
+    state = timm.create_model("hrnet_w18_small", pretrained=False).state_dict()
+    pth = tmp_path / "official.pth"
+    torch.save({"state_dict": {"module." + k: v for k, v in state.items()}, "epoch": 99, "optimizer": {}}, pth)
+    (dataset,) = glob.glob(os.path.join(demo_run["run_dir"], "convert*", "dataset"))
+    model = tmp_path / "train" / "model"
+    # One step at an lr so small that the weights stay the imported ones (up to 1e-6).
+    train.python_func(dataset=Dataset(uri=dataset), model=Model(uri=str(model)), model_name="w18_small_v1",
+                      devices=1, device="cpu", batch_size=8, epochs=0.0, train_steps=1, lr=1e-9, precision="fp32",
+                      image_size=32, seed=1, train_options="--eval-every 0", checkpoint_uri="", init_from=str(pth))
+    assert "(classifier re-initialised for 10 classes)" in "".join(capfd.readouterr())
+    tuned = weights.read_weights(str(model / "weights"))
+    conv1 = state["conv1.weight"].numpy().transpose(2, 3, 1, 0)
+    np.testing.assert_allclose(tuned["conv1/kernel"], conv1, atol=1e-6)
+    assert tuned["classifier/kernel"].shape[-1] == 10
