@@ -320,9 +320,10 @@ def _train(cfg: TrainConfig, backend, out_dir: str, write_dir: str) -> Dict[str,
         _write_labels(out_dir, data_dir, info)
     history_path = os.path.join(out_dir, HISTORY)
     # Read before the first collective op, so that no rank sees a line the chief writes later.
-    validated = {h["step"] for h in _read_history(history_path) if "val_top1" in h}
+    val_history = [h for h in _read_history(history_path) if "val_top1" in h]
     backend.broadcast_variables(model.variables)
     start_step = int(step_var.numpy())
+    val_history = [h for h in val_history if h["step"] <= start_step]  # not the killed run's tail
     if chief:
         _truncate_history(history_path, start_step)
         _truncate_events(os.path.join(out_dir, "logs"), start_step)
@@ -392,7 +393,8 @@ def _train(cfg: TrainConfig, backend, out_dir: str, write_dir: str) -> Dict[str,
     writer = tf.summary.create_file_writer(os.path.join(out_dir, "logs")) if chief else None
     val_steps = set(cfg.validation_steps())
     best = _read_best(out_dir, start_step) if val_steps else None
-    last_val: Dict[str, Any] = {}
+    validated = {h["step"] for h in val_history}
+    last_val: Dict[str, Any] = max(val_history, key=lambda h: h["step"], default={})
     if val_steps:
         from hrnet import data
         from hrnet.evaluate import tally, top_k_predictor
