@@ -109,3 +109,21 @@ def test_schedule_values():
     assert math.isclose(cosine(25), 0.05 * (1 + math.cos(math.pi / 4)))
     with pytest.raises(ValueError, match="unknown lr schedule"):
         schedules.make_schedule("linear", 0.1, 100, 10.0)
+
+
+def test_precision_is_decided_by_one_rule():
+    """hrnet.runtime.resolve_precision: what the config resolves, the backends set up and
+    the validate step checks."""
+    from hrnet.runtime import resolve_precision
+
+    assert resolve_precision("cpu") == ("fp32", None)
+    assert resolve_precision("gpu", "bf16") == ("bf16", None)
+    assert resolve_precision("npu") == ("mixed_fp16", "allow_mix_precision")
+    assert resolve_precision("npu", "fp32") == ("fp32", "allow_fp32_to_fp16")
+    assert resolve_precision("npu", "fp32", "force_fp32") == ("fp32", "force_fp32")
+    with pytest.raises(ValueError, match="Ascend 910 has no bf16"):
+        resolve_precision("npu", "bf16")
+    with pytest.raises(ValueError, match="precision_mode is an Ascend adapter option"):
+        resolve_precision("gpu", None, "force_fp32")
+    resolved = TrainConfig(data="d", out="o", device="npu", precision="fp32").resolve(10, 0, 100, 1)
+    assert (resolved.precision, resolved.precision_mode) == resolve_precision("npu", "fp32")

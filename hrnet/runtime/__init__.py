@@ -1,10 +1,38 @@
 """Where training runs: device backends (devices.py), the one-process-per-device launcher
 (launch.py) and the HCCL rank table for Ascend (ranktable.py).
 
-Nothing heavy is imported here, so ``hrnet launch`` starts without TensorFlow.
+Nothing heavy is imported here, so ``hrnet launch`` starts without TensorFlow. The device
+and precision rules live here, once, for the config, the launcher and the backends.
 """
 import math
 import os
+from typing import Optional, Tuple
+
+DEVICES = ("cpu", "gpu", "npu")
+PRECISIONS = ("fp32", "mixed_fp16", "bf16")
+# The Ascend adapter's precision modes (npu_bridge names, also accepted by npu_device).
+NPU_PRECISION_MODES = ("allow_mix_precision", "allow_fp32_to_fp16", "force_fp32", "must_keep_origin_dtype")
+
+
+def resolve_precision(device: str, precision: Optional[str] = None,
+                      precision_mode: Optional[str] = None) -> Tuple[str, Optional[str]]:
+    """(precision, precision_mode) of a run on ``device``: mixed_fp16 on npu and fp32
+    elsewhere by default; on npu the adapter's mode follows the precision unless given.
+    ValueError for a combination that cannot run."""
+    precision = precision or ("mixed_fp16" if device == "npu" else "fp32")
+    if precision not in PRECISIONS:
+        raise ValueError("precision must be one of %s, got %r" % (", ".join(PRECISIONS), precision))
+    if device == "npu" and precision == "bf16":
+        raise ValueError("Ascend 910 has no bf16; use precision mixed_fp16 or fp32 on npu")
+    if precision_mode is not None:
+        if precision_mode not in NPU_PRECISION_MODES:
+            raise ValueError("precision_mode must be one of %s, got %r" % (", ".join(NPU_PRECISION_MODES),
+                                                                          precision_mode))
+        if device != "npu":
+            raise ValueError("precision_mode is an Ascend adapter option; use it with device npu")
+    elif device == "npu":
+        precision_mode = "allow_mix_precision" if precision == "mixed_fp16" else "allow_fp32_to_fp16"
+    return precision, precision_mode
 
 
 def usable_cpus() -> int:

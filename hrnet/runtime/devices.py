@@ -33,6 +33,7 @@ import tensorflow as tf
 
 from hrnet import compat
 from hrnet.errors import HrnetError
+from hrnet.runtime import DEVICES, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +104,19 @@ def tf_config_workers(env=None) -> int:
     return len(cluster.get("worker", [])) + len(cluster.get("chief", []))
 
 
-def setup(device: str, precision: str = "fp32", precision_mode: Optional[str] = None,
+def setup(device: str, precision: Optional[str] = None, precision_mode: Optional[str] = None,
           mirrored: bool = False) -> Backend:
     """Pick the backend for ``device``; call before any other TensorFlow work (the
-    strategies and the NPU device must exist before the first op runs)."""
+    strategies and the NPU device must exist before the first op runs). ``precision`` /
+    ``precision_mode``: as hrnet.runtime.resolve_precision resolves them."""
+    if device not in DEVICES:
+        raise HrnetError("unknown device %r; choose %s" % (device, ", ".join(DEVICES)))
+    try:
+        precision, precision_mode = resolve_precision(device, precision, precision_mode)
+    except ValueError as e:
+        raise HrnetError(str(e)) from None
     if device == "npu":
-        return _setup_npu(precision, precision_mode)
-    if device not in ("cpu", "gpu"):
-        raise HrnetError("unknown device %r; choose cpu, gpu or npu" % device)
+        return _setup_npu(precision_mode)
     if device == "cpu":
         # "cpu" means the CPU even where a GPU is present.
         try:
@@ -146,7 +152,7 @@ def setup(device: str, precision: str = "fp32", precision_mode: Optional[str] = 
                    worker_index=worker_index, num_workers=num_workers, loss_scaling=precision == "mixed_fp16")
 
 
-def _setup_npu(precision: str, precision_mode: Optional[str]) -> Backend:
+def _setup_npu(precision_mode: str) -> Backend:
     try:
         import npu_device as npu
     except ImportError as e:
@@ -160,10 +166,6 @@ def _setup_npu(precision: str, precision_mode: Optional[str]) -> Backend:
         if missing:
             raise HrnetError("RANK_SIZE=%d but %s not set: start multi-device NPU training with `hrnet launch "
                              "--device npu --nproc N -- hrnet train ...`" % (rank_size, ", ".join(missing)))
-    if precision == "bf16":
-        raise HrnetError("Ascend 910 has no bf16; use precision mixed_fp16 or fp32 on npu")
-    if precision_mode is None:
-        precision_mode = "allow_mix_precision" if precision == "mixed_fp16" else "allow_fp32_to_fp16"
     # The adapter rewrites the whole graph to this precision; a Keras mixed policy on top
     # would cast twice.
     compat.set_mixed_precision("float32")

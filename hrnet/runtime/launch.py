@@ -35,12 +35,11 @@ import time
 from typing import IO, Any, Dict, List, Mapping, Optional, Sequence
 
 from hrnet.errors import HrnetError
-from hrnet.runtime import ranktable, usable_cpus
+from hrnet.runtime import DEVICES, ranktable, usable_cpus
 
 log = logging.getLogger(__name__)
 
 VALID_NPROC = (1, 2, 4, 8)
-DEVICES = ("cpu", "gpu", "npu")
 HCCL_CONNECT_TIMEOUT = "120"
 
 

@@ -22,13 +22,10 @@ from typing import Any, Dict, List, Optional, Tuple
 import yaml
 
 from hrnet.errors import HrnetError
+from hrnet.runtime import DEVICES, NPU_PRECISION_MODES, PRECISIONS, resolve_precision
 
 CONFIG_FILE = "train_config.yaml"
-DEVICES = ("cpu", "gpu", "npu")
-PRECISIONS = ("fp32", "mixed_fp16", "bf16")
 SCHEDULES = ("piecewise", "cosine")
-# The Ascend adapter's precision modes (npu_bridge names, also accepted by npu_device).
-NPU_PRECISION_MODES = ("allow_mix_precision", "allow_fp32_to_fp16", "force_fp32", "must_keep_origin_dtype")
 
 
 def _f(default, help_text: str, **kw):
@@ -155,14 +152,7 @@ class TrainConfig:
             raise ValueError("no output folder: give --out DIR")
         _choice("device", self.device, DEVICES)
         _choice("schedule", self.schedule, SCHEDULES)
-        if self.precision is not None:
-            _choice("precision", self.precision, PRECISIONS)
-        if self.precision_mode is not None:
-            _choice("precision_mode", self.precision_mode, NPU_PRECISION_MODES)
-            if self.device != "npu":
-                raise ValueError("precision_mode is an Ascend adapter option; use it with device npu")
-        if self.device == "npu" and self.precision == "bf16":
-            raise ValueError("Ascend 910 has no bf16; use precision mixed_fp16 or fp32 on npu")
+        resolve_precision(self.device, self.precision, self.precision_mode)
         if self.image_size <= 0 or self.image_size % 32:
             raise ValueError("image_size must be a positive multiple of 32, got %s" % self.image_size)
         for name in ("batch_size", "checkpoint_every", "keep_checkpoints", "log_every"):
@@ -238,12 +228,9 @@ class TrainConfig:
         decay_epochs = self.lr_decay_epochs
         if decay_epochs is None and self.schedule == "piecewise":
             decay_epochs = [round(e, 6) for e in schedules.scaled_boundaries(epochs)]
-        precision = self.precision or ("mixed_fp16" if self.device == "npu" else "fp32")
-        precision_mode = self.precision_mode
+        precision, precision_mode = resolve_precision(self.device, self.precision, self.precision_mode)
         # Drawn once and saved, so that a resumed run continues the input order it started with.
         seed = self.seed if self.seed is not None else random.SystemRandom().randrange(2 ** 31)
-        if self.device == "npu" and precision_mode is None:
-            precision_mode = "allow_mix_precision" if precision == "mixed_fp16" else "allow_fp32_to_fp16"
         return self.replace(
             num_classes=num_classes,
             label_offset=label_offset,

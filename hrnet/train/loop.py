@@ -234,8 +234,7 @@ def train(config, force: bool = False) -> Dict[str, Any]:
     # Device set-up first: strategies and the NPU must exist before any other TF op runs.
     from hrnet.runtime import devices
 
-    precision = cfg.precision or ("mixed_fp16" if cfg.device == "npu" else "fp32")
-    backend = devices.setup(cfg.device, precision, cfg.precision_mode, cfg.mirrored)
+    backend = devices.setup(cfg.device, cfg.precision, cfg.precision_mode, cfg.mirrored)
     if backend.is_chief:
         with storage.local_output(cfg.out, kind="checkpoint", force=force) as out_dir:
             if storage.is_remote(cfg.out):
