@@ -171,24 +171,35 @@ def test_a_retried_train_step_resumes_with_no_checkpoint_uri(demo_run, tmp_path)
     assert [h["step"] for h in map(json.loads, open(mirror / "history.jsonl")) if "loss" in h] == [5, 10, 15, 20]
 
 
+_OFFICIAL_PTH = """
+import sys, numpy, timm, torch
+torch.manual_seed(0)
+state = timm.create_model("hrnet_w18_small", pretrained=False).state_dict()
+torch.save({"state_dict": {"module." + k: v for k, v in state.items()}, "epoch": 99, "optimizer": {}}, sys.argv[1])
+numpy.save(sys.argv[1] + ".conv1.npy", state["conv1.weight"].numpy())
+"""
+
+
 @pytest.mark.torch
 def test_the_train_step_fine_tunes_from_an_official_pytorch_checkpoint(demo_run, tmp_path, capfd):
     """The pipeline's init_from input: the train task starts from a checkpoint saved the way
     the official training script saves one ({'state_dict', 'epoch', 'optimizer'}, keys with
     DataParallel's `module.`), imported on the fly; the 1000-class head is re-initialised
     for the digits' 10."""
+    import subprocess
+    import sys
+
     import numpy as np
-    import timm
-    import torch
     from kfp.dsl import Dataset, Model
 
     from components.train import train
     from hrnet import weights
 
-    torch.manual_seed(0)
-    state = timm.create_model("hrnet_w18_small", pretrained=False).state_dict()
+    # In a child process: timm segfaults when imported after TensorFlow (as in tests/test_weights.py).
     pth = tmp_path / "official.pth"
-    torch.save({"state_dict": {"module." + k: v for k, v in state.items()}, "epoch": 99, "optimizer": {}}, pth)
+    made = subprocess.run([sys.executable, "-c", _OFFICIAL_PTH, str(pth)], capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr[-3000:]
+    conv1 = np.load(str(pth) + ".conv1.npy").transpose(2, 3, 1, 0)
     (dataset,) = glob.glob(os.path.join(demo_run["run_dir"], "convert*", "dataset"))
     model = tmp_path / "train" / "model"
     # One step at an lr so small that the weights stay the imported ones (up to 1e-6).
@@ -197,6 +208,5 @@ def test_the_train_step_fine_tunes_from_an_official_pytorch_checkpoint(demo_run,
                       image_size=32, seed=1, train_options="--eval-every 0", checkpoint_uri="", init_from=str(pth))
     assert "(classifier re-initialised for 10 classes)" in "".join(capfd.readouterr())
     tuned = weights.read_weights(str(model / "weights"))
-    conv1 = state["conv1.weight"].numpy().transpose(2, 3, 1, 0)
     np.testing.assert_allclose(tuned["conv1/kernel"], conv1, atol=1e-6)
     assert tuned["classifier/kernel"].shape[-1] == 10
