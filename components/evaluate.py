@@ -27,7 +27,7 @@ def evaluate(
     for name in ("top1", "top5", "count", "step"):
         if result[name] is not None:  # imported weights have no step
             metrics.log_metric(name, result[name])
-    matrix = ui_confusion_matrix(evaluation.path)
+    matrix = ui_confusion_matrix(result)
     if matrix:
         confusion.log_confusion_matrix(*matrix)
     else:

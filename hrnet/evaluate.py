@@ -53,7 +53,7 @@ def pick_weights(manifest: Dict[str, Any], which: str = "best") -> Dict[str, Any
         raise HrnetError("weights must be one of %s, got %r" % (", ".join(WEIGHT_CHOICES), which))
     best = manifest.get("best")
     if which == "best" and best:
-        return {"which": "best", "weights": best["weights"], "step": best["step"], "val_top1": best["val_top1"]}
+        return {"which": "best", "weights": best["weights"], "step": best["step"]}
     if which == "best" and manifest.get("kind") == "checkpoint":
         log.info("the run kept no best weights (it trained without validation): using its last weights")
     return {"which": "last", "weights": manifest.get("weights", "weights"), "step": manifest.get("step")}
@@ -192,7 +192,8 @@ def evaluate(data: str, checkpoint: str, out: Optional[str] = None, batch_size: 
     set_mixed_precision("float32")  # evaluation is in float32 whatever the training precision was
     ckpt_dir = storage.local_input(checkpoint)
     ckpt = read_model_manifest(ckpt_dir)
-    pick_weights(ckpt, weights)  # a bad choice fails before any data moves
+    if weights not in WEIGHT_CHOICES:  # before any data moves
+        raise HrnetError("weights must be one of %s, got %r" % (", ".join(WEIGHT_CHOICES), weights))
     if out:
         storage.claim_output(out, "evaluation", mark=False)  # a wrong --out fails now, not after the work
     # Only the split evaluated is fetched (a remote ImageNet: 6 of its 150 GB).

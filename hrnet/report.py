@@ -183,10 +183,10 @@ def render(checkpoint: str, evaluation: str, worst: int = 5, pairs: int = 10) ->
 UI_CONFUSION_LIMIT = 50
 
 
-def ui_confusion_matrix(evaluation: str):
-    """(categories, rows) for KFP's ClassificationMetrics.log_confusion_matrix, or None past
-    UI_CONFUSION_LIMIT classes."""
-    matrix = _read_json(os.path.join(evaluation, METRICS))["confusion_matrix"]
+def ui_confusion_matrix(metrics: Dict[str, Any]):
+    """(categories, rows) for KFP's ClassificationMetrics.log_confusion_matrix from an
+    evaluation's metrics, or None past UI_CONFUSION_LIMIT classes."""
+    matrix = metrics["confusion_matrix"]
     if len(matrix["classes"]) > UI_CONFUSION_LIMIT:
         return None
     # The UI keys rows by category: names must be unique, so a repeated one gets its index.

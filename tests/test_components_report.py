@@ -158,7 +158,7 @@ def test_markdown_summary_and_the_ui_confusion_matrix(tmp_path):
     assert md.index("n03 (digit 3) | n05") < md.index("n01 (digit 1) | n00")
     weak = md[md.index("## Weakest classes"):].splitlines()[4:]
     assert weak == ["| 3 | n03 (digit 3) | 8 | 25.00 |", "| 1 | n01 (digit 1) | 8 | 87.50 |"]
-    categories, rows = ui_confusion_matrix(evaluation)
+    categories, rows = ui_confusion_matrix(json.loads((tmp_path / "eval" / "metrics.json").read_text()))
     assert categories == [f"n0{c}" for c in range(12)] and rows[3][5] == 6 and len(rows) == 12
 
     from kfp.dsl import ClassificationMetrics
@@ -170,4 +170,4 @@ def test_markdown_summary_and_the_ui_confusion_matrix(tmp_path):
     big = tmp_path / "big"
     big.mkdir()
     checkpoint, evaluation = _with_validation(big, num_classes=UI_CONFUSION_LIMIT + 1)
-    assert ui_confusion_matrix(evaluation) is None
+    assert ui_confusion_matrix(json.loads((big / "eval" / "metrics.json").read_text())) is None
