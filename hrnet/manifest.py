@@ -4,23 +4,15 @@ Every step (convert, train, evaluate, export) writes a manifest.json beside its 
 once they are complete: what it is (``kind``), counts, config, and the size and sha256 of
 each file. A reader that finds no manifest treats the output as incomplete.
 """
-import hashlib
 import json
 import os
 import time
 from typing import Any, Dict, Optional
 
 from hrnet.errors import HrnetError, IncompleteError
+from hrnet.fileio import atomic_write, file_digest
 
 MANIFEST = "manifest.json"
-
-
-def file_digest(path: str, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def file_entry(path: str, root: str) -> Dict[str, Any]:
@@ -30,7 +22,7 @@ def file_entry(path: str, root: str) -> Dict[str, Any]:
 
 
 def write_manifest(directory: str, manifest: Dict[str, Any]) -> str:
-    """Write ``directory/manifest.json`` atomically (temp file, fsync, rename)."""
+    """Write ``directory/manifest.json`` atomically."""
     if "kind" not in manifest:
         raise ValueError("a manifest needs a 'kind'")
     body = dict(manifest)
@@ -45,14 +37,7 @@ def write_manifest(directory: str, manifest: Dict[str, Any]) -> str:
         # The last line of defence: one output is never turned into another kind.
         raise HrnetError("%s holds a %r output; refusing to replace its %s with a %r one"
                          % (directory, found, MANIFEST, manifest["kind"]))
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(body, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, json.dumps(body, indent=2, sort_keys=True) + "\n")
 
 
 def read_manifest(directory: str, kind: Optional[str] = None) -> Dict[str, Any]:

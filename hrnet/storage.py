@@ -94,6 +94,7 @@ from minio.error import InvalidResponseError, S3Error, ServerError
 from tqdm import tqdm
 
 from hrnet.errors import HrnetError, IncompleteError
+from hrnet.fileio import PARTIAL_SUFFIX, atomic_write, file_digest, replacing  # PARTIAL_SUFFIX: never uploaded
 from hrnet.manifest import MANIFEST
 
 log = logging.getLogger(__name__)
@@ -105,8 +106,6 @@ SHA256_META = "x-amz-meta-sha256"
 # Uploaded after the data (a restarted trainer must never find a pointer to a checkpoint
 # whose files are not there yet); manifest.json goes after everything.
 POINTER_FILES = ("checkpoint",)
-# Our own partial files, never uploaded.
-_PARTIAL_SUFFIXES = (".part.hrnet", MANIFEST + ".tmp")
 # Bookkeeping at the top of an output, never part of its data: which kind of output owns the
 # prefix or folder (written before any data, so an unfinished output is still recognised as
 # ours), and the lease of the writer working on it now.
@@ -513,11 +512,7 @@ def _local_sha256(path: str) -> Tuple[int, str, int]:
     with _digests_lock:
         digest = _digests.get(key)
     if digest is None:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(MIB), b""):
-                h.update(block)
-        digest = h.hexdigest()
+        digest = file_digest(path)
         with _digests_lock:
             _digests[key] = digest
     return st.st_size, digest, st.st_mtime_ns
@@ -697,7 +692,7 @@ def _get_file(s: S3Settings, bucket: str, key: str, dest: str, expect: Optional[
     """Download one object to ``dest`` (via a partial file), hashed as it streams; returns its size.
     ``etag``: the version listed; another one means the object is being rewritten (ChangedError)."""
     client = _client(s)
-    tmp = dest + ".part.hrnet"
+    tmp = dest + PARTIAL_SUFFIX
 
     def go():
         received = 0
@@ -779,7 +774,7 @@ def _walk(local_dir: str) -> Dict[str, str]:
     for root, dirs, files in os.walk(local_dir):
         dirs.sort()
         for name in sorted(files):
-            if name.endswith(_PARTIAL_SUFFIXES) or (name in CONTROL_FILES and root == local_dir):
+            if name.endswith(PARTIAL_SUFFIX) or (name in CONTROL_FILES and root == local_dir):
                 continue
             path = os.path.join(root, name)
             found[os.path.relpath(path, local_dir).replace(os.sep, "/")] = path
@@ -912,11 +907,7 @@ def _download_dir(s: S3Settings, uri: str, local_dir: str, delete: bool, progres
             return _local_sha256(path)[1] == want
         # A foreign object without our checksum: a single-part upload's ETag is its MD5.
         if re.fullmatch(r"[0-9a-f]{32}", obj.etag):
-            h = hashlib.md5()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(MIB), b""):
-                    h.update(block)
-            return h.hexdigest() == obj.etag
+            return file_digest(path, "md5") == obj.etag
         return False
 
     same = dict(zip(names, _parallel(s, [lambda r=r: unchanged(r) for r in names])))
@@ -947,7 +938,7 @@ def _download_dir(s: S3Settings, uri: str, local_dir: str, delete: bool, progres
                 os.remove(path)
                 stats.deleted += 1
     if manifest is not None:
-        _write_local(os.path.join(local_dir, MANIFEST), manifest)
+        atomic_write(os.path.join(local_dir, MANIFEST), manifest)
     if todo or stats.deleted:
         log.info("downloaded %s to %s: %s in %.1fs", uri, local_dir, stats, time.monotonic() - started)
     return stats
@@ -974,8 +965,8 @@ def _copy_dir(src: str, dst: str, delete: bool) -> TransferStats:
             stats.skipped += 1
             continue
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        shutil.copy2(files[rel], target + ".part.hrnet")
-        os.replace(target + ".part.hrnet", target)
+        with replacing(target) as tmp:
+            shutil.copy2(files[rel], tmp)
         stats.transferred += 1
         stats.bytes += os.path.getsize(target)
     if delete:
@@ -986,13 +977,6 @@ def _copy_dir(src: str, dst: str, delete: bool) -> TransferStats:
     return stats
 
 
-def _write_local(path: str, data: bytes) -> None:
-    tmp = path + ".part.hrnet"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _get_bytes(s: S3Settings, bucket: str, key: str, uri: str) -> bytes:
@@ -1072,7 +1056,7 @@ def write_bytes(uri: str, data: bytes) -> None:
     if not is_remote(uri):
         path = _local_path(uri)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        _write_local(path, data)
+        atomic_write(path, data)
         return
     s = settings_from_env()
     bucket, key = split_uri(uri)
@@ -1252,7 +1236,7 @@ def claim_output(uri: str, kind: str, mark: bool = True) -> None:
         manifest = _read_json_file(os.path.join(target, MANIFEST))
         _check_owner(uri, kind, names, owner, manifest)
         if owner is None and mark:
-            _write_local(os.path.join(target, OWNER_FILE), marker)
+            atomic_write(os.path.join(target, OWNER_FILE), marker)
         return
     s = settings_from_env()
     bucket, prefix = split_uri(target)

@@ -15,6 +15,7 @@ from s3server import ACCESS_KEY, SECRET_KEY, MotoProcess, apply_env, env_for
 
 from hrnet import storage
 from hrnet.errors import HrnetError, IncompleteError
+from hrnet.fileio import PARTIAL_SUFFIX
 from hrnet.manifest import file_entry, read_manifest, write_manifest
 
 
@@ -293,7 +294,13 @@ def test_mirror_and_restore_a_checkpoint_folder(s3_env, tmp_path):
             f.write(f'model_checkpoint_path: "ckpt-{step}"\n')
 
     save(1)
+    # What a writer killed mid-write leaves (hrnet.fileio's partial file) is never uploaded.
+    partial = os.path.join(run, "history.jsonl" + PARTIAL_SUFFIX)
+    with open(partial, "w") as f:
+        f.write('{"step": 1, "lo')
     assert storage.mirror(run, uri).transferred == 3
+    assert "history.jsonl" + PARTIAL_SUFFIX not in storage.list_files(uri)
+    os.remove(partial)
     save(2)
     stats = storage.mirror(run, uri)
     assert (stats.transferred, stats.skipped) == (3, 2)

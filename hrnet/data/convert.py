@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from hrnet import storage
 from hrnet.data import schema
 from hrnet.errors import HrnetError, IncompleteError
+from hrnet.fileio import atomic_write, fsync
 from hrnet.manifest import MANIFEST, file_entry, read_manifest, write_manifest
 from hrnet.runtime import usable_cpus
 
@@ -516,20 +517,7 @@ def _state_path(out_dir: str, name: str) -> str:
 
 
 def _write_json(path: str, body: Dict[str, Any]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(body, f, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    atomic_write(path, json.dumps(body, sort_keys=True))
 
 
 def write_shard(task: Dict[str, Any]) -> Dict[str, Any]:
@@ -571,7 +559,7 @@ def write_shard(task: Dict[str, Any]) -> Dict[str, Any]:
             per_class[classes[c]] = per_class.get(classes[c], 0) + 1
             if why:
                 reencoded[why] = reencoded.get(why, 0) + 1
-    _fsync(tmp)
+    fsync(tmp)
     entry = file_entry(tmp, out_dir)
     entry["path"] = name
     state = dict(entry, split=task["split"], records=sum(per_class.values()), per_class=per_class,

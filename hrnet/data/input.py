@@ -140,7 +140,7 @@ def _check_shard(data_dir: str, path: str, shard: Dict[str, Any], verify: bool) 
         raise HrnetError(f"{path} is {size} bytes but {MANIFEST} says {shard['bytes']}: the shard is truncated or was "
                          f"changed; convert {data_dir} again (or fetch it again)")
     if verify and shard.get("sha256"):
-        from hrnet.manifest import file_digest
+        from hrnet.fileio import file_digest
 
         if file_digest(path) != shard["sha256"]:
             raise HrnetError(f"{path} does not match its sha256 in {MANIFEST}: the shard is corrupt; convert "

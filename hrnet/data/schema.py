@@ -8,6 +8,8 @@ import fnmatch
 import os
 from typing import Dict, List, Optional, Sequence
 
+from hrnet.fileio import atomic_write
+
 ENCODED = "image/encoded"
 FORMAT = "image/format"
 HEIGHT = "image/height"
@@ -106,8 +108,4 @@ def parse_labels_file(path: str) -> List[List[str]]:
 
 
 def write_labels_file(path: str, rows: Sequence[Sequence[object]]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for label, name, text in rows:
-            f.write(f"{label}\t{name}\t{text}\n")
-    os.replace(tmp, path)
+    atomic_write(path, "".join(f"{label}\t{name}\t{text}\n" for label, name, text in rows))

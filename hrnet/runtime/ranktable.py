@@ -30,6 +30,7 @@ import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from hrnet.errors import HrnetError
+from hrnet.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -342,11 +343,7 @@ def rank_size(table: Dict[str, Any]) -> int:
 
 def write_rank_table(table: Dict[str, Any], path: str) -> str:
     """Write the table atomically (HCCL must never read half a file); returns the path."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(table, f, indent=2)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, json.dumps(table, indent=2))
 
 
 # ----------------------------------------------------------------------------- helpers

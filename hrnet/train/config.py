@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import yaml
 
 from hrnet.errors import HrnetError
+from hrnet.fileio import atomic_write
 from hrnet.runtime import DEVICES, NPU_PRECISION_MODES, PRECISIONS, resolve_precision
 
 CONFIG_FILE = "train_config.yaml"
@@ -133,12 +134,7 @@ class TrainConfig:
         return d
 
     def save(self, directory: str) -> str:
-        path = os.path.join(directory, CONFIG_FILE)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
-        os.replace(tmp, path)
-        return path
+        return atomic_write(os.path.join(directory, CONFIG_FILE), yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)

@@ -28,6 +28,7 @@ import numpy as np
 
 from hrnet import storage
 from hrnet.errors import HrnetError
+from hrnet.fileio import atomic_write, replacing
 from hrnet.train.config import CONFIG_FILE, TrainConfig, check_resumable, from_args, load_saved
 from hrnet.train.config import add_arguments as _config_arguments
 
@@ -108,9 +109,7 @@ def _truncate_history(path: str, step: int) -> None:
                 kept.append(ln)
         except (ValueError, KeyError):
             continue  # a line cut by the kill
-    with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)
+    atomic_write(path, "".join(kept))
 
 
 def _truncate_events(logs_dir: str, step: int) -> None:
@@ -136,10 +135,9 @@ def _truncate_events(logs_dir: str, step: int) -> None:
         except tf.errors.DataLossError:
             pass  # the record the kill cut short
         if dropped:
-            with tf.io.TFRecordWriter(path + ".tmp") as w:
+            with replacing(path) as tmp, tf.io.TFRecordWriter(tmp) as w:
                 for raw in kept:
                     w.write(raw)
-            os.replace(path + ".tmp", path)
 
 
 def _write_labels(out_dir: str, data_dir: str, info) -> None:
