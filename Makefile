@@ -3,7 +3,7 @@
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
-PYTEST  := $(BIN)/python -m pytest
+PYTEST  := $(BIN)/python -m pytest --durations=10
 EXTRAS  ?= cpu,legacy-keras,kfp,k8s,demo,onnx,test,torch
 LINT_VENV       ?= .venv-lint
 KFP_ASCEND_VENV ?= .venv-kfp-ascend

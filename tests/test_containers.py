@@ -19,7 +19,8 @@ import pytest
 
 from components import images
 
-pytestmark = [pytest.mark.containers, pytest.mark.slow]
+# The module fixture runs the pipeline twice, each run within run_pipeline's 1200 s.
+pytestmark = [pytest.mark.containers, pytest.mark.slow, pytest.mark.timeout(2700)]
 
 CPU_IMAGE = images.IMAGES["cpu"]
 ASCEND_STANDIN = os.environ.get("HRNET_ASCEND_STANDIN_IMAGE", f"hrnet-ascend-standin:{images.TAG}")
