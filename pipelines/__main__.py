@@ -6,6 +6,7 @@
     python -m pipelines run-local          # the whole pipeline here, on the demo digits
 """
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -15,10 +16,11 @@ import sys
 import tempfile
 import time
 import warnings
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, TextIO
 
 from components import images
 from hrnet.train.config import finite_float
+from pipelines.console import ANSI, StepLog
 
 # run-local's defaults: the demo digits (32x32) to about 98% top-1 after 2-3 minutes of training
 # on 2 cores. Digits must not be mirrored, and crops keep most of a 32 px digit (ImageNet's 8%
@@ -153,13 +155,15 @@ def _docker_runner(workdir: str):
 
 
 def run_local(workdir: str, runner: str = "subprocess", source_uri: str = "", tfrecords_uri: str = "",
-              datasets_uri: str = "", **params) -> Dict[str, Any]:
+              datasets_uri: str = "", console: Optional[TextIO] = None, **params) -> Dict[str, Any]:
     """The cpu pipeline on this machine with kfp.local: each step a subprocess here, or
     (``runner="docker"``) a container of the cpu image. The data: the demo digits, unless
     ``source_uri`` (an image tree) or ``tfrecords_uri`` names other data; ``datasets_uri``:
-    where converted records go (see the pipeline).
+    where converted records go (see the pipeline). ``console``: where the short account goes
+    (pipelines.console), each step's whole output then to a file under ``workdir/logs``;
+    without it kfp.local prints everything to stdout.
 
-    Returns the evaluation metrics plus where the run's outputs are.
+    Returns the evaluation metrics plus where the run's outputs (and logs) are.
     """
     from kfp import local
 
@@ -188,10 +192,23 @@ def run_local(workdir: str, runner: str = "subprocess", source_uri: str = "", tf
     before = set(os.listdir(runs_dir))
     chosen = local.SubprocessRunner(use_venv=False) if runner == "subprocess" else _docker_runner(workdir)
     local.init(runner=chosen, pipeline_root=runs_dir)
-    pipeline = build_pipeline("cpu", data_pvc=None)
+    # No retries here: they are for a lost node or a preempted pod, and a failure on this
+    # machine would only come back after the backoff (150 s, then 300 s).
+    pipeline = build_pipeline("cpu", data_pvc=None, train_retries=0)
     started = time.time()
-    # raises RuntimeError naming the failed step
-    pipeline(source_uri=source_uri, tfrecords_uri=tfrecords_uri, datasets_uri=datasets_uri, **params)
+    logs = None
+    if console is not None:
+        os.makedirs(os.path.join(workdir, "logs"), exist_ok=True)
+        logs = StepLog(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=os.path.join(workdir, "logs")),
+                       console)
+        console.write(f"Running the pipeline; every step's whole log goes to {logs.folder}\n")
+    with contextlib.redirect_stdout(logs) if logs else contextlib.nullcontext():
+        try:
+            # raises RuntimeError naming the failed step
+            pipeline(source_uri=source_uri, tfrecords_uri=tfrecords_uri, datasets_uri=datasets_uri, **params)
+        finally:
+            if logs:
+                logs.close()
     (run_dir,) = [os.path.join(runs_dir, name) for name in set(os.listdir(runs_dir)) - before]
     metrics_files = glob.glob(os.path.join(run_dir, "evaluate*", "evaluation", "metrics.json"))
     exported = glob.glob(os.path.join(run_dir, "export*", "exported"))
@@ -204,13 +221,14 @@ def run_local(workdir: str, runner: str = "subprocess", source_uri: str = "", tf
         shutil.copyfile(reports[0], report)
     return {"top1": metrics["top1"], "top5": metrics["top5"], "count": metrics["count"],
             "seconds": round(time.time() - started, 1), "run_dir": run_dir,
-            "exported": exported[0] if exported else None, "report": report}
+            "exported": exported[0] if exported else None, "report": report, "logs": logs and logs.folder}
 
 
 def _run_local(args) -> int:
     params = {name: getattr(args, name) for name in DEMO}
     result = run_local(args.workdir, runner=args.runner, source_uri=args.source_uri,
-                       tfrecords_uri=args.tfrecords_uri, datasets_uri=args.datasets_uri, **params)
+                       tfrecords_uri=args.tfrecords_uri, datasets_uri=args.datasets_uri,
+                       console=None if args.verbose else sys.stdout, **params)
     data = args.source_uri or args.tfrecords_uri or "the demo digits"
     print()
     print(f"HRNet {params['model']} on {data}: top-1 {100 * result['top1']:.2f}%, "
@@ -218,6 +236,8 @@ def _run_local(args) -> int:
     print(f"  run outputs:    {result['run_dir']}")
     print(f"  report:         {result['report']}")
     print(f"  exported model: {result['exported']}")
+    if result["logs"]:
+        print(f"  step logs:      {result['logs']}")
     return 0
 
 
@@ -278,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-options", default=DEMO["train_options"],
                    help="more hrnet train flags (default %(default)r)")
     p.add_argument("--onnx", dest="export_onnx", action="store_true", help="also export model.onnx (slower)")
+    p.add_argument("--verbose", action="store_true",
+                   help="print every step's whole output (default: a short account; the rest in step logs)")
     p.set_defaults(_run=_run_local)
     return parser
 
@@ -291,7 +313,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     except RuntimeError as e:
         # kfp.local raises RuntimeError naming the failed task; its log is above.
-        print(f"python -m pipelines {args.command}: {e}", file=sys.stderr)
+        print(f"python -m pipelines {args.command}: {ANSI.sub('', str(e))}", file=sys.stderr)
         return 1
 
 

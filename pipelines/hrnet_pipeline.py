@@ -75,7 +75,7 @@ def _configure(task, step: str, image: str, secret: bool = True):
     return task
 
 
-def _configure_train(task, target: str, image: str, devices):
+def _configure_train(task, target: str, image: str, devices, retries: int):
     spec = TARGETS[target]
     _pod_policy(task)
     task.set_container_image(image)
@@ -96,13 +96,16 @@ def _configure_train(task, target: str, image: str, devices):
     # Node loss, a preempted pod or an HCCL connect timeout deserve another try, which resumes
     # from the last checkpoint mirrored (to checkpoint_uri, or beside the step's artifact). It
     # waits out the lease the killed pod left on that location (storage.LEASE_TTL).
-    task.set_retry(num_retries=2, backoff_duration="150s", backoff_factor=2.0)
+    if retries:
+        task.set_retry(num_retries=retries, backoff_duration="150s", backoff_factor=2.0)
     return task
 
 
-def build_pipeline(target: str = "ascend", image: Optional[str] = None, data_pvc: Optional[str] = images.DATA_PVC):
+def build_pipeline(target: str = "ascend", image: Optional[str] = None, data_pvc: Optional[str] = images.DATA_PVC,
+                   train_retries: int = 2):
     """The pipeline function for ``target``; ``image`` overrides components.images.image_for(target),
-    ``data_pvc`` (None: none) is mounted at /data in the convert step."""
+    ``data_pvc`` (None: none) is mounted at /data in the convert step, ``train_retries``: how
+    often a failed train step is tried again (0: never)."""
     images.check_target(target)
     image = image or images.image_for(target)
     device = TARGETS[target]["device"]
@@ -128,7 +131,7 @@ def build_pipeline(target: str = "ascend", image: Optional[str] = None, data_pvc
                            batch_size=batch_size, epochs=epochs, train_steps=train_steps, lr=lr,
                            precision=precision, image_size=image_size, seed=seed, train_options=train_options,
                            checkpoint_uri=checkpoint_uri, init_from=init_from)
-        _configure_train(train_task, target, image, devices)
+        _configure_train(train_task, target, image, devices, train_retries)
         evaluate_task = evaluate(dataset=dataset, model=train_task.outputs["model"])
         _configure(evaluate_task, "evaluate", image)
         export_task = export(model=train_task.outputs["model"], onnx=export_onnx)

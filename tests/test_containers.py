@@ -70,7 +70,7 @@ def fetched(lines):
 def run_pipeline(tmp_path, name, *flags):
     workdir = tmp_path / name
     command = [sys.executable, "-m", "pipelines", "run-local", "--runner", "docker", "--workdir", str(workdir),
-               *RUN_FLAGS, *flags]
+               "--verbose", *RUN_FLAGS, *flags]  # every step's output on stdout, for sections()
     done = subprocess.run(command, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-6000:]

@@ -4,8 +4,11 @@ validate -> convert -> train -> evaluate -> export, then the exit handler.
 The same code path as ``python -m pipelines run-local``, with a shorter training run.
 """
 import glob
+import io
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -14,15 +17,17 @@ from pipelines.__main__ import DEMO, run_local
 pytestmark = pytest.mark.slow
 
 # Fewer epochs than the README's demo: far above chance (10%) already, and quick on 2 cores.
-SHORT = dict(DEMO, epochs=2.0)
+# Progress every 3 steps (30 lines): more than the console shows.
+SHORT = dict(DEMO, epochs=2.0, train_options=DEMO["train_options"].replace("--log-every 15", "--log-every 3"))
 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run-local")
+    console = io.StringIO()  # the short account run-local prints (its default)
     # A local folder stands in for the bucket a cluster run mirrors its checkpoints to.
-    return dict(run_local(str(workdir), checkpoint_uri=str(workdir / "checkpoints"), **SHORT),
-                checkpoint_uri=str(workdir / "checkpoints"))
+    return dict(run_local(str(workdir), checkpoint_uri=str(workdir / "checkpoints"), console=console, **SHORT),
+                checkpoint_uri=str(workdir / "checkpoints"), console=console.getvalue())
 
 
 def step_dir(run, step):
@@ -34,6 +39,36 @@ def test_the_run_learns_the_digits(demo_run):
     assert demo_run["count"] == 359  # every validation image, once
     assert demo_run["top1"] >= 0.6, demo_run  # about 0.8 after 2 epochs
     assert demo_run["top5"] >= demo_run["top1"]
+
+
+def test_the_console_gets_a_short_account_and_each_step_its_whole_log(demo_run):
+    lines = demo_run["console"].splitlines()
+    steps = ["validate", "convert", "train", "evaluate", "export", "record-run"]
+    assert [ln.split()[0] for ln in lines if " done in " in ln] == steps, lines
+    assert sum("validation at step" in ln for ln in lines) == 2  # 2 epochs, one validation each
+    assert 3 <= sum(ln.strip().startswith("step ") for ln in lines) <= 11  # rank 0's, thinned
+    assert len(lines) < 30 and not [ln for ln in lines if "executor_input" in ln or "cuda" in ln.lower()]
+    logs = demo_run["logs"]
+    assert sorted(os.listdir(logs)) == sorted(f"{s}.log" for s in steps + ["pipeline"])
+    with open(os.path.join(logs, "train.log")) as f:
+        train_log = f.read()
+    assert "Executing task 'train'" in train_log and '"parameterValues"' in train_log
+    assert train_log.count(" INFO hrnet.train.loop: step ") == 30
+
+
+def test_a_failed_step_ends_the_run_at_once_with_its_error_line(tmp_path):
+    """Bad input fails the train step: no retry here (a retry waits 150 s), and the console
+    shows hrnet's one error line, not the executor's traceback."""
+    empty = tmp_path / "no-records"
+    empty.mkdir()
+    done = subprocess.run([sys.executable, "-m", "pipelines", "run-local", "--workdir", str(tmp_path / "w"),
+                           "--tfrecords-uri", str(empty)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "hrnet train: error: " in done.stdout and "holds neither a manifest.json" in done.stdout
+    assert "Traceback" not in done.stdout and "FAILURE" in done.stderr
+    (train_log,) = glob.glob(str(tmp_path / "w" / "logs" / "*" / "train*.log"))
+    with open(train_log) as f:
+        assert f.read().count("Executing task") == 1  # tried once
 
 
 def test_the_ui_gets_metrics_and_a_report(demo_run):
