@@ -29,6 +29,7 @@ from components.record import record_run
 from components.reference import reference_records
 from components.train import train
 from components.validate import validate
+from hrnet import configs
 
 PIPELINE_NAME = "hrnet-classification"
 
@@ -137,10 +138,6 @@ def build_pipeline(target: str = "ascend", image: Optional[str] = None, data_pvc
         export_task = export(model=train_task.outputs["model"], onnx=export_onnx)
         _configure(export_task, "export", image)
 
-    @dsl.pipeline(
-        name=PIPELINE_NAME,
-        description=f"HRNet image classification ({target}): convert -> train -> evaluate -> export",
-    )
     def hrnet_pipeline(
         source_uri: str = "",
         tfrecords_uri: str = "",
@@ -159,22 +156,36 @@ def build_pipeline(target: str = "ascend", image: Optional[str] = None, data_pvc
         export_onnx: bool = True,
         datasets_uri: str = "",
     ):
-        """source_uri: an image tree to convert (ImageNet layout or class folders; a path
-        under /data or an s3:// / minio:// URI). tfrecords_uri: TFRecords converted before
-        (an s3:// / minio:// URI). Give exactly one. datasets_uri: where the converted
-        records go ("": beside the convert step's artifacts in the pipeline root); the steps
-        pass only a reference to them, and each fetches just the shards it reads. devices: 1, 2, 4 or 8 per pod.
-        batch_size: per device. train_steps 0: train for ``epochs``. lr 0: 0.1 x global
-        batch / 256. precision "": mixed_fp16 on Ascend, fp32 elsewhere. seed 0: random.
-        train_options: more `hrnet train` flags, e.g. "--schedule cosine --warmup-epochs 1".
-        checkpoint_uri: an s3:// / minio:// prefix where training mirrors its checkpoints as it
-        goes; a retried train step, or a new run given the same URI, resumes from there ("":
-        beside the train step's artifact in the pipeline root, which a retry finds too).
-        init_from: starting weights for fine-tuning (an s3:// / minio:// URI of `hrnet
-        import-weights` or `hrnet train` output, or of an official / timm PyTorch .pth; "": from
-        scratch). Training validates every epoch; evaluate and export take the best weights
-        by validation top-1. export_onnx: also export model.onnx (besides the SavedModel and
-        the frozen graph)."""
+        """Converts an image tree (or takes TFRecords converted before), trains, evaluates the
+        best weights by validation top-1 and exports them.
+
+        Args:
+            source_uri: An image tree to convert (ImageNet layout or class folders): a path
+                under /data or an s3:// / minio:// URI. Give this or tfrecords_uri.
+            tfrecords_uri: TFRecords converted before (an s3:// / minio:// URI). Give this or
+                source_uri.
+            model: An HRNet config: {models}, or a YAML file.
+            devices: Accelerators (or CPU processes) in the train pod: 1, 2, 4 or 8.
+            batch_size: Images per device per step.
+            epochs: Passes over the training split (see train_steps).
+            train_steps: Steps to train; 0 trains for epochs.
+            lr: Peak learning rate; 0 means 0.1 x global batch / 256.
+            precision: fp32, mixed_fp16 or bf16; "" means mixed_fp16 on Ascend, fp32 elsewhere.
+            image_size: Training and evaluation resolution in pixels.
+            seed: Random seed; 0 picks one.
+            train_options: More `hrnet train` flags, e.g. "--schedule cosine --warmup-epochs 1"
+                (checked by the validate step).
+            checkpoint_uri: An s3:// / minio:// prefix where training mirrors its checkpoints as
+                it goes; a retried train step, or a new run given the same URI, resumes from
+                there. "" mirrors them beside the train step's artifact, which a retry finds too.
+            init_from: Starting weights for fine-tuning: an s3:// / minio:// URI of `hrnet
+                import-weights` or `hrnet train` output, or of an official / timm PyTorch .pth;
+                "" trains from scratch.
+            export_onnx: Also export model.onnx, besides the SavedModel and the frozen graph.
+            datasets_uri: Where converted records go; "" puts them beside the convert step's
+                artifacts. The steps pass only a reference, and each fetches just the shards
+                it reads.
+        """
         record_task = record_run()
         _configure(record_task, "record-run", image, secret=False)
         record_task.set_caching_options(False)
@@ -208,7 +219,11 @@ def build_pipeline(target: str = "ascend", image: Optional[str] = None, data_pvc
                 _configure(records, "reference", image)
                 train_evaluate_export(dataset=records.outputs["dataset"], **rest)
 
-    return hrnet_pipeline
+    # KFP reads the Args: section into the run form's descriptions when it decorates.
+    hrnet_pipeline.__doc__ = hrnet_pipeline.__doc__.format(models=", ".join(configs.available()))
+    return dsl.pipeline(name=PIPELINE_NAME,
+                        description=f"HRNet image classification ({target}): convert -> train -> evaluate -> export",
+                        )(hrnet_pipeline)
 
 
 # The module-level pipeline `kfp dsl compile --py pipelines/hrnet_pipeline.py` finds.

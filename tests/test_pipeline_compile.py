@@ -239,6 +239,17 @@ def test_run_time_parameters(compiled):
     assert params["devices"]["defaultValue"] == 1 and params["model"]["defaultValue"] == "w18"
 
 
+def test_the_run_form_describes_every_parameter(compiled):
+    """The pipeline's Args: docstring becomes each input's description in the UI's run form."""
+    from hrnet import configs
+
+    ir, _, _ = compiled["ascend"]
+    params = ir["root"]["inputDefinitions"]["parameters"]
+    assert not [name for name, p in params.items() if len(p.get("description", "")) < 20]
+    named = re.findall(r"\bw\d\d(?:_small_v\d)?\b", params["model"]["description"])
+    assert named == configs.available()
+
+
 def test_the_three_ways_to_compile_agree(tmp_path):
     """``python -m pipelines compile`` and ``kfp dsl compile --py`` give the same IR."""
     env = dict(os.environ, HRNET_TARGET="gpu")
