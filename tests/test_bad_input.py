@@ -6,6 +6,7 @@ import errno
 import os
 
 import pytest
+from helpers import TINY_CONFIG, write_images
 
 from hrnet import cli
 
@@ -14,7 +15,6 @@ pytestmark = pytest.mark.keras2
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
-    from test_storage_train import write_images
 
     from hrnet.data.convert import convert_dataset
 
@@ -36,8 +36,7 @@ def run(capsys, *argv):
 
 
 def train_args(records, out, *extra):
-    tiny = os.path.join(os.path.dirname(__file__), "configs", "tiny.yaml")
-    return ["train", "--data", records / "records", "--out", out, "--model", tiny, "--image-size", "32",
+    return ["train", "--data", records / "records", "--out", out, "--model", TINY_CONFIG, "--image-size", "32",
             "--batch-size", "4", "--train-steps", "2", *extra]
 
 
@@ -130,7 +129,6 @@ def test_run_local_refuses_nan(capsys):
 
 def test_an_unreadable_class_folder_is_named_not_called_empty(tmp_path, capsys, monkeypatch):
     """(The tests run as root, whom file modes do not stop: the permission check is faked.)"""
-    from test_storage_train import write_images
 
     from hrnet.data import convert
 

@@ -8,16 +8,15 @@ matter; that evaluate and export reproduce it exactly does).
 import io
 import json
 import os
-import pathlib
 
 import numpy as np
 import pytest
+from helpers import TINY_CONFIG, write_jpeg_tree
 
 pytestmark = pytest.mark.keras2
 
 CLASSES = 6
 VAL_PER_CLASS = [4, 3, 5, 3, 4, 4]  # 23 images: no batch size below divides it
-TINY = (pathlib.Path(__file__).parent / "configs" / "tiny.yaml").read_text()
 
 
 def _image(rng, label, size=40):
@@ -29,23 +28,15 @@ def _image(rng, label, size=40):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from PIL import Image
-
     from hrnet.data.convert import convert_dataset
     from hrnet.train.loop import train
 
     root = tmp_path_factory.mktemp("evalexport")
-    rng = np.random.default_rng(0)
-    for split, counts in (("train", [6] * CLASSES), ("validation", VAL_PER_CLASS)):
-        for label, n in enumerate(counts):
-            folder = root / "tree" / split / ("class_%d" % label)
-            folder.mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray(_image(rng, label)).save(folder / ("img%d.jpg" % i), quality=90)
+    write_jpeg_tree(root / "tree", {"train": [6] * CLASSES, "validation": VAL_PER_CLASS}, image=_image,
+                    class_name="class_{}", file_name="img{}.jpg")
     convert_dataset(str(root / "tree"), str(root / "records"), train_shards=1, validation_shards=3, workers=1,
                     progress=False)
-    (root / "tiny.yaml").write_text(TINY)
-    train({"data": str(root / "records"), "out": str(root / "ckpt"), "model": str(root / "tiny.yaml"),
+    train({"data": str(root / "records"), "out": str(root / "ckpt"), "model": TINY_CONFIG,
            "image_size": 32, "batch_size": 8, "train_steps": 2, "lr": 0.05, "log_every": 1, "seed": 0})
     return root
 

@@ -23,12 +23,12 @@ is deleted).
 import io
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from helpers import TINY_CONFIG
 
 pytestmark = pytest.mark.keras2
 
@@ -36,7 +36,6 @@ IMAGES = 16  # per file (fewer make batch norm so ill-conditioned that float32 n
 BATCH = 2 * IMAGES  # per rank: two passes over its file
 STEPS = 3
 
-TINY_MODEL = (pathlib.Path(__file__).parent / "configs" / "tiny.yaml").read_text()
 
 WRAPPER = r'''
 """hrnet train, with a shuffle buffer of 1 and each rank's weights dumped to $DUMP_DIR."""
@@ -108,12 +107,11 @@ def dataset(tmp_path_factory):
         for i in range(IMAGES):  # validated after every step (an epoch is one step here)
             writer.write(schema.make_example(images[i], "img%d.jpg" % i, i % 4, "c%d" % (i % 4), "class %d" % (i % 4),
                                              32, 32).SerializeToString())
-    (root / "tiny.yaml").write_text(TINY_MODEL)
     return root
 
 
 def _train_args(data, out, batch_size):
-    return ["--data", str(data), "--out", str(out), "--model", str(data / "tiny.yaml"), "--num-classes", "4",
+    return ["--data", str(data), "--out", str(out), "--model", TINY_CONFIG, "--num-classes", "4",
             "--label-offset", "0", "--image-size", "32", "--batch-size", str(batch_size),
             "--nb-train-samples", str(2 * BATCH), "--train-steps", str(STEPS), "--lr", "0.1", "--no-nesterov",
             "--area-range", "1", "1", "--aspect-range", "1", "1", "--no-flip", "--seed", "7", "--log-every", "1",

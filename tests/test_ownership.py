@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+from helpers import TINY_CONFIG, write_images
 from test_storage import make_output
 
 from hrnet import cli, storage
@@ -54,8 +55,6 @@ def error_line(err):
 def test_a_bare_bucket_is_refused_and_keeps_every_object(s3_env, capsys, tmp_path):
     put_unrelated(s3_env)
     before = objects(s3_env)
-    from test_storage_train import write_images
-
     write_images(str(tmp_path / "src"))
     for argv in (["demo-data", "--out", s3_env.uri()], ["demo-data", "--out", s3_env.uri() + "/"],
                  ["convert", "--src", tmp_path / "src", "--out", s3_env.uri()]):
@@ -172,15 +171,12 @@ def test_a_writer_that_lost_its_lease_stops_before_it_writes(s3_env, monkeypatch
 def test_two_trainings_on_one_output_one_completes_one_is_refused(s3_env, tmp_path):
     """Real `hrnet train` processes on one s3:// output: the second is refused with who holds
     it, the first completes with every checkpoint it keeps."""
-    from test_storage_train import write_images
-
     write_images(str(tmp_path / "images"))
     data = s3_env.uri("data")
     env = dict(os.environ)
     assert cli.main(["convert", "--src", str(tmp_path / "images"), "--out", data, "--no-progress"]) == 0
     out = s3_env.uri("runs/a")
-    tiny = os.path.join(os.path.dirname(__file__), "configs", "tiny.yaml")
-    command = [sys.executable, "-m", "hrnet", "train", "--data", data, "--out", out, "--model", tiny,
+    command = [sys.executable, "-m", "hrnet", "train", "--data", data, "--out", out, "--model", TINY_CONFIG,
                "--image-size", "32", "--batch-size", "4", "--train-steps", "30", "--checkpoint-every", "5",
                "--log-every", "5", "--seed", "1"]
     first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

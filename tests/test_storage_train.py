@@ -14,7 +14,6 @@ servers (SeaweedFS and moto, or MinIO with HRNET_TEST_S3_ENDPOINT), with a tiny 
 """
 import json
 import os
-import pathlib
 import re
 import shutil
 import subprocess
@@ -22,6 +21,7 @@ import sys
 import time
 
 import pytest
+from helpers import TINY_CONFIG, write_images
 
 from hrnet import storage
 
@@ -32,22 +32,7 @@ def s3_server(both_servers):
     return both_servers
 
 
-TINY_MODEL = (pathlib.Path(__file__).parent / "configs" / "tiny.yaml").read_text()
 STEPS = 60  # the first run is killed once its third checkpoint (step 15) is in the bucket
-
-
-def write_images(root, classes=3, train=8, validation=2):
-    """A tiny class-folder JPEG tree: train/<class>/*.jpg, validation/<class>/*.jpg."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split, n in (("train", train), ("validation", validation)):
-        for c in range(classes):
-            os.makedirs(os.path.join(root, split, f"class{c}"))
-            for i in range(n):
-                pixels = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(os.path.join(root, split, f"class{c}", f"{i}.jpg"), quality=90)
 
 
 def mirrored_past(run, step):
@@ -73,9 +58,8 @@ def test_train_killed_resumes_from_the_bucket(s3_env, tmp_path):
     assert storage.list_files(data) == ["labels.txt", "manifest.json", "train-00000-of-00002",
                                         "train-00001-of-00002", "validation-00000-of-00001"]
 
-    (tmp_path / "tiny.yaml").write_text(TINY_MODEL)
-    train = [sys.executable, "-m", "hrnet", "train", "--data", data, "--out", run, "--model",
-             str(tmp_path / "tiny.yaml"), "--image-size", "32", "--batch-size", "8", "--train-steps", str(STEPS),
+    train = [sys.executable, "-m", "hrnet", "train", "--data", data, "--out", run, "--model", TINY_CONFIG,
+             "--image-size", "32", "--batch-size", "8", "--train-steps", str(STEPS),
              "--checkpoint-every", "5", "--keep-checkpoints", "2", "--log-every", "5", "--seed", "3"]
     log_path = tmp_path / "first-run.log"
     with open(log_path, "w") as log:

@@ -16,12 +16,9 @@ import time
 
 import numpy as np
 import pytest
+from helpers import SMALL_CONFIG, TINY_CONFIG
 
 pytestmark = pytest.mark.keras2
-
-# An HRNet with the full four-stage structure and few channels (~0.75 M parameters).
-SMALL = (pathlib.Path(__file__).parent / "configs" / "small.yaml").read_text()
-TINY = (pathlib.Path(__file__).parent / "configs" / "tiny.yaml").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +31,6 @@ def digits(tmp_path_factory):
     write_demo_data(str(root / "jpeg"))
     convert_dataset(str(root / "jpeg"), str(root / "records"), train_shards=2, validation_shards=2, workers=1,
                     progress=False)
-    (root / "small.yaml").write_text(SMALL)
-    (root / "tiny.yaml").write_text(TINY)
     return root
 
 
@@ -54,7 +49,7 @@ def test_learns_the_digits(digits, tmp_path):
 
     out = str(tmp_path / "run")
     manifest = train({
-        "data": str(digits / "records"), "out": out, "model": str(digits / "small.yaml"), "image_size": 32,
+        "data": str(digits / "records"), "out": out, "model": SMALL_CONFIG, "image_size": 32,
         "batch_size": 32, "train_steps": 150, "lr": 0.1, "schedule": "cosine", "warmup_epochs": 0.3,
         # Digits must not be mirrored; a 32 px digit survives crops down to a third of its area.
         "flip": False, "area_range": [0.35, 1.0], "log_every": 15, "checkpoint_every": 100, "seed": 0,
@@ -86,7 +81,7 @@ def test_learns_the_digits(digits, tmp_path):
 def _train_command(digits, out, steps):
     # 10 steps per epoch (80 images per epoch, batch 8): the lr drops x0.1 at steps 10 and 30.
     return [sys.executable, "-m", "hrnet", "train", "--data", str(digits / "records"), "--out", str(out),
-            "--model", str(digits / "tiny.yaml"), "--image-size", "32", "--batch-size", "8",
+            "--model", TINY_CONFIG, "--image-size", "32", "--batch-size", "8",
             "--nb-train-samples", "80", "--train-steps", str(steps), "--lr", "0.05", "--lr-decay-epochs", "1", "3",
             "--checkpoint-every", "5", "--keep-checkpoints", "2", "--log-every", "1", "--seed", "1"]
 
@@ -190,7 +185,7 @@ def test_a_diverging_run_stops_with_a_clear_error_and_keeps_the_last_good_checkp
 
     out = tmp_path / "run"
     code = cli.main(["train", "--data", str(digits / "records"), "--out", str(out), "--model",
-                     str(digits / "tiny.yaml"), "--image-size", "32", "--batch-size", "8", "--train-steps", "20",
+                     TINY_CONFIG, "--image-size", "32", "--batch-size", "8", "--train-steps", "20",
                      "--lr", "1e30", "--checkpoint-every", "1", "--log-every", "1", "--seed", "1"])
     err = capsys.readouterr().err
     assert code == 2
@@ -226,7 +221,7 @@ def test_validation_every_epoch_keeps_the_best_weights_which_evaluate_and_export
     convert_dataset(str(shifted), str(tmp_path / "shifted-records"), train_shards=2, validation_shards=2,
                     workers=1, progress=False)
     out = str(tmp_path / "run")
-    run = {"out": out, "model": str(digits / "tiny.yaml"), "image_size": 32, "batch_size": 16,
+    run = {"out": out, "model": TINY_CONFIG, "image_size": 32, "batch_size": 16,
            "nb_train_samples": 320, "lr": 0.1, "lr_decay": 1.0, "flip": False, "area_range": [0.35, 1.0],
            "log_every": 10, "checkpoint_every": 100, "seed": 0}  # 20 steps per epoch; every epoch validated
     train(dict(run, data=str(digits / "records"), epochs=3))
@@ -262,7 +257,7 @@ def test_init_from_keeps_the_backbone_and_reinitialises_another_classifier(digit
     from hrnet.model import build_model
     from hrnet.train.loop import _init_from
 
-    cfg = configs.load(str(digits / "tiny.yaml"))
+    cfg = configs.load(TINY_CONFIG)
     source = build_model(cfg, num_classes=7, input_size=(32, 32))
     weights.save_weights(source, str(tmp_path / "weights"))
     target = build_model(cfg, num_classes=10, input_size=(32, 32))
@@ -355,9 +350,9 @@ def test_npu_backend_drives_the_adapter_api(digits, tmp_path, monkeypatch):
     from hrnet.model import build_model
     from hrnet.train.loop import train
 
-    model = build_model(configs.load(str(digits / "tiny.yaml")), num_classes=10, input_size=(32, 32))
+    model = build_model(configs.load(TINY_CONFIG), num_classes=10, input_size=(32, 32))
     out = str(tmp_path / "run")
-    manifest = train({"data": str(digits / "records"), "out": out, "model": str(digits / "tiny.yaml"),
+    manifest = train({"data": str(digits / "records"), "out": out, "model": TINY_CONFIG,
                       "image_size": 32, "device": "npu", "batch_size": 4, "train_steps": 3, "log_every": 1,
                       "seed": 1})
     calls = npu_device.CALLS
