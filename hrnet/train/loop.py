@@ -258,7 +258,7 @@ def _train(cfg: TrainConfig, backend, out_dir: str, write_dir: str) -> Dict[str,
     import tensorflow as tf
 
     from hrnet import compat, configs, weights
-    from hrnet.manifest import MANIFEST, file_entry, read_manifest, write_manifest
+    from hrnet.manifest import MANIFEST, read_manifest
     from hrnet.model import build_model, count_params
 
     data_dir = _stage_data(cfg.data, backend.is_chief, _splits(cfg))
@@ -281,7 +281,6 @@ def _train(cfg: TrainConfig, backend, out_dir: str, write_dir: str) -> Dict[str,
     set_seed(cfg.seed)
     strategy = backend.strategy
     per_replica_batch = cfg.batch_size
-    loss_batch = per_replica_batch * strategy.num_replicas_in_sync
     schedule = cfg.lr_schedule()
     with strategy.scope():
         model = build_model(model_config, num_classes=cfg.num_classes, input_size=(cfg.image_size, cfg.image_size))
@@ -295,21 +294,7 @@ def _train(cfg: TrainConfig, backend, out_dir: str, write_dir: str) -> Dict[str,
     checkpoint = tf.train.Checkpoint(step=step_var, model=model, optimizer=optimizer)
     manager = tf.train.CheckpointManager(checkpoint, directory=write_dir, max_to_keep=cfg.keep_checkpoints,
                                          checkpoint_name=CHECKPOINT_NAME)
-    latest = tf.train.latest_checkpoint(out_dir)
-    if latest:
-        status = checkpoint.restore(latest)
-        try:
-            status.assert_existing_objects_matched()
-        except (AssertionError, ValueError) as e:
-            status.expect_partial()  # no flood of "unrestored value" warnings on the way out
-            raise HrnetError(
-                "cannot resume from %s: it does not match this run's model and optimizer (%s). Was it written "
-                "under another Keras version (this is Keras %s) or with another --model/--precision? Use a new "
-                "--out; a finished run's portable weights can seed it with --init-from"
-                % (latest, str(e).splitlines()[0][:120], ".".join(str(v) for v in compat.KERAS_VERSION))) from None
-        log.info("resuming from %s (step %d)", os.path.basename(latest), int(step_var.numpy()))
-    elif cfg.init_from:
-        _init_from(model, cfg.init_from, cfg.num_classes)
+    latest = _restore_or_init(checkpoint, out_dir, cfg)
     if chief:
         # Only now that the folder is known to hold this run (or nothing): a refused resume
         # must leave a foreign checkpoint folder exactly as it was.
@@ -344,45 +329,7 @@ def _train(cfg: TrainConfig, backend, out_dir: str, write_dir: str) -> Dict[str,
                                start_step * per_replica_batch)
     iterator = iter(dist_ds)
 
-    # ---- one step -------------------------------------------------------------------
-    trainable = model.trainable_variables
-    num_classes = cfg.num_classes
-    smoothing = cfg.label_smoothing
-
-    def step_fn(images, labels):
-        labels = tf.cast(labels, tf.int32)
-        with tf.GradientTape() as tape:
-            logits = tf.cast(model(images, training=True), tf.float32)
-            targets = tf.one_hot(labels, num_classes)
-            if smoothing:
-                targets = targets * (1.0 - smoothing) + smoothing / num_classes
-            per_example = tf.nn.softmax_cross_entropy_with_logits(labels=targets, logits=logits)
-            data_loss = tf.reduce_sum(per_example) / loss_batch
-            l2 = tf.add_n([tf.nn.l2_loss(tf.cast(compat.tf_variable(v), tf.float32)) for v in trainable])
-            loss = data_loss + cfg.weight_decay * l2 / strategy.num_replicas_in_sync
-            scaled = compat.scale_loss(optimizer, loss) if backend.loss_scaling else loss
-        grads = tape.gradient(scaled, trainable)
-        if backend.loss_scaling:
-            grads = compat.unscale_gradients(optimizer, grads)
-        grads = backend.all_reduce_gradients(grads)
-        if backend.loss_scaling:
-            bad = tf.constant(0.0)  # the loss-scale optimizer skips steps with non-finite gradients
-        else:
-            bad = 1.0 - tf.cast(tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads]), tf.float32)
-        optimizer.apply_gradients(zip(grads, trainable))
-        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), labels),
-                                        tf.float32))
-        # Non-finite total loss (data + L2) or gradients: BatchNorm keeps the data loss finite
-        # while exploding weights overflow the L2 term and the momentum.
-        bad = tf.maximum(bad, 1.0 - tf.cast(tf.math.is_finite(loss), tf.float32))
-        return data_loss, correct, bad
-
-    @tf.function
-    def train_step(it):
-        images, labels = next(it)
-        results = strategy.run(step_fn, args=(images, labels))
-        step_var.assign_add(1)
-        return [strategy.reduce(tf.distribute.ReduceOp.SUM, r, axis=None) for r in results]
+    train_step = _make_train_step(cfg, backend, model, optimizer, step_var)
 
     # ---- validation ------------------------------------------------------------------
     # Every rank validates on the whole split (the same batches, so the same collective reads
@@ -453,10 +400,8 @@ def _train(cfg: TrainConfig, backend, out_dir: str, write_dir: str) -> Dict[str,
                 log.warning("checkpoint %d not mirrored to %s yet: %s", step, cfg.out, e)
 
     step = start_step
-    window = {"loss": 0.0, "correct": 0.0, "steps": 0}
-    window_start = time.time()
+    window = _Window()
     run_start = time.time()
-    timed_steps, timed_seconds = 0, 0.0
     last_log: Dict[str, Any] = {}
     if start_step in val_steps and start_step not in validated and start_step < cfg.train_steps:
         validate(start_step)  # the killed run saved this step's checkpoint but did not finish validating it
@@ -477,23 +422,9 @@ def _train(cfg: TrainConfig, backend, out_dir: str, write_dir: str) -> Dict[str,
         if not math.isfinite(loss) or float(bad_t) > 0:
             stop(step, "the loss became %s" % (loss if not math.isfinite(loss) else "non-finite (L2 term or "
                                                                                      "gradients)"))
-        window["loss"] += loss
-        window["correct"] += float(correct_t)
-        window["steps"] += 1
-        if step > start_step + 1:  # the first step includes tracing
-            timed_steps += 1
-            timed_seconds += time.time() - t0
+        window.add(loss, float(correct_t), time.time() - t0, timed=step > start_step + 1)  # 1st: tracing
         if step % cfg.log_every == 0 or step == cfg.train_steps:
-            elapsed = time.time() - window_start
-            per_step = timed_seconds / timed_steps if timed_steps else elapsed / max(1, window["steps"])
-            last_log = {
-                "step": step,
-                "epoch": round(step / cfg.steps_per_epoch, 4),
-                "loss": window["loss"] / window["steps"],
-                "top1": window["correct"] / (window["steps"] * cfg.global_batch_size),
-                "lr": float(schedule(step - 1)),
-                "images_per_sec": cfg.global_batch_size / per_step if per_step > 0 else 0.0,
-            }
+            last_log, per_step = window.close(step, cfg, float(schedule(step - 1)))
             if backend.loss_scaling:
                 last_log["loss_scale"] = compat.loss_scale_value(optimizer)
             eta = per_step * (cfg.train_steps - step)
@@ -505,9 +436,6 @@ def _train(cfg: TrainConfig, backend, out_dir: str, write_dir: str) -> Dict[str,
                 with open(history_path, "a") as f:
                     f.write(json.dumps(last_log) + "\n")
                 _write_scalars(writer, step, last_log, TRAIN_SCALARS)
-            window = {"loss": 0.0, "correct": 0.0, "steps": 0}
-            window_start = time.time()
-            timed_steps, timed_seconds = 0, 0.0
         # A validated step is a checkpointed one: a resumed run never has to redo the steps
         # before a validation to know what it found.
         if (step % cfg.checkpoint_every == 0 or step in val_steps) and step < cfg.train_steps:
@@ -551,15 +479,133 @@ def _train(cfg: TrainConfig, backend, out_dir: str, write_dir: str) -> Dict[str,
         "out": cfg.out,
     }
     _barrier(strategy)  # no worker leaves (and tears down the cluster) while another still saves
-    if not chief:
-        return manifest
+    if chief:
+        _publish(out_dir, cfg.out, manifest)
+    return manifest
+
+
+def _restore_or_init(checkpoint, out_dir: str, cfg: TrainConfig) -> Optional[str]:
+    """Resume from the latest checkpoint in ``out_dir``; without one, start from
+    ``cfg.init_from`` (or from scratch). Returns the checkpoint resumed from."""
+    import tensorflow as tf
+
+    from hrnet import compat
+
+    latest = tf.train.latest_checkpoint(out_dir)
+    if latest:
+        status = checkpoint.restore(latest)
+        try:
+            status.assert_existing_objects_matched()
+        except (AssertionError, ValueError) as e:
+            status.expect_partial()  # no flood of "unrestored value" warnings on the way out
+            raise HrnetError(
+                "cannot resume from %s: it does not match this run's model and optimizer (%s). Was it written "
+                "under another Keras version (this is Keras %s) or with another --model/--precision? Use a new "
+                "--out; a finished run's portable weights can seed it with --init-from"
+                % (latest, str(e).splitlines()[0][:120], ".".join(str(v) for v in compat.KERAS_VERSION))) from None
+        log.info("resuming from %s (step %d)", os.path.basename(latest), int(checkpoint.step.numpy()))
+    elif cfg.init_from:
+        _init_from(checkpoint.model, cfg.init_from, cfg.num_classes)
+    return latest
+
+
+def _make_train_step(cfg: TrainConfig, backend, model, optimizer, step_var):
+    """The compiled step: a batch per replica, the gradients all-reduced, the step counted;
+    returns the summed data loss, correct predictions and a non-finite flag."""
+    import tensorflow as tf
+
+    from hrnet import compat
+
+    strategy = backend.strategy
+    loss_batch = cfg.batch_size * strategy.num_replicas_in_sync
+    trainable = model.trainable_variables
+    num_classes = cfg.num_classes
+    smoothing = cfg.label_smoothing
+
+    def step_fn(images, labels):
+        labels = tf.cast(labels, tf.int32)
+        with tf.GradientTape() as tape:
+            logits = tf.cast(model(images, training=True), tf.float32)
+            targets = tf.one_hot(labels, num_classes)
+            if smoothing:
+                targets = targets * (1.0 - smoothing) + smoothing / num_classes
+            per_example = tf.nn.softmax_cross_entropy_with_logits(labels=targets, logits=logits)
+            data_loss = tf.reduce_sum(per_example) / loss_batch
+            l2 = tf.add_n([tf.nn.l2_loss(tf.cast(compat.tf_variable(v), tf.float32)) for v in trainable])
+            loss = data_loss + cfg.weight_decay * l2 / strategy.num_replicas_in_sync
+            scaled = compat.scale_loss(optimizer, loss) if backend.loss_scaling else loss
+        grads = tape.gradient(scaled, trainable)
+        if backend.loss_scaling:
+            grads = compat.unscale_gradients(optimizer, grads)
+        grads = backend.all_reduce_gradients(grads)
+        if backend.loss_scaling:
+            bad = tf.constant(0.0)  # the loss-scale optimizer skips steps with non-finite gradients
+        else:
+            bad = 1.0 - tf.cast(tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads]), tf.float32)
+        optimizer.apply_gradients(zip(grads, trainable))
+        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), labels),
+                                        tf.float32))
+        # Non-finite total loss (data + L2) or gradients: BatchNorm keeps the data loss finite
+        # while exploding weights overflow the L2 term and the momentum.
+        bad = tf.maximum(bad, 1.0 - tf.cast(tf.math.is_finite(loss), tf.float32))
+        return data_loss, correct, bad
+
+    @tf.function
+    def train_step(it):
+        images, labels = next(it)
+        results = strategy.run(step_fn, args=(images, labels))
+        step_var.assign_add(1)
+        return [strategy.reduce(tf.distribute.ReduceOp.SUM, r, axis=None) for r in results]
+
+    return train_step
+
+
+class _Window:
+    """Loss, top-1 and speed over the steps since the last progress line."""
+
+    def __init__(self):
+        self._begin()
+
+    def _begin(self) -> None:
+        self.loss = self.correct = self.timed_seconds = 0.0
+        self.steps = self.timed_steps = 0
+        self.start = time.time()
+
+    def add(self, loss: float, correct: float, seconds: float, timed: bool) -> None:
+        self.loss += loss
+        self.correct += correct
+        self.steps += 1
+        if timed:
+            self.timed_steps += 1
+            self.timed_seconds += seconds
+
+    def close(self, step: int, cfg: TrainConfig, lr: float):
+        """This window's history line and seconds per step; then a new window begins."""
+        elapsed = time.time() - self.start
+        per_step = self.timed_seconds / self.timed_steps if self.timed_steps else elapsed / max(1, self.steps)
+        line = {
+            "step": step,
+            "epoch": round(step / cfg.steps_per_epoch, 4),
+            "loss": self.loss / self.steps,
+            "top1": self.correct / (self.steps * cfg.global_batch_size),
+            "lr": lr,
+            "images_per_sec": cfg.global_batch_size / per_step if per_step > 0 else 0.0,
+        }
+        self._begin()
+        return line, per_step
+
+
+def _publish(out_dir: str, uri: str, manifest: Dict[str, Any]) -> None:
+    """The manifest last (listing the portable weights and what describes the run), then the
+    folder to ``uri``: a reader that finds the manifest finds everything it lists."""
+    from hrnet.manifest import file_entry, write_manifest
+
     manifest["files"] = [file_entry(os.path.join(out_dir, f), out_dir) for f in sorted(os.listdir(out_dir))
                          if f.startswith((WEIGHTS + ".", BEST + ".")) or f in (LABELS, CONFIG_FILE, BEST_INFO)]
     write_manifest(out_dir, manifest)
-    storage.mirror(out_dir, cfg.out)
-    log.info("done: step %d, checkpoint %s, weights %s", step, manifest["checkpoint"],
-             os.path.join(cfg.out, WEIGHTS))
-    return manifest
+    storage.mirror(out_dir, uri)
+    log.info("done: step %d, checkpoint %s, weights %s", manifest["step"], manifest["checkpoint"],
+             os.path.join(uri, WEIGHTS))
 
 
 def _barrier(strategy) -> None:
