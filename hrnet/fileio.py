@@ -38,13 +38,8 @@ def fsync(path: str) -> None:
 
 def atomic_write(path: str, data: Union[str, bytes]) -> str:
     """Write ``data`` (text as UTF-8) to ``path`` atomically; returns the path."""
-    with replacing(path) as tmp:
-        if isinstance(data, bytes):
-            with open(tmp, "wb") as f:
-                f.write(data)
-        else:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(data)
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
     return path
 
 

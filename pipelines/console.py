@@ -10,7 +10,7 @@ import io
 import os
 import re
 import time
-from typing import Dict, List, Optional, TextIO
+from typing import Dict, Optional, TextIO
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 TASK_START = re.compile(r"Executing task '([\w-]+)'")
@@ -36,7 +36,6 @@ class StepLog(io.TextIOBase):
         self._step: Optional[str] = None
         self._started: Dict[str, float] = {}
         self._shown_tenth = -1
-        self.failed: List[str] = []
 
     def writable(self) -> bool:
         return True
@@ -93,7 +92,6 @@ class StepLog(io.TextIOBase):
         if status == "SUCCESS":
             self._say(f"  {step:<20} done in {seconds:.0f} s")
             return
-        self.failed.append(step)
         self._files.pop(step).close()
         with open(self.path(step), encoding="utf-8") as f:
             lines = [ln.strip() for ln in f.read().splitlines()]
