@@ -3,30 +3,36 @@
 A bad value (devices 3, an unknown model, no data source) fails this step in seconds with
 a message naming it, instead of a train pod failing after it got its chips.
 """
+from typing import NamedTuple
+
 from kfp import dsl
 
 from components.images import IMAGES
 
 
+# KFP reads a component's inputs from its source, so the training fields here are written out;
+# they are hrnet.train.config.PIPELINE_FIELDS (tests/test_parameters.py checks that they agree).
 @dsl.component(base_image=IMAGES["cpu"], install_kfp_package=False)
 def validate(
     source_uri: str,
     tfrecords_uri: str,
-    model: str,
     devices: int,
     device: str,
+    train_config: dict,
+    model: str,
     batch_size: int,
     epochs: float,
     train_steps: int,
     lr: float,
     precision: str,
     image_size: int,
-    train_options: str,
+    seed: int,
     init_from: str,
-) -> str:
-    """Raise ValueError naming the first bad parameter; return the data source to use:
-    "convert" (an image tree to convert) or "tfrecords" (records converted before)."""
+) -> NamedTuple("Checked", [("source", str), ("config", dict)]):
+    """Raise ValueError naming the first bad parameter. ``source``: the data source to use,
+    "convert" (an image tree) or "tfrecords" (records converted before); ``config``: the
+    train step's TrainConfig values, typed."""
+    parameters = dict(locals())  # taken before the import below adds a name of its own
     from hrnet.train.config import check_pipeline_parameters
 
-    return check_pipeline_parameters(source_uri, tfrecords_uri, model, devices, device, batch_size, epochs,
-                                     train_steps, lr, precision, image_size, train_options, init_from)
+    return check_pipeline_parameters(**parameters)

@@ -20,16 +20,16 @@ from typing import Any, Dict, List, Optional, TextIO
 
 from components import images
 from hrnet.train.config import finite_float
+from pipelines import parameters
 from pipelines.console import ANSI, StepLog
 
 # run-local's defaults: the demo digits (32x32) to about 98% top-1 after 2-3 minutes of training
 # on 2 cores. Digits must not be mirrored, and crops keep most of a 32 px digit (ImageNet's 8%
 # would cut it away). ONNX is left out: tf2onnx adds a minute here; the SavedModel shows the export.
-DEMO = dict(model="w18_small_v1", devices=1, batch_size=32, epochs=12.0, train_steps=0, lr=0.05,
-            precision="fp32", image_size=32, seed=1,
-            train_options="--schedule cosine --warmup-epochs 0.5 --no-flip --area-range 0.6 1 --label-smoothing 0.1 "
-                          "--log-every 15",
-            export_onnx=False)
+DEMO = dict(model="w18_small_v1", devices=1, batch_size=32, epochs=12.0, lr=0.05, precision="fp32", image_size=32,
+            seed=1, export_onnx=False,
+            train_config=dict(schedule="cosine", warmup_epochs=0.5, flip=False, area_range=[0.6, 1.0],
+                              label_smoothing=0.1, log_every=15))
 
 
 class UsageError(Exception):
@@ -61,8 +61,8 @@ def parse_arguments(pairs: List[str], target: str = "ascend") -> Dict[str, Any]:
     from pipelines.hrnet_pipeline import build_pipeline
 
     inputs = build_pipeline(target).component_spec.inputs
-    casts = {"NUMBER_INTEGER": int, "NUMBER_DOUBLE": float, "STRING": str, "BOOLEAN": _boolean,
-             "Integer": int, "Float": float, "Double": float, "String": str, "Boolean": _boolean}
+    casts = {"NUMBER_INTEGER": int, "NUMBER_DOUBLE": float, "STRING": str, "BOOLEAN": _boolean, "STRUCT": _mapping,
+             "Integer": int, "Float": float, "Double": float, "String": str, "Boolean": _boolean, "Dict": _mapping}
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -73,9 +73,21 @@ def parse_arguments(pairs: List[str], target: str = "ascend") -> Dict[str, Any]:
         cast = casts.get(str(inputs[key].type), str)
         try:
             out[key] = cast(value)
-        except ValueError:
-            raise UsageError(f"parameter {key}={value!r} is not a valid {cast.__name__}") from None
+        except ValueError as e:
+            raise UsageError(f"parameter {key}={value!r} is not a valid {cast.__name__.strip('_')}"
+                             + (f": {e}" if cast is _mapping else "")) from None
     return out
+
+
+def _mapping(value: str) -> Dict[str, Any]:
+    """A JSON object (a dict parameter such as train_config)."""
+    try:
+        value = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError("not a JSON object")
+    return value
 
 
 def _boolean(value: str) -> bool:
@@ -225,10 +237,8 @@ def run_local(workdir: str, runner: str = "subprocess", source_uri: str = "", tf
 
 
 def _run_local(args) -> int:
-    params = {name: getattr(args, name) for name in DEMO}
-    result = run_local(args.workdir, runner=args.runner, source_uri=args.source_uri,
-                       tfrecords_uri=args.tfrecords_uri, datasets_uri=args.datasets_uri,
-                       console=None if args.verbose else sys.stdout, **params)
+    params = {name: getattr(args, name) for name in parameters.NAMES}
+    result = run_local(args.workdir, runner=args.runner, console=None if args.verbose else sys.stdout, **params)
     data = args.source_uri or args.tfrecords_uri or "the demo digits"
     print()
     print(f"HRNet {params['model']} on {data}: top-1 {100 * result['top1']:.2f}%, "
@@ -283,25 +293,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runner", default="subprocess", choices=("subprocess", "docker"),
                    help="each step as a subprocess here (default), or in a container of the cpu image "
                         "(make images IMAGE_TARGETS=cpu first)")
-    p.add_argument("--source-uri", default="", help="an image tree to use instead of the demo digits")
-    p.add_argument("--tfrecords-uri", default="", help="TFRecords to use instead of converting an image tree")
-    p.add_argument("--datasets-uri", default="", help="where converted records go (default: beside the artifacts)")
-    p.add_argument("--model", default=DEMO["model"], help="HRNet config (default %(default)s)")
-    p.add_argument("--devices", type=int, default=DEMO["devices"], help="training processes (default 1)")
-    p.add_argument("--batch-size", type=int, default=DEMO["batch_size"], help="per device (default %(default)s)")
-    p.add_argument("--epochs", type=finite_float, default=DEMO["epochs"], help="default %(default)s")
-    p.add_argument("--train-steps", type=int, default=DEMO["train_steps"], help="overrides --epochs when > 0")
-    p.add_argument("--lr", type=finite_float, default=DEMO["lr"], help="peak learning rate (default %(default)s)")
-    p.add_argument("--precision", default=DEMO["precision"], help="fp32, mixed_fp16 or bf16 (default fp32)")
-    p.add_argument("--image-size", type=int, default=DEMO["image_size"], help="default %(default)s")
-    p.add_argument("--seed", type=int, default=DEMO["seed"], help="default %(default)s")
-    p.add_argument("--train-options", default=DEMO["train_options"],
-                   help="more hrnet train flags (default %(default)r)")
-    p.add_argument("--onnx", dest="export_onnx", action="store_true", help="also export model.onnx (slower)")
+    for param in parameters.PARAMETERS:  # the pipeline's own parameters, with the demo's values
+        _add_parameter(p, param, DEMO.get(param.name, param.default))
     p.add_argument("--verbose", action="store_true",
                    help="print every step's whole output (default: a short account; the rest in step logs)")
     p.set_defaults(_run=_run_local)
     return parser
+
+
+def _add_parameter(parser: argparse.ArgumentParser, param, default) -> None:
+    """A flag for a pipeline parameter (pipelines/parameters.py)."""
+    flag = "--" + param.name.replace("_", "-")
+    text = f"{param.description} (here: {json.dumps(default)})".replace("%", "%%")
+    if param.type is bool:
+        parser.add_argument(flag, dest=param.name, action=argparse.BooleanOptionalAction, default=default, help=text)
+        return
+    kind = {float: finite_float, dict: _json_object}.get(param.type, param.type)
+    parser.add_argument(flag, dest=param.name, type=kind, default=default, help=text)
+
+
+def _json_object(text: str) -> Dict[str, Any]:
+    """argparse type of a dict parameter."""
+    try:
+        return _mapping(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -29,7 +29,8 @@ from components.record import record_run
 from components.reference import reference_records
 from components.train import train
 from components.validate import validate
-from hrnet import configs
+from hrnet.train.config import PIPELINE_FIELDS
+from pipelines import parameters
 
 PIPELINE_NAME = "hrnet-classification"
 
@@ -112,100 +113,34 @@ def build_pipeline(target: str = "ascend", image: Optional[str] = None, data_pvc
     device = TARGETS[target]["device"]
 
     @dsl.pipeline(name="train-evaluate-export", description="HRNet: train, evaluate and export one data set")
-    def train_evaluate_export(
-        dataset: Input[Dataset],
-        model: str,
-        devices: int,
-        batch_size: int,
-        epochs: float,
-        train_steps: int,
-        lr: float,
-        precision: str,
-        image_size: int,
-        seed: int,
-        train_options: str,
-        checkpoint_uri: str,
-        init_from: str,
-        export_onnx: bool,
-    ):
-        train_task = train(dataset=dataset, model_name=model, devices=devices, device=device,
-                           batch_size=batch_size, epochs=epochs, train_steps=train_steps, lr=lr,
-                           precision=precision, image_size=image_size, seed=seed, train_options=train_options,
-                           checkpoint_uri=checkpoint_uri, init_from=init_from)
+    def train_evaluate_export(dataset: Input[Dataset], config: dict, devices: int, checkpoint_uri: str,
+                              export_onnx: bool):
+        train_task = train(dataset=dataset, config=config, devices=devices, checkpoint_uri=checkpoint_uri)
         _configure_train(train_task, target, image, devices, train_retries)
         evaluate_task = evaluate(dataset=dataset, model=train_task.outputs["model"])
         _configure(evaluate_task, "evaluate", image)
         export_task = export(model=train_task.outputs["model"], onnx=export_onnx)
         _configure(export_task, "export", image)
 
-    def hrnet_pipeline(
-        source_uri: str = "",
-        tfrecords_uri: str = "",
-        model: str = "w18",
-        devices: int = 1,
-        batch_size: int = 32,
-        epochs: float = 100.0,
-        train_steps: int = 0,
-        lr: float = 0.0,
-        precision: str = "",
-        image_size: int = 224,
-        seed: int = 0,
-        train_options: str = "",
-        checkpoint_uri: str = "",
-        init_from: str = "",
-        export_onnx: bool = True,
-        datasets_uri: str = "",
-    ):
-        """Converts an image tree (or takes TFRecords converted before), trains, evaluates the
-        best weights by validation top-1 and exports them.
-
-        Args:
-            source_uri: An image tree to convert (ImageNet layout or class folders): a path
-                under /data or an s3:// / minio:// URI. Give this or tfrecords_uri.
-            tfrecords_uri: TFRecords converted before (an s3:// / minio:// URI). Give this or
-                source_uri.
-            model: An HRNet config: {models}, or a YAML file.
-            devices: Accelerators (or CPU processes) in the train pod: 1, 2, 4 or 8.
-            batch_size: Images per device per step.
-            epochs: Passes over the training split (see train_steps).
-            train_steps: Steps to train; 0 trains for epochs.
-            lr: Peak learning rate; 0 means 0.1 x global batch / 256.
-            precision: fp32, mixed_fp16 or bf16; "" means mixed_fp16 on Ascend, fp32 elsewhere.
-            image_size: Training and evaluation resolution in pixels.
-            seed: Random seed; 0 picks one.
-            train_options: More `hrnet train` flags, e.g. "--schedule cosine --warmup-epochs 1"
-                (checked by the validate step).
-            checkpoint_uri: An s3:// / minio:// prefix where training mirrors its checkpoints as
-                it goes; a retried train step, or a new run given the same URI, resumes from
-                there. "" mirrors them beside the train step's artifact, which a retry finds too.
-            init_from: Starting weights for fine-tuning: an s3:// / minio:// URI of `hrnet
-                import-weights` or `hrnet train` output, or of an official / timm PyTorch .pth;
-                "" trains from scratch.
-            export_onnx: Also export model.onnx, besides the SavedModel and the frozen graph.
-            datasets_uri: Where converted records go; "" puts them beside the convert step's
-                artifacts. The steps pass only a reference, and each fetches just the shards
-                it reads.
-        """
+    def hrnet_pipeline(*args):
+        run = parameters.bind(args)
         record_task = record_run()
         _configure(record_task, "record-run", image, secret=False)
         record_task.set_caching_options(False)
         with dsl.ExitHandler(record_task, name="hrnet-run"):
-            check = validate(source_uri=source_uri, tfrecords_uri=tfrecords_uri, model=model, devices=devices,
-                             device=device, batch_size=batch_size, epochs=epochs, train_steps=train_steps, lr=lr,
-                             precision=precision, image_size=image_size, train_options=train_options,
-                             init_from=init_from)
+            check = validate(source_uri=run["source_uri"], tfrecords_uri=run["tfrecords_uri"], devices=run["devices"],
+                             device=device, train_config=run["train_config"],
+                             **{name: run[name] for name in PIPELINE_FIELDS})
             _configure(check, "validate", image, secret=False)
             check.set_caching_options(False)
-            rest = dict(model=model, devices=devices, batch_size=batch_size, epochs=epochs,
-                        train_steps=train_steps, lr=lr, precision=precision, image_size=image_size, seed=seed,
-                        train_options=train_options, checkpoint_uri=checkpoint_uri, init_from=init_from,
-                        export_onnx=export_onnx)
+            rest = dict(config=check.outputs["config"], devices=run["devices"], checkpoint_uri=run["checkpoint_uri"],
+                        export_onnx=run["export_onnx"])
             # Datasets pass by reference (hrnet.data.reference): KFP's launcher would download a
             # whole Dataset artifact into every pod that takes it.
             # Both branches run the same sub-pipeline: KFP's local runner cannot merge
             # artifacts of two branches (dsl.OneOf), and a sub-pipeline reads as one step anyway.
-            with dsl.If(check.output == "convert", name="convert-images"):
-                convert_task = convert(source_uri=source_uri, datasets_uri=datasets_uri)
+            with dsl.If(check.outputs["source"] == "convert", name="convert-images"):
+                convert_task = convert(source_uri=run["source_uri"], datasets_uri=run["datasets_uri"])
                 _configure(convert_task, "convert", image)
                 # KFP's cache key is the source URI, not what is there: a changed tree under the
                 # same URI must be converted again. Converting unchanged input is a quick no-op
@@ -215,12 +150,16 @@ def build_pipeline(target: str = "ascend", image: Optional[str] = None, data_pvc
                     kubernetes.mount_pvc(convert_task, pvc_name=data_pvc, mount_path=images.DATA_MOUNT)
                 train_evaluate_export(dataset=convert_task.outputs["dataset"], **rest)
             with dsl.Else(name="use-tfrecords"):
-                records = reference_records(tfrecords_uri=tfrecords_uri)
+                records = reference_records(tfrecords_uri=run["tfrecords_uri"])
                 _configure(records, "reference", image)
                 train_evaluate_export(dataset=records.outputs["dataset"], **rest)
 
-    # KFP reads the Args: section into the run form's descriptions when it decorates.
-    hrnet_pipeline.__doc__ = hrnet_pipeline.__doc__.format(models=", ".join(configs.available()))
+    # KFP reads the parameters from the signature and their run-form descriptions from the
+    # Args: section of the docstring, both made from pipelines/parameters.py.
+    hrnet_pipeline.__signature__ = parameters.signature()
+    hrnet_pipeline.__doc__ = parameters.docstring(
+        "Converts an image tree (or takes TFRecords converted before), trains, evaluates the best weights by "
+        "validation top-1 and exports them.")
     return dsl.pipeline(name=PIPELINE_NAME,
                         description=f"HRNet image classification ({target}): convert -> train -> evaluate -> export",
                         )(hrnet_pipeline)

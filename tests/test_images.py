@@ -296,8 +296,9 @@ def test_every_hrnet_command_line_the_pipeline_builds_parses(compiled):
     # The train step's command line is built by the library from the pipeline's parameters.
     from hrnet.train.config import train_command
 
-    argv = train_command("/data/records", "/data/run", "w18", "npu", 32, 224, 100.0, 5000, 0.0125, "mixed_fp16",
-                         7, "--schedule cosine --warmup-epochs 1 --no-flip")
+    argv = train_command("/data/records", "/data/run", dict(
+        model="w18", device="npu", batch_size=32, image_size=224, epochs=100.0, train_steps=5000, lr=0.0125,
+        precision="mixed_fp16", seed=7, schedule="cosine", warmup_epochs=1.0, flip=False))
     assert argv[:2] == ["hrnet", "train"] and "--lr" in argv and "--train-steps" in argv
     args = cli.build_parser("train").parse_args(argv[2:])
     assert (args.model, args.train_steps, args.schedule, args.flip) == ("w18", 5000, "cosine", False)
@@ -342,7 +343,7 @@ EXECUTOR_DRIVER = textwrap.dedent('''
                 node.body = ast.parse(
                     "CALLS.append({k: (type(v).__name__, getattr(v, 'path', None)) for k, v in locals().items()})\\n"
                     "return RETURN").body
-        scope = {"CALLS": [], "RETURN": job["return"]}
+        scope = {"CALLS": [], "RETURN": tuple(job["return"]) if job["return"] else None}
         exec(compile(tree, "ephemeral_component.py", "exec"), scope)
         executor.Executor(executor_input=job["executor_input"], function_to_execute=scope[job["function"]]).execute()
         results[job["name"]] = scope["CALLS"]
@@ -352,7 +353,7 @@ EXECUTOR_DRIVER = textwrap.dedent('''
 
 def executor_input(ir, component: str, root: Path):
     spec = ir["components"][component]
-    samples = {"STRING": "x", "NUMBER_INTEGER": 1, "NUMBER_DOUBLE": 0.5, "BOOLEAN": True,
+    samples = {"STRING": "x", "NUMBER_INTEGER": 1, "NUMBER_DOUBLE": 0.5, "BOOLEAN": True, "STRUCT": {"k": 1},
                "TASK_FINAL_STATUS": {"state": "FAILED", "pipelineJobResourceName": "run-1",
                                      "pipelineTaskName": "hrnet-run", "error": {"code": 2, "message": "x"}}}
 
@@ -381,7 +382,8 @@ def test_ascend_image_kfp_runs_the_components_compiled_by_the_project_kfp(compil
         component = next(c for c, spec in ir["components"].items() if spec.get("executorLabel") == name)
         returns = ir["components"][component].get("outputDefinitions", {}).get("parameters", {})
         jobs.append({"name": name, "component": component, "function": function, "source": source,
-                     "return": "convert" if returns else None,
+                     # validate's (source, config), a NamedTuple of a string and a struct
+                     "return": ["convert", {"batch_size": 8}] if returns else None,
                      "executor_input": executor_input(ir, component, tmp_path)})
     assert len(jobs) >= 5
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
@@ -392,7 +394,7 @@ def test_ascend_image_kfp_runs_the_components_compiled_by_the_project_kfp(compil
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["kfp"] == lock("ascend")["kfp"], "the venv must hold the Ascend image's kfp"
     python_types = {"STRING": "str", "NUMBER_INTEGER": "int", "NUMBER_DOUBLE": "float", "BOOLEAN": "bool",
-                    "TASK_FINAL_STATUS": "PipelineTaskFinalStatus"}
+                    "STRUCT": "dict", "TASK_FINAL_STATUS": "PipelineTaskFinalStatus"}
     for job in jobs:
         (call,) = report["results"][job["name"]]
         spec = ir["components"][job["component"]]
@@ -405,4 +407,4 @@ def test_ascend_image_kfp_runs_the_components_compiled_by_the_project_kfp(compil
         assert {n: tuple(v) for n, v in call.items()} == expected, job["name"]
         if job["return"]:
             output = json.loads((tmp_path / f"{job['component']}.json").read_text())
-            assert output["parameterValues"]["Output"] == "convert", job["name"]
+            assert output["parameterValues"] == {"source": "convert", "config": {"batch_size": 8}}, job["name"]

@@ -43,7 +43,8 @@ def container(ir, label):
 
 
 def trace_to_root(ir, component, param):
-    """Follow a component input up through the DAGs; returns ('root', name) or ('constant', value)."""
+    """Follow a component input up through the DAGs; returns ('root', name), ('constant', value)
+    or ('task', producer, output)."""
     callers = [(parent, task) for parent, spec in list(ir["components"].items()) + [("root", ir["root"])]
                for task in spec.get("dag", {}).get("tasks", {}).values()
                if task["componentRef"]["name"] == component]
@@ -53,6 +54,9 @@ def trace_to_root(ir, component, param):
         source = task["inputs"]["parameters"][param]
         if "runtimeValue" in source:
             ends.add(("constant", source["runtimeValue"]["constant"]))
+        elif "taskOutputParameter" in source:
+            output = source["taskOutputParameter"]
+            ends.add(("task", output["producerTask"], output["outputParameterKey"]))
         elif parent == "root":
             ends.add(("root", source["componentInputParameter"]))
         else:
@@ -72,7 +76,9 @@ def test_ascend_chip_count_follows_the_devices_parameter(compiled):
     # The same parameter reaches the launcher as its process count.
     for component in ("comp-train", "comp-train-2"):
         assert trace_to_root(ir, component, "devices") == {("root", "devices")}
-        assert trace_to_root(ir, component, "device") == {("constant", "npu")}
+        # and its --device comes with the config the validate step checked, given the target's.
+        assert trace_to_root(ir, component, "config") == {("task", "validate", "config")}
+    assert trace_to_root(ir, "comp-validate", "device") == {("constant", "npu")}
 
 
 def test_ascend_train_pod_lands_on_a_chip_node(compiled):
@@ -101,7 +107,7 @@ def test_gpu_train_requests_gpus(compiled):
         assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in k8s[label]["tolerations"]
         assert any(m["mountPath"] == "/dev/shm" for m in k8s[label]["emptyDirMounts"])
         assert "nodeSelector" not in k8s[label]
-    assert trace_to_root(ir, "comp-train", "device") == {("constant", "gpu")}
+    assert trace_to_root(ir, "comp-validate", "device") == {("constant", "gpu")}
 
 
 def test_cpu_train_asks_for_cpu_and_memory_only(compiled):
@@ -111,7 +117,7 @@ def test_cpu_train_asks_for_cpu_and_memory_only(compiled):
         assert "accelerator" not in resources
         assert float(resources["cpuRequest"]) >= 1 and resources["resourceMemoryRequest"].endswith("G")
         assert "tolerations" not in k8s[label] and "nodeSelector" not in k8s[label]
-    assert trace_to_root(ir, "comp-train", "device") == {("constant", "cpu")}
+    assert trace_to_root(ir, "comp-validate", "device") == {("constant", "cpu")}
 
 
 @pytest.mark.parametrize("target", images.TARGETS)
@@ -217,7 +223,7 @@ def test_validate_runs_first_and_picks_the_data_source(compiled):
     assert others and all(t.get("dependentTasks") == ["validate"] for t in others)
     branches = ir["components"][others[0]["componentRef"]["name"]]["dag"]["tasks"]
     conditions = sorted(t["triggerPolicy"]["condition"] for t in branches.values())
-    assert all("pipelinechannel--validate-Output" in c for c in conditions)
+    assert all("pipelinechannel--validate-source" in c for c in conditions)
     assert any("'convert'" in c for c in conditions)
     # The convert branch converts; the other refers to the given TFRecords (no importer: it
     # would download the whole data set into every pod that takes it).
@@ -233,7 +239,7 @@ def test_run_time_parameters(compiled):
     expected = {"source_uri": "STRING", "tfrecords_uri": "STRING", "model": "STRING", "devices": "NUMBER_INTEGER",
                 "epochs": "NUMBER_DOUBLE", "train_steps": "NUMBER_INTEGER", "batch_size": "NUMBER_INTEGER",
                 "lr": "NUMBER_DOUBLE", "precision": "STRING", "image_size": "NUMBER_INTEGER",
-                "seed": "NUMBER_INTEGER", "train_options": "STRING", "checkpoint_uri": "STRING", "init_from": "STRING",
+                "seed": "NUMBER_INTEGER", "train_config": "STRUCT", "checkpoint_uri": "STRING", "init_from": "STRING",
                 "export_onnx": "BOOLEAN", "datasets_uri": "STRING"}
     assert {name: p["parameterType"] for name, p in params.items()} == expected
     assert params["devices"]["defaultValue"] == 1 and params["model"]["defaultValue"] == "w18"

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 # Fewer epochs than the README's demo: far above chance (10%) already, and quick on 2 cores.
 # Progress every 3 steps (30 lines): more than the console shows.
-SHORT = dict(DEMO, epochs=2.0, train_options=DEMO["train_options"].replace("--log-every 15", "--log-every 3"))
+SHORT = dict(DEMO, epochs=2.0, train_config=dict(DEMO["train_config"], log_every=3))
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,7 @@ def test_the_checkpoint_keeps_the_run_settings(demo_run):
         config = yaml.safe_load(f)
     assert config["model"] == SHORT["model"] and config["image_size"] == SHORT["image_size"]
     assert config["epochs"] == pytest.approx(SHORT["epochs"], rel=0.02)
-    assert config["flip"] is False  # from train_options
+    assert config["flip"] is False  # from train_config
     with open(os.path.join(model_dir, "history.jsonl")) as f:
         history = [h for h in map(json.loads, f) if "loss" in h]  # the training lines, not validation's
     assert history[-1]["loss"] < history[0]["loss"]
@@ -184,10 +184,9 @@ def test_a_retried_train_step_resumes_with_no_checkpoint_uri(demo_run, tmp_path)
 
     (dataset,) = glob.glob(os.path.join(demo_run["run_dir"], "convert*", "dataset"))
     model = str(tmp_path / "train" / "model")
-    args = json.dumps(dict(dataset=dataset, model=model, model_name="w18_small_v1", devices=1, device="cpu",
-                           batch_size=32, epochs=0.0, train_steps=20, lr=0.05, precision="fp32", image_size=32,
-                           seed=1, train_options="--no-flip --checkpoint-every 5 --log-every 5",
-                           checkpoint_uri="", init_from=""))
+    config = dict(model="w18_small_v1", device="cpu", batch_size=32, train_steps=20, lr=0.05, precision="fp32",
+                  image_size=32, seed=1, flip=False, checkpoint_every=5, log_every=5)
+    args = json.dumps(dict(dataset=dataset, model=model, config=config, devices=1, checkpoint_uri=""))
     mirror = tmp_path / "train" / "checkpoints"
     command = [sys.executable, "-c", _TRAIN_TASK, args]
     first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -240,9 +239,10 @@ def test_the_train_step_fine_tunes_from_an_official_pytorch_checkpoint(demo_run,
     (dataset,) = glob.glob(os.path.join(demo_run["run_dir"], "convert*", "dataset"))
     model = tmp_path / "train" / "model"
     # One step at an lr so small that the weights stay the imported ones (up to 1e-6).
-    train.python_func(dataset=Dataset(uri=dataset), model=Model(uri=str(model)), model_name="w18_small_v1",
-                      devices=1, device="cpu", batch_size=8, epochs=0.0, train_steps=1, lr=1e-9, precision="fp32",
-                      image_size=32, seed=1, train_options="--eval-every 0", checkpoint_uri="", init_from=str(pth))
+    config = dict(model="w18_small_v1", device="cpu", batch_size=8, train_steps=1, lr=1e-9, precision="fp32",
+                  image_size=32, seed=1, eval_every=0, init_from=str(pth))
+    train.python_func(dataset=Dataset(uri=dataset), model=Model(uri=str(model)), config=config, devices=1,
+                      checkpoint_uri="")
     assert "(classifier re-initialised for 10 classes)" in "".join(capfd.readouterr())
     tuned = weights.read_weights(str(model / "weights"))
     np.testing.assert_allclose(tuned["conv1/kernel"], conv1, atol=1e-6)

@@ -119,6 +119,12 @@ def test_parameters_are_typed_and_checked():
         parse_arguments(["devices=eight"])
     with pytest.raises(UsageError, match="not key=value"):
         parse_arguments(["devices"])
+    assert parse_arguments(['train_config={"schedule": "cosine", "flip": false}']) == {
+        "train_config": {"schedule": "cosine", "flip": False}}
+    with pytest.raises(UsageError, match=r"train_config='\[1\]' is not a valid mapping: not a JSON object"):
+        parse_arguments(["train_config=[1]"])
+    with pytest.raises(UsageError, match="train_config='{schedule' is not a valid mapping: not JSON"):
+        parse_arguments(["train_config={schedule"])
 
 
 def test_missing_package_is_reported(tmp_path, capsys):

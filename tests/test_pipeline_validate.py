@@ -14,8 +14,8 @@ from components.validate import validate
 from pipelines.hrnet_pipeline import build_pipeline
 
 GOOD = dict(source_uri="/data/raw", tfrecords_uri="", model="w18_small_v1", devices=1, device="cpu",
-            batch_size=32, epochs=1.0, train_steps=0, lr=0.0, precision="", image_size=32,
-            train_options="--schedule cosine --no-flip --area-range 0.35 1", init_from="")
+            batch_size=32, epochs=1.0, train_steps=0, lr=0.0, precision="", image_size=32, seed=0,
+            train_config=dict(schedule="cosine", flip=False, area_range=[0.35, 1]), init_from="")
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +47,16 @@ def test_devices_3_fails_the_first_step_and_the_run_is_recorded(runs_dir, capfd)
     (dict(precision="fp8"), "precision must be one of fp32, mixed_fp16, bf16"),
     (dict(image_size=100), "image_size must be a positive multiple of 32"),
     (dict(device="npu", precision="bf16"), "Ascend 910 has no bf16"),
-    (dict(train_options="--shedule cosine"), "train_options '--shedule cosine': unrecognized arguments: --shedule"),
-    (dict(train_options="--schedule linear"), "argument --schedule: invalid choice: 'linear'"),
-    (dict(train_options="--warmup-epochs -1"), "weight_decay and warmup_epochs must be >= 0"),
-    (dict(train_options="--batch-size 8"), "train_options may not set --batch-size: the pipeline sets it"),
-    (dict(train_options="--area-range 0.5 2"), "area_range must satisfy 0 < min <= max <= 1"),
-    (dict(train_options="--eval-every -1"), "eval_every must be >= 0"),
-    (dict(train_options="--init-from s3://b/w"), "train_options may not set --init-from: the pipeline sets it"),
+    (dict(train_config={"shedule": "cosine"}), "unknown train config key(s) in train_config: shedule"),
+    (dict(train_config={"schedule": "linear"}), "schedule must be one of piecewise, cosine, got 'linear'"),
+    (dict(train_config={"warmup_epochs": -1}), "weight_decay and warmup_epochs must be >= 0"),
+    (dict(train_config={"log_every": 2.5}), "train_config: log_every must be a whole number, got 2.5"),
+    (dict(train_config={"flip": "no"}), "train_config: flip must be true or false, got 'no'"),
+    (dict(train_config={"batch_size": 8}), "train_config may not set batch_size: the pipeline sets it"),
+    (dict(train_config={"area_range": [0.5, 2]}), "area_range must satisfy 0 < min <= max <= 1"),
+    (dict(train_config={"eval_every": -1}), "eval_every must be >= 0"),
+    (dict(train_config={"init_from": "s3://b/w"}), "train_config may not set init_from: the pipeline sets it"),
+    (dict(train_config={"device": "gpu"}), "train_config may not set device: the pipeline sets it"),
     (dict(init_from="/no/such/weights.pth"), "init_from '/no/such/weights.pth' is neither"),
 ])
 def test_bad_parameters_are_named(runs_dir, capfd, change, message):
@@ -63,6 +66,12 @@ def test_bad_parameters_are_named(runs_dir, capfd, change, message):
     assert message in out.out + out.err
 
 
-def test_good_parameters_pick_the_data_source(runs_dir):
-    assert validate(**GOOD).output == "convert"
-    assert validate(**dict(GOOD, source_uri="", tfrecords_uri="s3://bucket/records", devices=8)).output == "tfrecords"
+def test_good_parameters_pick_the_data_source_and_type_the_config(runs_dir):
+    checked = validate(**GOOD).outputs
+    assert checked["source"] == "convert"
+    # Only what the run sets, typed: 0 and "" (the library's defaults) are left out, and the
+    # whole numbers a KFP struct carries as doubles are ints again.
+    assert checked["config"] == dict(model="w18_small_v1", device="cpu", batch_size=32, epochs=1.0,
+                                     image_size=32, schedule="cosine", flip=False, area_range=[0.35, 1.0])
+    assert validate(**dict(GOOD, source_uri="", tfrecords_uri="s3://bucket/records", devices=8)
+                    ).outputs["source"] == "tfrecords"

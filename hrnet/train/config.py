@@ -16,11 +16,13 @@ import dataclasses
 import math
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
+from hrnet import configs
 from hrnet.errors import HrnetError
 from hrnet.fileio import atomic_write
 from hrnet.runtime import DEVICES, NPU_PRECISION_MODES, PRECISIONS, resolve_precision
@@ -41,7 +43,8 @@ class TrainConfig:
     # What to train on and where to write.
     data: str = _f("", "data set folder or URI (output of `hrnet convert`)")
     out: str = _f("", "checkpoint folder or URI; an existing one is resumed from its latest checkpoint")
-    model: str = _f("w18", "HRNet config name (w18_small_v1, w18, ..., w64; aliases w18_s4, w30_s4) or YAML path")
+    model: str = _f("w18", "HRNet config: %s (or an alias: w18_s4, w30_s4, timm's hrnet_w18_small, ...), or a "
+                           "YAML file" % ", ".join(configs.available()))
     num_classes: Optional[int] = _f(None, "number of classes (default: from the data set)")
     label_offset: Optional[int] = _f(None, "label of class 0 in the records (default: from the data set; 1 for slim)")
     image_size: int = _f(224, "training crop size in pixels (a multiple of 32)")
@@ -76,7 +79,8 @@ class TrainConfig:
                                   "(sizes are always checked; remote data is hashed as it is downloaded)")
     init_from: Optional[str] = _f(None, "start from these weights: the output of `hrnet import-weights`, a "
                                         "checkpoint folder, or an official / timm PyTorch .pth (a path or an s3:// "
-                                        "URI); the classifier is re-initialised if the class count differs")
+                                        "URI); the classifier is re-initialised if the class count differs "
+                                        "(default: none, from scratch)")
     # Augmentation (train split only).
     area_range: Tuple[float, float] = _f((0.08, 1.0), "RandomResizedCrop area range", nargs=2)
     aspect_range: Tuple[float, float] = _f((0.75, 4.0 / 3.0), "RandomResizedCrop aspect ratio range", nargs=2)
@@ -317,7 +321,8 @@ def _is_list(name: str) -> bool:
 
 
 def _coerce(where: str, name: str, value, kind: type, is_list: bool):
-    """``value`` as the field's type; ints pass as floats, nothing else is converted."""
+    """``value`` as the field's type; ints pass as floats and whole floats as ints, nothing else
+    is converted."""
     if is_list:
         if not isinstance(value, (list, tuple)):
             raise ValueError("%s: %s must be a list of numbers, got %r" % (where, name, value))
@@ -326,6 +331,9 @@ def _coerce(where: str, name: str, value, kind: type, is_list: bool):
     ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         ok, value = True, float(value)
+    # A KFP struct (the pipeline's train_config) carries every number as a double.
+    if kind is int and isinstance(value, float) and value.is_integer():
+        ok, value = True, int(value)
     if not ok:
         raise ValueError("%s: %s must be %s, got %r" % (where, name, words[kind], value))
     return value
@@ -372,26 +380,59 @@ def load_saved(directory: str) -> Optional[TrainConfig]:
     return TrainConfig.from_yaml(path) if os.path.exists(path) else None
 
 
-# --- The KFP pipeline's parameters (components/validate.py, components/train.py) ----------
+# --- The KFP pipeline's training parameters (components/validate.py, components/train.py) ----
 
-# Flags the pipeline sets from parameters of its own, so train_options may not.
-PIPELINE_FLAGS = ("config", "data", "out", "model", "device", "batch_size", "epochs", "train_steps", "lr",
-                  "precision", "image_size", "seed", "init_from")
+# The TrainConfig fields the pipeline's run form shows as parameters of their own; every
+# other field is a key of its structured ``train_config`` parameter.
+PIPELINE_FIELDS = ("model", "batch_size", "epochs", "train_steps", "lr", "precision", "image_size", "seed",
+                   "init_from")
+# Fields the pipeline fills in itself: the data reference, the Model artifact, the compile target.
+PIPELINE_SET = ("data", "out", "device")
 
 
-def check_pipeline_parameters(source_uri: str, tfrecords_uri: str, model: str, devices: int, device: str,
-                              batch_size: int, epochs: float, train_steps: int, lr: float, precision: str,
-                              image_size: int, train_options: str, init_from: str = "") -> str:
+@dataclass(frozen=True)
+class Parameter:
+    """One pipeline parameter: what its signature, its run-form description and
+    ``python -m pipelines run-local``'s flag are made from."""
+    name: str
+    type: type
+    default: Any
+    description: str
+
+
+def pipeline_parameters() -> List[Parameter]:
+    """PIPELINE_FIELDS as pipeline parameters, from the TrainConfig fields. KFP parameters
+    cannot be None: a field whose default is None takes 0 / "" for "the default"."""
+    hints = _type_hints()
+    out = []
+    for name in PIPELINE_FIELDS:
+        f = TrainConfig.__dataclass_fields__[name]
+        kind = hints[name]
+        unset = f.default is None
+        # Flags become parameter names: the run form has no --train-steps, it has train_steps.
+        text = re.sub(r"--([a-z-]+)", lambda m: m.group(1).replace("-", "_"), f.metadata["help"])
+        if unset:
+            text += "; %s means the default" % ('""' if kind is str else 0)
+        out.append(Parameter(name, kind, kind() if unset else f.default, text + "."))
+    return out
+
+
+def _from_pipeline(name: str, value):
+    """A pipeline parameter's value as the TrainConfig field's: 0 / "" -> None where None is the default."""
+    return None if TrainConfig.__dataclass_fields__[name].default is None and not value else value
+
+
+def check_pipeline_parameters(source_uri: str, tfrecords_uri: str, devices: int, device: str,
+                              train_config: Dict[str, Any], **fields) -> Tuple[str, Dict[str, Any]]:
     """Check a pipeline run's parameters before any pod asks for accelerators; ValueError
-    naming the first bad one. Returns the data source to use: "convert" (an image tree)
-    or "tfrecords" (records converted before). 0 / "" mean "the library's default"
-    (pipeline parameters cannot be None)."""
-    import shlex
-
-    from hrnet.configs import canonical_name
+    naming the first bad one. ``fields``: the PIPELINE_FIELDS. Returns the data source to use
+    ("convert": an image tree, "tfrecords": records converted before) and the train step's
+    config: the TrainConfig values the run sets, typed (train_command's input)."""
     from hrnet.runtime.launch import VALID_NPROC
     from hrnet.storage import is_remote
 
+    if sorted(fields) != sorted(PIPELINE_FIELDS):
+        raise TypeError("check_pipeline_parameters takes the fields %s, got %s" % (PIPELINE_FIELDS, sorted(fields)))
     if bool(source_uri) == bool(tfrecords_uri):
         raise ValueError("give exactly one data source: source_uri (an image tree to convert) or tfrecords_uri "
                          "(TFRecords made by `hrnet convert` or slim); "
@@ -399,46 +440,40 @@ def check_pipeline_parameters(source_uri: str, tfrecords_uri: str, model: str, d
     if tfrecords_uri and not is_remote(tfrecords_uri) and not os.path.isdir(tfrecords_uri):
         # KFP imports the records as an artifact: in a cluster that takes an object-store URI.
         raise ValueError(f"tfrecords_uri {tfrecords_uri!r} is neither an s3:// / minio:// URI nor a folder here")
+    init_from = fields["init_from"]
     if init_from and not is_remote(init_from) and not os.path.exists(init_from):
         raise ValueError(f"init_from {init_from!r} is neither an s3:// / minio:// URI nor a path here (weights of "
                          "`hrnet import-weights` or `hrnet train`, or a PyTorch .pth)")
-    canonical_name(model)
+    configs.canonical_name(fields["model"])
     if devices not in VALID_NPROC:
         raise ValueError(f"devices must be one of {', '.join(map(str, VALID_NPROC))} (one training process per "
                          f"device, on one node), got {devices}")
-
-    class Flags(argparse.ArgumentParser):
-        def error(self, message):
-            raise ValueError(f"train_options {train_options!r}: {message}")
-
-    parser = Flags(prog="train_options", add_help=False)
-    add_arguments(parser)
-    options = vars(parser.parse_args(shlex.split(train_options)))
-    if options.get("config") is None:
-        options.pop("config", None)  # the one flag that is always there (None when not given)
-    taken = sorted(set(options) & set(PIPELINE_FLAGS))
+    if not isinstance(train_config, dict):
+        raise ValueError(f"train_config must be a mapping of TrainConfig keys to values, got {train_config!r}")
+    taken = sorted(set(train_config) & set(PIPELINE_FIELDS + PIPELINE_SET))
     if taken:
-        raise ValueError(f"train_options may not set {_flag(taken[0])}: the pipeline sets it "
-                         "(from its own parameters)")
-    TrainConfig.from_dict(dict(
-        options, data=source_uri or tfrecords_uri, out="(the train step's Model artifact)", model=model,
-        device=device, batch_size=batch_size, epochs=epochs or None, train_steps=train_steps or None,
-        lr=lr or None, precision=precision or None, image_size=image_size)).validate()
-    return "convert" if source_uri else "tfrecords"
+        raise ValueError(f"train_config may not set {taken[0]}: the pipeline sets it (from its own parameters)")
+    values = dict(train_config, device=device, **{k: _from_pipeline(k, v) for k, v in fields.items()})
+    values = {k: v for k, v in values.items() if v is not None}
+    config = TrainConfig.from_dict(dict(values, data=source_uri or tfrecords_uri, out="(the Model artifact)"),
+                                   where="train_config").validate().to_dict()
+    return ("convert" if source_uri else "tfrecords"), {k: config[k] for k in values}
 
 
-def train_command(data: str, out: str, model: str, device: str, batch_size: int, image_size: int,
-                  epochs: float, train_steps: int, lr: float, precision: str, seed: int,
-                  train_options: str = "", init_from: str = "") -> List[str]:
-    """The ``hrnet train`` command line of a pipeline run; 0 / "" leave a flag at the
-    library's default."""
-    import shlex
+def to_flags(values: Dict[str, Any]) -> List[str]:
+    """TrainConfig values as ``hrnet train`` flags (add_arguments parses them back)."""
+    hints = _type_hints()
+    flags = []
+    for name, value in TrainConfig.from_dict(values).to_dict().items():
+        if name not in values or value is None:
+            continue
+        if hints[name] is bool:
+            flags.append(_flag(name) if value else "--no-" + _flag(name)[2:])
+        else:
+            flags += [_flag(name)] + [str(v) for v in (value if isinstance(value, list) else [value])]
+    return flags
 
-    flags = {"--data": data, "--out": out, "--model": model, "--device": device, "--batch-size": batch_size,
-             "--image-size": image_size, "--epochs": epochs, "--train-steps": train_steps, "--lr": lr,
-             "--precision": precision, "--seed": seed, "--init-from": init_from}
-    command = ["hrnet", "train"]
-    for flag, value in flags.items():
-        if value not in (0, "", None):
-            command += [flag, str(value)]
-    return command + shlex.split(train_options)
+
+def train_command(data: str, out: str, config: Dict[str, Any]) -> List[str]:
+    """The ``hrnet train`` command line of a pipeline run, from check_pipeline_parameters' config."""
+    return ["hrnet", "train", "--data", data, "--out", out] + to_flags(config)

@@ -1,0 +1,52 @@
+"""The pipeline's run-time parameters, declared once.
+
+The pipeline's signature, its run form's descriptions (KFP reads them from an ``Args:``
+docstring) and ``python -m pipelines run-local``'s flags are all made from PARAMETERS. The
+training ones come from hrnet.train.config (TrainConfig's fields, PIPELINE_FIELDS); the
+rest of TrainConfig reaches the run through ``train_config``. Kept free of kfp, so that the
+CLI starts without it.
+"""
+import inspect
+from typing import Any, Dict, List
+
+from hrnet.train.config import PIPELINE_FIELDS, Parameter, pipeline_parameters
+
+PARAMETERS: List[Parameter] = [
+    Parameter("source_uri", str, "", "An image tree to convert (ImageNet layout or class folders): a path under "
+                                     "/data or an s3:// / minio:// URI. Give this or tfrecords_uri."),
+    Parameter("tfrecords_uri", str, "", "TFRecords converted before (an s3:// / minio:// URI). Give this or "
+                                        "source_uri."),
+    Parameter("devices", int, 1, "Accelerators (or CPU processes) in the train pod: 1, 2, 4 or 8."),
+    *pipeline_parameters(),
+    Parameter("train_config", dict, {}, "More training settings, as TrainConfig keys and values (`hrnet train "
+                                        "--help` lists them as flags), e.g. {\"schedule\": \"cosine\", "
+                                        "\"warmup_epochs\": 1, \"flip\": false}; checked by the validate step. "
+                                        "The parameters above set %s themselves." % ", ".join(PIPELINE_FIELDS)),
+    Parameter("checkpoint_uri", str, "", "An s3:// / minio:// prefix where training mirrors its checkpoints as it "
+                                         "goes; a retried train step, or a new run given the same URI, resumes from "
+                                         "there. \"\" mirrors them beside the train step's artifact, which a retry "
+                                         "finds too."),
+    Parameter("export_onnx", bool, True, "Also export model.onnx, besides the SavedModel and the frozen graph."),
+    Parameter("datasets_uri", str, "", "Where converted records go; \"\" puts them beside the convert step's "
+                                       "artifacts. The steps pass only a reference, and each fetches just the "
+                                       "shards it reads."),
+]
+NAMES = [p.name for p in PARAMETERS]
+
+
+def signature() -> inspect.Signature:
+    """The pipeline function's signature (KFP reads names, types and defaults from it)."""
+    return inspect.Signature([inspect.Parameter(p.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=p.default,
+                                                annotation=p.type) for p in PARAMETERS])
+
+
+def docstring(summary: str) -> str:
+    """``summary`` and an ``Args:`` section, KFP's source of the run form's descriptions."""
+    # One line each: KFP keeps a docstring's line breaks in the description.
+    args = [f"    {p.name}: {p.description}" for p in PARAMETERS]
+    return "\n".join([summary, "", "Args:", *args]) + "\n"
+
+
+def bind(args) -> Dict[str, Any]:
+    """The pipeline function's positional arguments by name (KFP calls it positionally)."""
+    return dict(zip(NAMES, args))

@@ -1,0 +1,140 @@
+"""Every training parameter is declared once: TrainConfig's fields (hrnet/train/config.py)
+and the pipeline's own parameters (pipelines/parameters.py). These tests add nothing; they
+read the declarations and check that each place made from them agrees: the ``hrnet train``
+flags, the YAML / train_config keys, the compiled pipeline of every target (names, types,
+defaults, run-form descriptions), ``python -m pipelines run-local``'s flags and the
+components' inputs."""
+import argparse
+import dataclasses
+import typing
+
+import pytest
+import yaml
+
+from components import images
+from components.train import train
+from components.validate import validate
+from hrnet import cli
+from hrnet.train import config as train_config
+from hrnet.train.config import PIPELINE_FIELDS, PIPELINE_SET, TrainConfig
+from pipelines import __main__ as pipelines_cli
+from pipelines import parameters
+from pipelines.__main__ import compile_pipeline
+
+IR_TYPES = {str: "STRING", int: "NUMBER_INTEGER", float: "NUMBER_DOUBLE", bool: "BOOLEAN", dict: "STRUCT"}
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def scalar(field) -> type:
+    """The field's scalar type, read from its annotation (Optional[int] -> int, Tuple[float, float] -> float)."""
+    kind = typing.get_type_hints(TrainConfig)[field.name]
+    while typing.get_origin(kind) in (typing.Union, list, tuple):
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    return kind
+
+
+def default(field):
+    return field.default if field.default is not dataclasses.MISSING else field.default_factory()
+
+
+def options(parser):
+    return {a.dest: a for a in parser._actions if a.option_strings}
+
+
+@pytest.fixture(scope="module", params=images.TARGETS)
+def compiled_inputs(request, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("ir") / "pipeline.yaml")
+    compile_pipeline(request.param, path)
+    with open(path) as f:
+        ir = next(yaml.safe_load_all(f))
+    return ir["root"]["inputDefinitions"]["parameters"]
+
+
+def test_the_compiled_pipeline_has_exactly_the_declared_parameters(compiled_inputs):
+    assert list(compiled_inputs) == sorted(parameters.NAMES)  # KFP sorts them
+    for param in parameters.PARAMETERS:
+        got = compiled_inputs[param.name]
+        assert got["parameterType"] == IR_TYPES[param.type], param.name
+        assert got["defaultValue"] == param.default, param.name
+        assert got["description"] == param.description, param.name
+
+
+def test_pipeline_training_parameters_are_the_train_config_fields():
+    declared = {p.name: p for p in parameters.PARAMETERS}
+    for name in PIPELINE_FIELDS:
+        param, field = declared[name], FIELDS[name]
+        assert param.type is scalar(field), name
+        # KFP has no None: 0 / "" stand for it and the validate step turns them back.
+        if field.default is None:
+            assert param.default == param.type() and train_config._from_pipeline(name, param.default) is None
+        else:
+            assert param.default == default(field)
+        words = field.metadata["help"].replace("--", "").replace("-", "_").split()
+        assert param.description.replace("-", "_").split()[:len(words) - 1] == words[:-1], name
+    # What the pipeline fills in itself is no parameter, and no train_config key may set it.
+    assert not set(PIPELINE_SET) & set(parameters.NAMES)
+
+
+def test_every_train_config_field_is_an_hrnet_train_flag():
+    flags = options(cli.build_parser("train"))
+    # Besides the fields: --config FILE.yaml, --force (run options, not training settings) and --help.
+    assert set(flags) - set(FIELDS) == {"config", "force", "help"} and set(FIELDS) <= set(flags)
+    for name, field in FIELDS.items():
+        action = flags[name]
+        assert "--" + name.replace("_", "-") in action.option_strings
+        assert action.help.startswith(field.metadata["help"]), name
+        if scalar(field) is bool:
+            assert isinstance(action, argparse.BooleanOptionalAction), name
+        else:
+            kind = train_config.finite_float if scalar(field) is float else scalar(field)
+            assert action.type is kind, name
+        assert action.choices == field.metadata.get("choices"), name
+
+
+def test_run_local_has_a_flag_per_pipeline_parameter_with_the_demo_values():
+    run_local = pipelines_cli.build_parser()._subparsers._group_actions[0].choices["run-local"]
+    flags = options(run_local)
+    for param in parameters.PARAMETERS:
+        action = flags[param.name]
+        assert action.default == pipelines_cli.DEMO.get(param.name, param.default), param.name
+        assert action.help.startswith(param.description.replace("%", "%%")), param.name
+    assert set(pipelines_cli.DEMO) <= set(parameters.NAMES)
+    # The demo's extra settings are train_config keys the validate step accepts.
+    TrainConfig.from_dict(pipelines_cli.DEMO["train_config"]).replace(data="d", out="o").validate()
+
+
+def test_the_components_take_the_declared_parameters():
+    inputs = validate.component_spec.inputs
+    assert set(inputs) == {"source_uri", "tfrecords_uri", "devices", "device", "train_config", *PIPELINE_FIELDS}
+    declared = {p.name: p for p in parameters.PARAMETERS}
+    for name, spec in inputs.items():
+        if name in declared:
+            assert spec.type == {str: "String", int: "Integer", float: "Float", bool: "Boolean",
+                                 dict: "Dict"}[declared[name].type], name
+    # The train step names no training parameter: it takes the validate step's checked config.
+    assert set(train.component_spec.inputs) == {"dataset", "config", "devices", "checkpoint_uri"}
+
+
+def test_the_train_command_carries_every_field_back():
+    """train_command's flags, parsed by ``hrnet train``, give back every field set, each
+    away from its default."""
+    values = {}
+    for name, field in FIELDS.items():
+        kind, base = scalar(field), default(field)
+        if field.metadata.get("choices"):
+            value = next(c for c in field.metadata["choices"] if c != base)
+        elif kind is bool:
+            value = not base
+        elif kind is str:
+            value = "s3://bucket/" + name
+        elif isinstance(base, (list, tuple)) or field.metadata.get("nargs"):
+            value = [0.25, 0.5]
+        else:
+            value = kind(7) if base is None else base + kind(3)
+        values[name] = value
+    data, out = values.pop("data"), values.pop("out")
+    command = train_config.train_command(data, out, values)
+    assert command[:2] == ["hrnet", "train"]
+    parsed = train_config.from_args(cli.build_parser("train").parse_args(command[2:]))
+    assert parsed == TrainConfig.from_dict(dict(values, data=data, out=out))
+    assert all(getattr(parsed, k) != default(f) for k, f in FIELDS.items())
