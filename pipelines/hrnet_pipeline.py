@@ -1,8 +1,8 @@
 """The HRNet pipeline: validate -> convert (or import TFRecords) -> train -> evaluate -> export.
 
 One YAML per target (ascend | gpu | cpu), chosen when compiling; everything else is a
-run-time parameter. ``kfp dsl compile --py pipelines/hrnet_pipeline.py --output x.yaml``
-compiles the target named by ``HRNET_TARGET`` (default ascend); ``python -m pipelines
+run-time parameter. ``PYTHONPATH=. kfp dsl compile --py pipelines/hrnet_pipeline.py --output
+x.yaml`` (in the checkout's root) compiles the target named by ``HRNET_TARGET`` (default ascend); ``python -m pipelines
 compile --target ...`` does the same with flags.
 
 Per target the train step gets (the rest of the steps are plain CPU pods):
