@@ -14,6 +14,7 @@ from test_storage import make_output
 
 from hrnet import cli, storage
 from hrnet.manifest import read_manifest, write_manifest
+from hrnet.storage import objects as storage_objects
 
 UNRELATED = {"precious/a.txt": b"not ours", "README": b"someone's notes", "other-run/ckpt-1.index": b"x" * 10}
 
@@ -90,7 +91,7 @@ def test_a_republish_deletes_only_what_the_output_wrote(s3_env, tmp_path):
     with storage.local_output(uri, kind="tfrecords") as out:
         make_output(out, shards=3, seed=1)
     put_unrelated(s3_env, "ds")  # someone drops files into the published output
-    storage._transferred.clear()  # a new process: it knows only what the manifest lists
+    storage_objects.transferred.clear()  # a new process: it knows only what the manifest lists
     with storage.local_output(uri, kind="tfrecords") as out:
         for name in os.listdir(out):
             if name.startswith("train-"):

@@ -17,6 +17,7 @@ from hrnet import storage
 from hrnet.errors import HrnetError, IncompleteError
 from hrnet.fileio import PARTIAL_SUFFIX
 from hrnet.manifest import file_entry, read_manifest, write_manifest
+from hrnet.storage import objects
 
 
 @pytest.fixture(scope="module")
@@ -252,9 +253,9 @@ def test_atomic_publish_and_incomplete_outputs(s3_env, tmp_path, monkeypatch):
     v1 = make_output(str(tmp_path / "v1"), seed=1)
     storage.upload(v1, uri, delete=True)
     calls = []
-    put, remove = storage._put_file, storage._remove_object
-    monkeypatch.setattr(storage, "_put_file", lambda s, b, key, *a: calls.append(("put", key)) or put(s, b, key, *a))
-    monkeypatch.setattr(storage, "_remove_object", lambda s, b, key: calls.append(("del", key)) or remove(s, b, key))
+    put, remove = objects.put_file, objects.remove_object
+    monkeypatch.setattr(objects, "put_file", lambda s, b, key, *a: calls.append(("put", key)) or put(s, b, key, *a))
+    monkeypatch.setattr(objects, "remove_object", lambda s, b, key: calls.append(("del", key)) or remove(s, b, key))
     with storage.local_output(uri) as out:
         shutil.rmtree(out)  # the step starts afresh (the failed attempt's files are still there)
         make_output(out, seed=2, shards=2)
@@ -357,7 +358,7 @@ def test_reader_is_not_fooled_by_a_republish_back_to_the_same_manifest(s3_env, t
     v1 = make_output(str(tmp_path / "v1"), seed=1, labels="v1")
     v2 = make_output(str(tmp_path / "v2"), seed=2, labels="v2")
     storage.upload(v1, uri)
-    real_get = storage._get_file
+    real_get = objects.get_file
 
     def get_during_republish(s, bucket, key, *args, **kwargs):
         if not key.endswith("labels.txt"):
@@ -368,10 +369,10 @@ def test_reader_is_not_fooled_by_a_republish_back_to_the_same_manifest(s3_env, t
         finally:
             storage.upload(v1, uri, delete=True)
 
-    monkeypatch.setattr(storage, "_get_file", get_during_republish)
+    monkeypatch.setattr(objects, "get_file", get_during_republish)
     with pytest.raises(IncompleteError, match="republished"):
         storage.local_input(uri)
-    monkeypatch.setattr(storage, "_get_file", real_get)
+    monkeypatch.setattr(objects, "get_file", real_get)
     assert tree(storage.local_input(uri)) == tree(v1)
 
 
