@@ -73,7 +73,7 @@ def _train_input(cfg: TrainConfig, info, batch_size: int, worker_index: int, num
     return data.train_dataset(
         info, batch_size=batch_size, image_size=cfg.image_size, worker_index=worker_index,
         num_workers=num_workers, label_offset=cfg.label_offset, num_classes=cfg.num_classes,
-        area_range=tuple(cfg.area_range), aspect_range=tuple(cfg.aspect_range), flip=cfg.flip, seed=cfg.seed,
+        augment=cfg.augment(), seed=cfg.seed,
         start_record=start_record,
     )
 
@@ -255,11 +255,8 @@ def train(config, force: bool = False) -> Dict[str, Any]:
 def _train(cfg: TrainConfig, backend, out_dir: str, write_dir: str) -> Dict[str, Any]:
     """The run itself. out_dir: the local checkpoint folder (rank 0 writes it, every rank
     resumes from it); write_dir: where this rank's checkpoints go (out_dir on rank 0)."""
-    import tensorflow as tf
-
-    from hrnet import compat, configs, weights
+    from hrnet import configs
     from hrnet.manifest import MANIFEST, read_manifest
-    from hrnet.model import build_model, count_params
 
     data_dir = _stage_data(cfg.data, backend.is_chief, _splits(cfg))
     info = _data_info(cfg, data_dir)
@@ -272,216 +269,278 @@ def _train(cfg: TrainConfig, backend, out_dir: str, write_dir: str) -> Dict[str,
                       info.counts.get("validation", 0))
     if not cfg.model.endswith((".yaml", ".yml")):
         cfg = cfg.replace(model=configs.canonical_name(cfg.model))
-    model_config = configs.load(cfg.model)
-    model_name = model_config["name"]
     if saved is not None:
         check_resumable(saved, cfg)
-    chief = backend.is_chief
 
     set_seed(cfg.seed)
-    strategy = backend.strategy
-    per_replica_batch = cfg.batch_size
-    schedule = cfg.lr_schedule()
-    with strategy.scope():
-        model = build_model(model_config, num_classes=cfg.num_classes, input_size=(cfg.image_size, cfg.image_size))
-        step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step",
-                               aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-        # The lr is read from the step at every update (a zero-argument callable is a valid
-        # learning_rate in Keras 2 and 3), so it is never stored and cannot go stale on resume.
-        optimizer = compat.make_sgd(lambda: schedule(step_var), momentum=cfg.momentum, nesterov=cfg.nesterov)
-        optimizer = backend.wrap_optimizer(optimizer)
-        compat.build_optimizer(optimizer, model.trainable_variables)
-    checkpoint = tf.train.Checkpoint(step=step_var, model=model, optimizer=optimizer)
-    manager = tf.train.CheckpointManager(checkpoint, directory=write_dir, max_to_keep=cfg.keep_checkpoints,
-                                         checkpoint_name=CHECKPOINT_NAME)
-    latest = _restore_or_init(checkpoint, out_dir, cfg)
-    if chief:
-        # Only now that the folder is known to hold this run (or nothing): a refused resume
-        # must leave a foreign checkpoint folder exactly as it was.
-        cfg.save(out_dir)
-        _write_labels(out_dir, data_dir, info)
-    history_path = os.path.join(out_dir, HISTORY)
-    # Read before the first collective op, so that no rank sees a line the chief writes later.
-    val_history = [h for h in _read_history(history_path) if "val_top1" in h]
-    backend.broadcast_variables(model.variables)
-    start_step = int(step_var.numpy())
-    val_history = [h for h in val_history if h["step"] <= start_step]  # not the killed run's tail
-    if chief:
-        _truncate_history(history_path, start_step)
-        _truncate_events(os.path.join(out_dir, "logs"), start_step)
-
-    if start_step >= cfg.train_steps and os.path.exists(os.path.join(out_dir, MANIFEST)):
-        log.info("%s is complete (step %d of %d); nothing to do", cfg.out, start_step, cfg.train_steps)
+    run = _Run(cfg, backend, configs.load(cfg.model), info, out_dir, write_dir)
+    latest = run.restore(data_dir)
+    if run.start_step >= cfg.train_steps and os.path.exists(os.path.join(out_dir, MANIFEST)):
+        log.info("%s is complete (step %d of %d); nothing to do", cfg.out, run.start_step, cfg.train_steps)
         return read_manifest(out_dir, kind="checkpoint")
-    if chief and os.path.exists(os.path.join(out_dir, MANIFEST)):
+    if run.chief and os.path.exists(os.path.join(out_dir, MANIFEST)):
         os.remove(os.path.join(out_dir, MANIFEST))  # more steps asked for: incomplete again
+    step = run.loop()
+    if step > run.start_step or latest is None:  # the same decision on every rank (saves are collective)
+        run.save(step)
+    if step in run.val_steps and step not in run.validated:
+        run.validate(step)
+    manifest = run.outputs(step)
+    _barrier(backend.strategy)  # no worker leaves (and tears down the cluster) while another still saves
+    if run.chief:
+        _publish(out_dir, cfg.out, manifest)
+    return manifest
 
-    # ---- input -------------------------------------------------------------------
-    # Each pipeline starts after the records the steps so far consumed: a resumed run sees
-    # the batches an uninterrupted one would have seen.
-    if strategy.num_replicas_in_sync > 1:
-        # One input pipeline per worker, batched per replica, sharded by worker.
-        dist_ds = strategy.distribute_datasets_from_function(lambda ctx: _train_input(
-            cfg, info, ctx.get_per_replica_batch_size(cfg.global_batch_size), ctx.input_pipeline_id,
-            ctx.num_input_pipelines, start_step * (cfg.global_batch_size // ctx.num_input_pipelines)))
-    else:
-        dist_ds = _train_input(cfg, info, per_replica_batch, backend.worker_index, backend.num_workers,
-                               start_step * per_replica_batch)
-    iterator = iter(dist_ds)
 
-    train_step = _make_train_step(cfg, backend, model, optimizer, step_var)
+class _Run:
+    """One run's model, optimizer and checkpoints, and what its validations found, with the
+    parts of a run as methods: restore, the loop, validate, save, the outputs."""
 
-    # ---- validation ------------------------------------------------------------------
-    # Every rank validates on the whole split (the same batches, so the same collective reads
-    # of mirrored variables and the same decisions); only the chief writes what it found.
-    writer = tf.summary.create_file_writer(os.path.join(out_dir, "logs")) if chief else None
-    val_steps = set(cfg.validation_steps())
-    best = _read_best(out_dir, start_step) if val_steps else None
-    validated = {h["step"] for h in val_history}
-    last_val: Dict[str, Any] = max(val_history, key=lambda h: h["step"], default={})
-    if val_steps:
+    def __init__(self, cfg: TrainConfig, backend, model_config: Dict[str, Any], info, out_dir: str,
+                 write_dir: str):
+        import tensorflow as tf
+
+        from hrnet import compat
+        from hrnet.model import build_model
+
+        self.cfg, self.backend, self.info = cfg, backend, info
+        self.model_config = model_config
+        self.out_dir, self.write_dir = out_dir, write_dir
+        self.chief = backend.is_chief
+        self.schedule = cfg.lr_schedule()
+        with backend.strategy.scope():
+            self.model = build_model(model_config, num_classes=cfg.num_classes,
+                                     input_size=(cfg.image_size, cfg.image_size))
+            self.step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step",
+                                        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+            # The lr is read from the step at every update (a zero-argument callable is a valid
+            # learning_rate in Keras 2 and 3), so it is never stored and cannot go stale on resume.
+            optimizer = compat.make_sgd(lambda: self.schedule(self.step_var), momentum=cfg.momentum,
+                                        nesterov=cfg.nesterov)
+            self.optimizer = backend.wrap_optimizer(optimizer)
+            compat.build_optimizer(self.optimizer, self.model.trainable_variables)
+        self.checkpoint = tf.train.Checkpoint(step=self.step_var, model=self.model, optimizer=self.optimizer)
+        self.manager = tf.train.CheckpointManager(self.checkpoint, directory=write_dir,
+                                                  max_to_keep=cfg.keep_checkpoints, checkpoint_name=CHECKPOINT_NAME)
+        self.history_path = os.path.join(out_dir, HISTORY)
+        self.val_steps = set(cfg.validation_steps())
+        self.start_step = 0
+        self.started = time.time()
+        self.best: Optional[Dict[str, Any]] = None
+        self.last_val: Dict[str, Any] = {}
+        self.last_log: Dict[str, Any] = {}
+        self.validated: set = set()
+        self.writer = None
+        self._predict = None
+
+    # ---- restore-or-init ------------------------------------------------------------
+    def restore(self, data_dir: str) -> Optional[str]:
+        """Resume from the latest checkpoint (or initialise), set every rank to the chief's
+        weights, and forget what a killed run logged after its last checkpoint. Returns the
+        checkpoint resumed from."""
+        latest = _restore_or_init(self.checkpoint, self.out_dir, self.cfg)
+        if self.chief:
+            # Only now that the folder is known to hold this run (or nothing): a refused resume
+            # must leave a foreign checkpoint folder exactly as it was.
+            self.cfg.save(self.out_dir)
+            _write_labels(self.out_dir, data_dir, self.info)
+        # Read before the first collective op, so that no rank sees a line the chief writes later.
+        val_history = [h for h in _read_history(self.history_path) if "val_top1" in h]
+        self.backend.broadcast_variables(self.model.variables)
+        self.start_step = int(self.step_var.numpy())
+        val_history = [h for h in val_history if h["step"] <= self.start_step]  # not the killed run's tail
+        if self.chief:
+            _truncate_history(self.history_path, self.start_step)
+            _truncate_events(os.path.join(self.out_dir, "logs"), self.start_step)
+        self.validated = {h["step"] for h in val_history}
+        self.last_val = max(val_history, key=lambda h: h["step"], default={})
+        self.best = _read_best(self.out_dir, self.start_step) if self.val_steps else None
+        return latest
+
+    def _input(self):
+        """The training stream from the records the steps so far consumed on: a resumed run
+        sees the batches an uninterrupted one would have seen."""
+        cfg, strategy = self.cfg, self.backend.strategy
+        if strategy.num_replicas_in_sync > 1:
+            # One input pipeline per worker, batched per replica, sharded by worker.
+            return strategy.distribute_datasets_from_function(lambda ctx: _train_input(
+                cfg, self.info, ctx.get_per_replica_batch_size(cfg.global_batch_size), ctx.input_pipeline_id,
+                ctx.num_input_pipelines, self.start_step * (cfg.global_batch_size // ctx.num_input_pipelines)))
+        return _train_input(cfg, self.info, cfg.batch_size, self.backend.worker_index, self.backend.num_workers,
+                            self.start_step * cfg.batch_size)
+
+    # ---- the loop -------------------------------------------------------------------
+    def loop(self) -> int:
+        """The steps from start_step to train_steps, with progress lines, checkpoints and
+        validations on their schedule; returns the step reached."""
+        import tensorflow as tf
+
+        from hrnet.model import count_params
+
+        cfg, backend = self.cfg, self.backend
+        iterator = iter(self._input())
+        train_step = _make_train_step(cfg, backend, self.model, self.optimizer, self.step_var)
+        self.writer = tf.summary.create_file_writer(os.path.join(self.out_dir, "logs")) if self.chief else None
+        log.info("training %s (%s params, %d classes) at %dx%d on %d images/epoch: %d steps of %d images "
+                 "(%.2f epochs), lr %.4g %s, %s, %s", self.model_config["name"], f"{count_params(self.model):,}",
+                 cfg.num_classes, cfg.image_size, cfg.image_size, cfg.nb_train_samples, cfg.train_steps,
+                 cfg.global_batch_size, cfg.epochs, cfg.lr, cfg.schedule, cfg.precision, backend.describe())
+        step = self.start_step
+        window = _Window()
+        self.started = time.time()
+        if step in self.val_steps and step not in self.validated and step < cfg.train_steps:
+            self.validate(step)  # the killed run saved this step's checkpoint but did not finish validating it
+        while step < cfg.train_steps:
+            t0 = time.time()
+            try:
+                loss_t, correct_t, bad_t = train_step(iterator)
+            except tf.errors.DataLossError as e:
+                raise self._corrupt_data(step + 1, e) from None
+            loss = float(loss_t)
+            step += 1
+            if not math.isfinite(loss) or float(bad_t) > 0:
+                self.stop(step, "the loss became %s" % (loss if not math.isfinite(loss) else "non-finite (L2 term or "
+                                                                                          "gradients)"))
+            window.add(loss, float(correct_t), time.time() - t0, timed=step > self.start_step + 1)  # 1st: tracing
+            if step % cfg.log_every == 0 or step == cfg.train_steps:
+                self._progress(step, window)
+            # A validated step is a checkpointed one: a resumed run never has to redo the steps
+            # before a validation to know what it found.
+            if (step % cfg.checkpoint_every == 0 or step in self.val_steps) and step < cfg.train_steps:
+                self.save(step)
+                if step in self.val_steps:
+                    self.validate(step)
+        return step
+
+    def _corrupt_data(self, step: int, error) -> HrnetError:
         from hrnet import data
+
+        first = error.message.splitlines()[0]
+        log.error("corrupt training data (%s); looking for the record", first[:200])
+        where = data.locate_corrupt_record(self.info.files["train"])
+        return HrnetError("corrupt training data at step %d: %s; convert the data set again (or fetch it again)"
+                          % (step, where or "TF reported a corrupt record (%s)" % first))
+
+    # ---- the metrics window ---------------------------------------------------------
+    def _progress(self, step: int, window: "_Window") -> None:
+        """The progress line of the steps since the last one, into the log, history.jsonl and
+        TensorBoard."""
+        from hrnet import compat
+
+        cfg = self.cfg
+        self.last_log, per_step = window.close(step, cfg, float(self.schedule(step - 1)))
+        if self.backend.loss_scaling:
+            self.last_log["loss_scale"] = compat.loss_scale_value(self.optimizer)
+        line = self.last_log
+        log.info("step %d/%d epoch %.2f loss %.4f top1 %.4f%s lr %.5g images/s %.1f eta %s",
+                 step, cfg.train_steps, line["epoch"], line["loss"], line["top1"],
+                 " val-top1 %.4f" % self.last_val["val_top1"] if self.last_val else "", line["lr"],
+                 line["images_per_sec"], _fmt_duration(per_step * (cfg.train_steps - step)))
+        if self.chief:
+            with open(self.history_path, "a") as f:
+                f.write(json.dumps(line) + "\n")
+            _write_scalars(self.writer, step, line, TRAIN_SCALARS)
+
+    def validate(self, step: int) -> None:
+        """Top-1 / top-5 on the whole validation split; the best weights so far kept as BEST.
+        Every rank validates on the same batches (the same collective reads of mirrored
+        variables, so the same decisions); only the chief writes what it found."""
+        from hrnet import data, weights
         from hrnet.evaluate import tally, top_k_predictor
 
-        predict = top_k_predictor(model, cfg.image_size, cfg.num_classes)
-
-    def validate(step: int) -> None:
-        nonlocal best, last_val
-        count = info.counts["validation"]
+        cfg = self.cfg
+        count = self.info.counts["validation"]
         log.info("validating at step %d on %d images", step, count)
-        result = tally(predict, data.eval_dataset(info, batch_size=cfg.batch_size, image_size=cfg.image_size),
-                       cfg.num_classes, count, "%s (validation)" % cfg.data, cfg.batch_size)
-        last_val = {"step": step, "epoch": round(step / cfg.steps_per_epoch, 4), "val_top1": result.top1,
-                    "val_top5": result.top5, "val_count": result.count}
+        if self._predict is None:  # one tf.function for every validation: traced once
+            self._predict = top_k_predictor(self.model, cfg.image_size, cfg.num_classes)
+        batches = data.eval_dataset(self.info, batch_size=cfg.batch_size, image_size=cfg.image_size)
+        result = tally(self._predict, batches, cfg.num_classes, count, "%s (validation)" % cfg.data, cfg.batch_size)
+        self.last_val = {"step": step, "epoch": round(step / cfg.steps_per_epoch, 4), "val_top1": result.top1,
+                         "val_top5": result.top5, "val_count": result.count}
+        best = self.best
         improved = best is None or result.top1 > best["val_top1"]
         if improved:
-            weights.save_weights(model, os.path.join(write_dir, BEST))  # every rank: the reads are collective
-            best = dict(last_val, weights=BEST)
-        if chief:
+            weights.save_weights(self.model, os.path.join(self.write_dir, BEST))  # every rank: collective reads
+            best = self.best = dict(self.last_val, weights=BEST)
+        if self.chief:
             if improved:
-                storage.write_text(os.path.join(out_dir, BEST_INFO), json.dumps(best, indent=2) + "\n")
-            with open(history_path, "a") as f:
-                f.write(json.dumps(last_val) + "\n")
-            _write_scalars(writer, step, last_val, VALIDATION_SCALARS)
-        validated.add(step)
-        log.info("validation at step %d (epoch %.2f): top-1 %.4f, top-5 %.4f%s", step, last_val["epoch"],
+                storage.write_text(os.path.join(self.out_dir, BEST_INFO), json.dumps(best, indent=2) + "\n")
+            with open(self.history_path, "a") as f:
+                f.write(json.dumps(self.last_val) + "\n")
+            _write_scalars(self.writer, step, self.last_val, VALIDATION_SCALARS)
+        self.validated.add(step)
+        log.info("validation at step %d (epoch %.2f): top-1 %.4f, top-5 %.4f%s", step, self.last_val["epoch"],
                  result.top1, result.top5, " (the best so far)" if improved else
                  "; the best is %.4f at step %d" % (best["val_top1"], best["step"]))
 
-    # ---- loop --------------------------------------------------------------------
-    params = count_params(model)
-    log.info("training %s (%s params, %d classes) at %dx%d on %d images/epoch: %d steps of %d images "
-             "(%.2f epochs), lr %.4g %s, %s, %s", model_name, f"{params:,}", cfg.num_classes,
-             cfg.image_size, cfg.image_size, cfg.nb_train_samples, cfg.train_steps, cfg.global_batch_size,
-             cfg.epochs, cfg.lr, cfg.schedule, cfg.precision, backend.describe())
+    def stop(self, step: int, what: str) -> None:
+        import tensorflow as tf
 
-    def stop(step: int, what: str) -> None:
-        kept = tf.train.latest_checkpoint(out_dir)
+        kept = tf.train.latest_checkpoint(self.out_dir)
         raise NonFiniteLossError(
             "%s at step %d (lr %.4g)%s; the run stopped, the last good checkpoint %s is kept. "
             "Lower --lr, add --warmup-epochs, or use --precision fp32"
-            % (what, step, schedule(step - 1),
-               " and dynamic loss scaling could not absorb it" if backend.loss_scaling else "",
+            % (what, step, self.schedule(step - 1),
+               " and dynamic loss scaling could not absorb it" if self.backend.loss_scaling else "",
                os.path.basename(kept) if kept else "(none yet)"))
 
-    def save(step: int) -> None:
+    # ---- save-and-mirror ------------------------------------------------------------
+    def save(self, step: int) -> None:
+        from hrnet import compat
+
         # A finite loss does not prove finite weights (an update can overflow them): check
         # before a checkpoint can replace a good one.
-        if not all(np.all(np.isfinite(compat.tf_variable(v).numpy())) for v in model.variables):
-            stop(step, "the weights became NaN or Inf")
-        manager.save(checkpoint_number=step)
-        if chief:
+        if not all(np.all(np.isfinite(compat.tf_variable(v).numpy())) for v in self.model.variables):
+            self.stop(step, "the weights became NaN or Inf")
+        self.manager.save(checkpoint_number=step)
+        if self.chief:
             # delete: the bucket keeps the checkpoints the manager keeps, not every one ever saved.
             try:
-                storage.mirror(out_dir, cfg.out, delete=True)
+                storage.mirror(self.out_dir, self.cfg.out, delete=True)
             except (storage.TransferError, storage.EndpointUnreachableError) as e:
                 # The store is down for longer than the retries: training goes on and the next
                 # save catches up; the final mirror (after the manifest) must succeed.
-                log.warning("checkpoint %d not mirrored to %s yet: %s", step, cfg.out, e)
+                log.warning("checkpoint %d not mirrored to %s yet: %s", step, self.cfg.out, e)
 
-    step = start_step
-    window = _Window()
-    run_start = time.time()
-    last_log: Dict[str, Any] = {}
-    if start_step in val_steps and start_step not in validated and start_step < cfg.train_steps:
-        validate(start_step)  # the killed run saved this step's checkpoint but did not finish validating it
-    while step < cfg.train_steps:
-        t0 = time.time()
-        try:
-            loss_t, correct_t, bad_t = train_step(iterator)
-        except tf.errors.DataLossError as e:
-            from hrnet import data
+    # ---- outputs: portable weights, then (by _publish) the manifest, last --------------
+    def outputs(self, step: int) -> Dict[str, Any]:
+        """Write the portable weights; returns the manifest that describes the run."""
+        import tensorflow as tf
 
-            log.error("corrupt training data (%s); looking for the record", e.message.splitlines()[0][:200])
-            where = data.locate_corrupt_record(info.files["train"])
-            raise HrnetError("corrupt training data at step %d: %s; convert the data set again (or fetch it again)"
-                             % (step + 1, where or "TF reported a corrupt record (%s)" % e.message.splitlines()[0])
-                             ) from None
-        loss = float(loss_t)
-        step += 1
-        if not math.isfinite(loss) or float(bad_t) > 0:
-            stop(step, "the loss became %s" % (loss if not math.isfinite(loss) else "non-finite (L2 term or "
-                                                                                     "gradients)"))
-        window.add(loss, float(correct_t), time.time() - t0, timed=step > start_step + 1)  # 1st: tracing
-        if step % cfg.log_every == 0 or step == cfg.train_steps:
-            last_log, per_step = window.close(step, cfg, float(schedule(step - 1)))
-            if backend.loss_scaling:
-                last_log["loss_scale"] = compat.loss_scale_value(optimizer)
-            eta = per_step * (cfg.train_steps - step)
-            log.info("step %d/%d epoch %.2f loss %.4f top1 %.4f%s lr %.5g images/s %.1f eta %s",
-                     step, cfg.train_steps, last_log["epoch"], last_log["loss"], last_log["top1"],
-                     " val-top1 %.4f" % last_val["val_top1"] if last_val else "", last_log["lr"],
-                     last_log["images_per_sec"], _fmt_duration(eta))
-            if chief:
-                with open(history_path, "a") as f:
-                    f.write(json.dumps(last_log) + "\n")
-                _write_scalars(writer, step, last_log, TRAIN_SCALARS)
-        # A validated step is a checkpointed one: a resumed run never has to redo the steps
-        # before a validation to know what it found.
-        if (step % cfg.checkpoint_every == 0 or step in val_steps) and step < cfg.train_steps:
-            save(step)
-            if step in val_steps:
-                validate(step)
-    if step > start_step or latest is None:  # the same decision on every rank (saves are collective)
-        save(step)
-    if step in val_steps and step not in validated:
-        validate(step)
+        from hrnet import compat, weights
+        from hrnet.model import count_params
 
-    # ---- outputs: portable weights, then the manifest, last -------------------------
-    weights.save_weights(model, os.path.join(write_dir, WEIGHTS))
-    manifest = {
-        "kind": "checkpoint",
-        "model": model_name,
-        # The model's config itself, so that evaluate / export rebuild it anywhere (also
-        # when it came from a YAML file that only the training machine has).
-        "model_config": model_config,
-        "num_classes": cfg.num_classes,
-        "label_offset": cfg.label_offset,
-        "image_size": cfg.image_size,
-        "step": step,
-        "train_steps": cfg.train_steps,
-        "epochs": cfg.epochs,
-        "optimizer_iterations": int(compat.tf_variable(optimizer.iterations).numpy()),
-        "precision": cfg.precision,
-        "device": cfg.device,
-        "num_replicas": backend.num_replicas,
-        "global_batch_size": cfg.global_batch_size,
-        "params": params,
-        "weights": WEIGHTS,
-        "checkpoint": os.path.basename(manager.latest_checkpoint),
-        "final": last_log,
-        # The weights with the best validation top-1 (evaluate / export use them by default).
-        "best": best,
-        "validation": last_val or None,
-        "seconds": round(time.time() - run_start, 1),
-        "tensorflow": tf.__version__,
-        "keras": ".".join(str(v) for v in compat.KERAS_VERSION),
-        "out": cfg.out,
-    }
-    _barrier(strategy)  # no worker leaves (and tears down the cluster) while another still saves
-    if chief:
-        _publish(out_dir, cfg.out, manifest)
-    return manifest
+        cfg = self.cfg
+        weights.save_weights(self.model, os.path.join(self.write_dir, WEIGHTS))
+        return {
+            "kind": "checkpoint",
+            "model": self.model_config["name"],
+            # The model's config itself, so that evaluate / export rebuild it anywhere (also
+            # when it came from a YAML file that only the training machine has).
+            "model_config": self.model_config,
+            "num_classes": cfg.num_classes,
+            "label_offset": cfg.label_offset,
+            "image_size": cfg.image_size,
+            "step": step,
+            "train_steps": cfg.train_steps,
+            "epochs": cfg.epochs,
+            "optimizer_iterations": int(compat.tf_variable(self.optimizer.iterations).numpy()),
+            "precision": cfg.precision,
+            "device": cfg.device,
+            "num_replicas": self.backend.num_replicas,
+            "global_batch_size": cfg.global_batch_size,
+            "params": count_params(self.model),
+            "weights": WEIGHTS,
+            "checkpoint": os.path.basename(self.manager.latest_checkpoint),
+            "final": self.last_log,
+            # The weights with the best validation top-1 (evaluate / export use them by default).
+            "best": self.best,
+            "validation": self.last_val or None,
+            "seconds": round(time.time() - self.started, 1),
+            "tensorflow": tf.__version__,
+            "keras": ".".join(str(v) for v in compat.KERAS_VERSION),
+            "out": cfg.out,
+        }
 
 
 def _restore_or_init(checkpoint, out_dir: str, cfg: TrainConfig) -> Optional[str]:
