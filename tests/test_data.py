@@ -82,12 +82,12 @@ def test_dataset_info_reads_the_manifest(records):
 
 
 def test_train_dataset_batches_shapes_and_determinism(records):
-    from hrnet.data import train_dataset
+    from hrnet.data import Augment, train_dataset
 
     out, _ = records
 
     def first_batches(**kw):
-        ds = train_dataset(out, 8, 32, flip=False, shuffle_buffer=64, **kw)
+        ds = train_dataset(out, 8, 32, augment=Augment(flip=False), shuffle_buffer=64, **kw)
         return [(x.numpy(), y.numpy()) for x, y in ds.take(3)]
 
     a = first_batches(seed=7)
@@ -109,11 +109,11 @@ def test_train_dataset_batches_shapes_and_determinism(records):
 
 
 def test_train_dataset_rejects_bad_arguments(records, tmp_path):
-    from hrnet.data import train_dataset
+    from hrnet.data import Augment, train_dataset
 
     out, _ = records
     with pytest.raises(ValueError, match="area_range"):
-        train_dataset(out, 8, 32, area_range=(0.0, 1.0))
+        train_dataset(out, 8, 32, augment=Augment(area_range=(0.0, 1.0)))
     with pytest.raises(ValueError, match="worker_index"):
         train_dataset(out, 8, 32, num_workers=2, worker_index=2)
     with pytest.raises(ValueError, match="dtype"):

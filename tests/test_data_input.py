@@ -135,7 +135,8 @@ def test_slim_records_through_our_pipelines(slim_records):
     assert info.manifest is None and len(info.files["train"]) == 2
 
     for use_boxes in (False, True):
-        ds = data.train_dataset(root, 5, 32, label_offset=1, use_boxes=use_boxes, seed=3, repeat=False)
+        ds = data.train_dataset(root, 5, 32, label_offset=1, augment=data.Augment(use_boxes=use_boxes), seed=3,
+                                repeat=False)
         labels = np.concatenate([y.numpy() for _, y in ds])
         assert sorted(labels.tolist()) == sorted([(i + s) % 3 for s in range(2) for i in range(5)])
     ev = list(data.eval_dataset(root, 2, 32, label_offset=1, with_filenames=True))
@@ -195,15 +196,16 @@ def test_train_preprocessing_flip_and_normalization():
     array = np.zeros((48, 64, 3), np.uint8)
     array[:, :32] = 255  # white left half
     encoded = tf.constant(encode(array, quality=100))
-    full = dict(area_range=(1.0, 1.0), aspect_range=(64 / 48, 64 / 48))
+    full = dict(area_range=(1.0, 1.0), aspect_range=(64 / 48, 64 / 48))  # the whole image
     flips = []
     for i in range(20):
-        image = data.preprocess_for_train(encoded, tf.constant([0, i], tf.int64), 32, **full).numpy()
+        image = data.preprocess_for_train(encoded, tf.constant([0, i], tf.int64), 32,
+                                          augment=data.Augment(**full)).numpy()
         flips.append(image[:, :8].mean() < image[:, -8:].mean())
         assert image[:, :8].mean() != pytest.approx(image[:, -8:].mean())
     assert 0 < sum(flips) < 20  # both ways over 20 seeds
-    unflipped = [data.preprocess_for_train(encoded, tf.constant([0, i], tf.int64), 32, flip=False, **full).numpy()
-                 for i in range(5)]
+    unflipped = [data.preprocess_for_train(encoded, tf.constant([0, i], tf.int64), 32,
+                                           augment=data.Augment(flip=False, **full)).numpy() for i in range(5)]
     assert all(u[:, :8].mean() > u[:, -8:].mean() for u in unflipped)
     white = unflipped[0][:, :8].mean(axis=(0, 1))
     np.testing.assert_allclose(white, (1 - np.array(data.MEAN_RGB)) / np.array(data.STDDEV_RGB), atol=0.05)

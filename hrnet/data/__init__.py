@@ -9,7 +9,8 @@ import importlib
 _NAMES = {
     "hrnet.data.folder": ("DatasetInfo", "class_names_from_records", "count_records", "dataset_info",
                           "locate_corrupt_record"),
-    "hrnet.data.input": ("AREA_RANGE", "ASPECT_RATIO_RANGE", "CROP_RATIO", "MEAN_RGB", "STDDEV_RGB",
+    "hrnet.data.augment": ("AREA_RANGE", "ASPECT_RATIO_RANGE", "Augment"),
+    "hrnet.data.input": ("CROP_RATIO", "MEAN_RGB", "STDDEV_RGB",
                          "center_crop_window", "decode_and_center_crop", "decode_and_random_crop",
                          "distorted_crop_window", "eval_dataset", "normalize", "parse_record",
                          "preprocess_for_eval", "preprocess_for_train", "resize", "train_dataset"),

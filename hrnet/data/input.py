@@ -14,14 +14,13 @@ import tensorflow as tf
 
 from hrnet.compat import data_options
 from hrnet.data import schema
+from hrnet.data.augment import AREA_RANGE, ASPECT_RATIO_RANGE, Augment
 from hrnet.data.folder import DatasetInfo, files_and_offset, worker_records
 
 MEAN_RGB = (0.485, 0.456, 0.406)
 STDDEV_RGB = (0.229, 0.224, 0.225)
-# Official HRNet / torchvision recipe: RandomResizedCrop ranges; eval resizes the shorter
-# side to 256 and center-crops 224 (224 / 256 = 0.875).
-AREA_RANGE = (0.08, 1.0)
-ASPECT_RATIO_RANGE = (3.0 / 4.0, 4.0 / 3.0)
+# The official HRNet / torchvision evaluation: the shorter side resized to 256, then the
+# center 224 (224 / 256 = 0.875). Training's recipe: hrnet.data.augment.
 CROP_RATIO = 0.875
 DTYPES = {"float32": tf.float32, "bfloat16": tf.bfloat16, "float16": tf.float16}
 AUTOTUNE = tf.data.experimental.AUTOTUNE
@@ -132,15 +131,15 @@ def _dtype(dtype):
     return tf.as_dtype(dtype)
 
 
-def preprocess_for_train(encoded, seed, image_size, boxes=None, flip: bool = True, area_range=AREA_RANGE,
-                         aspect_range=ASPECT_RATIO_RANGE, min_object_covered: float = 0.1,
-                         dtype=tf.float32):
+def preprocess_for_train(encoded, seed, image_size, boxes=None, augment: Augment = Augment(), dtype=tf.float32):
     """Encoded JPEG -> random-resized-cropped, maybe flipped, normalized image [h, w, 3].
-    ``seed``: shape [2] int, the image's own stateless seed."""
+    ``seed``: shape [2] int, the image's own stateless seed; ``boxes`` are used only when
+    ``augment.use_boxes``."""
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    image = decode_and_random_crop(encoded, crop_seed, boxes, area_range, aspect_range, min_object_covered)
+    image = decode_and_random_crop(encoded, crop_seed, boxes if augment.use_boxes else None, augment.area_range,
+                                   augment.aspect_range, augment.min_object_covered)
     image = resize(image, image_size)
-    if flip:
+    if augment.flip:
         image = tf.image.stateless_random_flip_left_right(image, flip_seed)
     image = normalize(image, dtype)
     image.set_shape(_hw(image_size) + (3,))
@@ -169,10 +168,8 @@ def _check_sharding(num_workers: int, worker_index: int) -> None:
 
 
 def train_dataset(data: Union[str, DatasetInfo], batch_size: int, image_size=224, *, split: str = "train",
-                  num_workers: int = 1, worker_index: int = 0, area_range=AREA_RANGE,
-                  aspect_range=ASPECT_RATIO_RANGE, use_boxes: bool = False, min_object_covered: float = 0.1,
-                  flip: bool = True, dtype="float32", label_offset: Optional[int] = None,
-                  num_classes: Optional[int] = None, seed: Optional[int] = None,
+                  num_workers: int = 1, worker_index: int = 0, augment: Augment = Augment(), dtype="float32",
+                  label_offset: Optional[int] = None, num_classes: Optional[int] = None, seed: Optional[int] = None,
                   shuffle_buffer: int = 10000, repeat: bool = True, cycle_length: int = 16,
                   private_threads: int = 0, start_record: int = 0) -> tf.data.Dataset:
     """Batches (images [B, h, w, 3] normalized as ``dtype``, labels [B] int32 0-based) for training.
@@ -180,8 +177,7 @@ def train_dataset(data: Union[str, DatasetInfo], batch_size: int, image_size=224
     ``data``: a data set folder / URI or a DatasetInfo. Each of ``num_workers`` processes
     reads its own share of the shard files (or, with fewer files than workers, of the
     records in each file). ``seed`` makes the whole stream deterministic; without it the
-    pipeline trades order for speed. ``flip=False`` for data where mirroring changes the
-    meaning (digits). ``use_boxes`` crops around the records' bounding boxes.
+    pipeline trades order for speed. ``augment``: the random crop and flip (Augment).
 
     Every epoch is shuffled with seeds derived from ``seed`` and the epoch number alone,
     and every image's crop and flip from its position in the stream, so the stream needs
@@ -191,10 +187,6 @@ def train_dataset(data: Union[str, DatasetInfo], batch_size: int, image_size=224
     _check_sharding(num_workers, worker_index)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
-    if not 0.0 < area_range[0] <= area_range[1] <= 1.0:
-        raise ValueError(f"area_range must satisfy 0 < min <= max <= 1, got {tuple(area_range)!r}")
-    if not 0.0 < aspect_range[0] <= aspect_range[1]:
-        raise ValueError(f"aspect_range must satisfy 0 < min <= max, got {tuple(aspect_range)!r}")
     out_dtype = _dtype(dtype)
     files, offset = files_and_offset(data, split, label_offset, num_classes)
     deterministic = seed is not None
@@ -210,9 +202,7 @@ def train_dataset(data: Union[str, DatasetInfo], batch_size: int, image_size=224
     def parse_and_preprocess(index, serialized):
         record = parse_record(serialized, offset)
         image_seed = tf.stack([tf.constant(base_seed, tf.int64), index])
-        image = preprocess_for_train(record["encoded"], image_seed, image_size,
-                                     record["boxes"] if use_boxes else None, flip, area_range,
-                                     aspect_range, min_object_covered, out_dtype)
+        image = preprocess_for_train(record["encoded"], image_seed, image_size, record["boxes"], augment, out_dtype)
         return image, record["label"]
 
     # This worker's files: every num_workers-th one.

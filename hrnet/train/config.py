@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import yaml
 
 from hrnet import configs
+from hrnet.data.augment import Augment
 from hrnet.errors import HrnetError
 from hrnet.fileio import atomic_write
 from hrnet.runtime import DEVICES, NPU_PRECISION_MODES, PRECISIONS, resolve_precision
@@ -82,9 +83,9 @@ class TrainConfig:
                                         "URI); the classifier is re-initialised if the class count differs "
                                         "(default: none, from scratch)")
     # Augmentation (train split only).
-    area_range: Tuple[float, float] = _f((0.08, 1.0), "RandomResizedCrop area range", nargs=2)
-    aspect_range: Tuple[float, float] = _f((0.75, 4.0 / 3.0), "RandomResizedCrop aspect ratio range", nargs=2)
-    flip: bool = _f(True, "random horizontal flip")
+    area_range: Tuple[float, float] = _f(Augment.area_range, "RandomResizedCrop area range", nargs=2)
+    aspect_range: Tuple[float, float] = _f(Augment.aspect_range, "RandomResizedCrop aspect ratio range", nargs=2)
+    flip: bool = _f(Augment.flip, "random horizontal flip")
     # Bookkeeping.
     eval_every: Optional[int] = _f(None, "validate every N epochs and at the end, keeping the best weights by "
                                          "validation top-1 (default: every epoch when the data set has validation "
@@ -177,13 +178,12 @@ class TrainConfig:
             raise ValueError("label_smoothing must be in [0, 1), got %s" % self.label_smoothing)
         if self.weight_decay < 0 or self.warmup_epochs < 0 or not 0 <= self.momentum < 1:
             raise ValueError("weight_decay and warmup_epochs must be >= 0 and momentum in [0, 1)")
-        lo, hi = self.area_range
-        if not 0 < lo <= hi <= 1:
-            raise ValueError("area_range must satisfy 0 < min <= max <= 1, got %s" % (self.area_range,))
-        lo, hi = self.aspect_range
-        if not 0 < lo <= hi:
-            raise ValueError("aspect_range must satisfy 0 < min <= max, got %s" % (self.aspect_range,))
+        self.augment()  # checks the ranges
         return self
+
+    def augment(self) -> Augment:
+        """The training augmentation this config asks for."""
+        return Augment(area_range=self.area_range, aspect_range=self.aspect_range, flip=self.flip)
 
     # ---- resolution -----------------------------------------------------------------
     def resolve(self, num_classes: int, label_offset: int, train_count: int, num_replicas: int,
