@@ -3,7 +3,7 @@
 Parsed by hand rather than with a settings library: the variables have aliases read in a
 fixed order (``S3_ENDPOINT``, ``AWS_ENDPOINT_URL_S3``...), an endpoint URL decides TLS, and a
 URL holding credentials is refused without echoing them; a dependency such as
-pydantic-settings would be one more package in the Ascend image for some twenty lines.
+pydantic-settings would add pydantic to the Ascend image and still need these rules written out.
 """
 import os
 from dataclasses import dataclass, field
