@@ -1,5 +1,6 @@
 """Where training runs: device backends (devices.py), the one-process-per-device launcher
-(launch.py) and the HCCL rank table for Ascend (ranktable.py).
+(launch.py), the HCCL rank table for Ascend (ranktable.py), multi-node jobs on Volcano or
+the training operator (jobs.py) and the cluster's names and pod shape (cluster.py).
 
 Nothing heavy is imported here, so ``hrnet launch`` starts without TensorFlow. The device
 and precision rules live here, once, for the config, the launcher and the backends.

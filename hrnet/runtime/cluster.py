@@ -1,0 +1,37 @@
+"""The cluster's names and the train pod's shape, written once for the pipeline and the job launcher.
+
+`manifests/` creates the Secret and the ServiceAccount named here; the compiled pipeline's
+single train pod (pipelines/hrnet_pipeline.py) and each pod of a multi-node job
+(hrnet.runtime.jobs) ask for the same resources per server, from TRAIN_POD. Standard library
+only: components/images.py re-exports these names, and tests read them cheaply.
+"""
+from typing import Any, Dict
+
+# Object-store credentials reach the pods as environment variables from this Secret,
+# never as parameters: secret key -> environment variable (the names hrnet.storage reads).
+OBJECT_STORE_SECRET = "hrnet-object-store"
+OBJECT_STORE_ENV = {
+    "endpoint": "S3_ENDPOINT",
+    "accesskey": "AWS_ACCESS_KEY_ID",
+    "secretkey": "AWS_SECRET_ACCESS_KEY",
+}
+# The pod label manifests/minio/networkpolicy.yaml admits to the object store's API.
+OBJECT_STORE_CLIENT_LABEL = ("hrnet.io/object-store-client", "true")
+# The user every image runs as (images/*/Dockerfile HRNET_UID; the Ascend image's HwHiAiUser).
+RUN_AS_USER = 1000
+# The ServiceAccount runs are submitted with (manifests/base/rbac.yaml says what it may do).
+SERVICE_ACCOUNT = "hrnet-pipeline"
+
+# What one server's train pod asks of Kubernetes, per target: `hrnet train --device`, the
+# extended resource taken `devices` times, node selector, (request, limit) of CPU and memory,
+# and a memory-backed /dev/shm (the container runtime's 64 MB is too small for HCCL / NCCL
+# and the input pipeline's shared buffers).
+TRAIN_POD: Dict[str, Dict[str, Any]] = {
+    "ascend": dict(device="npu", accelerator="huawei.com/Ascend910",
+                   node_selector={"accelerator": "huawei-Ascend910"},
+                   cpu=("16", "96"), memory=("64G", "384G"), shm="32Gi"),
+    "gpu": dict(device="gpu", accelerator="nvidia.com/gpu", node_selector={},
+                cpu=("8", "64"), memory=("32G", "256G"), shm="16Gi"),
+    "cpu": dict(device="cpu", accelerator=None, node_selector={},
+                cpu=("8", "32"), memory=("16G", "64G"), shm=None),
+}
