@@ -11,8 +11,9 @@ Per process:
   set). POD_NAME is removed: the Ascend TF adapter switches to a deploy mode that ignores
   RANK_ID when it sees it.
 - cpu / gpu: TF_CONFIG naming one MultiWorkerMirroredStrategy worker per process on free
-  localhost ports; gpu: CUDA_VISIBLE_DEVICES = the rank's GPU; cpu: GPUs hidden and the CPU
-  threads split between the workers.
+  localhost ports, or, in a worker pod of a multi-node job (TF_CONFIG set by the training
+  operator), this node's share of that cluster (expand_tf_config); gpu: CUDA_VISIBLE_DEVICES =
+  the rank's GPU; cpu: GPUs hidden and the CPU threads split between the workers.
 
 Each output line is prefixed with ``[rank N]``. SIGINT / SIGTERM are forwarded to all ranks
 (a second one kills them). When a rank fails the others are stopped (SIGTERM, then SIGKILL
@@ -72,6 +73,29 @@ def tf_config(ports: Sequence[int], rank: int, host: str = "localhost") -> str:
                        "task": {"type": "worker", "index": rank}})
 
 
+def expand_tf_config(value: str, nproc: int) -> List[str]:
+    """Each local rank's TF_CONFIG when this pod is one worker of a cluster named by ``value``
+    (the training operator's TF_CONFIG: worker i at ``host_i:port_i``) and runs ``nproc``
+    processes: worker i becomes workers i * nproc + k at ``host_i:port_i + k``, so every
+    node's ranks follow one another and rank 0 of the first node stays the chief."""
+    try:
+        config = json.loads(value)
+        workers = config["cluster"]["worker"]
+        index = int(config["task"]["index"])
+        hosts = [w.rsplit(":", 1) for w in workers]
+        hosts = [(h, int(p)) for h, p in hosts]
+    except (ValueError, KeyError, TypeError) as e:
+        raise HrnetError(f"TF_CONFIG from the environment is not a worker cluster ({type(e).__name__}: {e}); "
+                         "unset it to run one machine's workers") from None
+    if config.get("task", {}).get("type", "worker") != "worker" or set(config["cluster"]) - {"worker"}:
+        raise HrnetError("TF_CONFIG from the environment has roles other than worker; hrnet trains with workers only")
+    if not 0 <= index < len(hosts):
+        raise HrnetError(f"TF_CONFIG's task index {index} is not one of its {len(hosts)} workers")
+    cluster = [f"{h}:{p + k}" for h, p in hosts for k in range(nproc)]
+    return [json.dumps({"cluster": {"worker": cluster}, "task": {"type": "worker", "index": index * nproc + k}})
+            for k in range(nproc)]
+
+
 def visible_gpus(env: Mapping[str, str]) -> List[str]:
     """GPU ids this process may use: CUDA_VISIBLE_DEVICES when set, else what the driver lists."""
     value = env.get("CUDA_VISIBLE_DEVICES")
@@ -125,11 +149,18 @@ def rank_environments(nproc: int, device: str = "cpu", env: Optional[Mapping[str
         if nproc > len(gpus):
             shown = f" (CUDA_VISIBLE_DEVICES={base['CUDA_VISIBLE_DEVICES']})" if "CUDA_VISIBLE_DEVICES" in base else ""
             raise HrnetError(f"{nproc} GPU process(es) asked for but {len(gpus)} GPU(s) are visible{shown}")
-    ports = free_ports(nproc) if nproc > 1 else []
+    if base.get("TF_CONFIG"):
+        # One worker pod of a multi-node job: the operator named the cluster. One process
+        # keeps its TF_CONFIG as it is; more share out the worker's place.
+        configs = expand_tf_config(base["TF_CONFIG"], nproc) if nproc > 1 else [base["TF_CONFIG"]]
+        log.info("TF_CONFIG from the environment: this node's %d process(es) join its cluster", nproc)
+    else:
+        ports = free_ports(nproc) if nproc > 1 else []
+        configs = [tf_config(ports, rank) if nproc > 1 else None for rank in range(nproc)]
     for rank in range(nproc):
         e = dict(base)
-        if nproc > 1:
-            e["TF_CONFIG"] = tf_config(ports, rank)
+        if configs[rank]:
+            e["TF_CONFIG"] = configs[rank]
         if device == "gpu":
             e["CUDA_VISIBLE_DEVICES"] = gpus[rank]
         else:
