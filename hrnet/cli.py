@@ -22,6 +22,7 @@ COMMANDS = {
     "convert": ("hrnet.data.convert", "convert an image tree (ImageNet layout or class folders) to TFRecords"),
     "train": ("hrnet.train.loop", "train a model on TFRecords (cpu, gpu or npu)"),
     "launch": ("hrnet.runtime.launch", "start one training process per device (1, 2, 4 or 8)"),
+    "submit-job": ("hrnet.runtime.jobs", "train on several servers as a Volcano Job (ascend) or TFJob (gpu, cpu)"),
     "evaluate": ("hrnet.evaluate", "top-1 / top-5 / per-class accuracy of a checkpoint on the validation split"),
     "export": ("hrnet.export", "export a checkpoint as SavedModel, frozen graph (.pb) and ONNX"),
 }

@@ -87,13 +87,17 @@ def _jpeg(pixels):
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
+    return build_dataset(tmp_path_factory.mktemp("data"))
+
+
+def build_dataset(root):
     """train-00000-of-00002 and train-00001-of-00002: the same images, image i labelled i % 4 in
-    the first file and (i + 1) % 4 in the second."""
+    the first file and (i + 1) % 4 in the second (tests/test_jobs.py trains on it too)."""
     import tensorflow as tf
 
     from hrnet.data import schema
 
-    root = tmp_path_factory.mktemp("data")
+    os.makedirs(root, exist_ok=True)
     rng = np.random.default_rng(0)
     images = [_jpeg(rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)) for _ in range(IMAGES)]
     for shard in (0, 1):
