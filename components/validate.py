@@ -17,6 +17,7 @@ def validate(
     source_uri: str,
     tfrecords_uri: str,
     devices: int,
+    nodes: int,
     device: str,
     train_config: dict,
     model: str,

@@ -13,13 +13,15 @@ Per target the train step gets (the rest of the steps are plain CPU pods):
 - cpu: cpu and memory requests only.
 
 ``hrnet launch`` starts one process per device; on Ascend it builds the HCCL rank table
-from the device plugin's pod annotation (read with the run's ServiceAccount).
+from the device plugin's pod annotation (read with the run's ServiceAccount). With ``nodes`` > 1
+the train step is a small launcher pod instead (components/train_job.py): it creates a Volcano
+Job (ascend) or TFJob (gpu, cpu) of ``nodes`` pods shaped as above and follows it.
 """
 import os
-from typing import Dict, Optional
+from typing import Optional
 
 from kfp import dsl, kubernetes
-from kfp.dsl import Dataset, Input
+from kfp.dsl import Dataset, Input, Model
 
 from components import images
 from components.convert import convert
@@ -28,22 +30,15 @@ from components.export import export
 from components.record import record_run
 from components.reference import reference_records
 from components.train import train
+from components.train_job import train_job
 from components.validate import validate
 from hrnet.train.config import PIPELINE_FIELDS
 from pipelines import parameters
 
 PIPELINE_NAME = "hrnet-classification"
 
-# What each target asks of Kubernetes for the train step.
-TARGETS: Dict[str, Dict] = {
-    "ascend": dict(device="npu", accelerator="huawei.com/Ascend910",
-                   node_selector={"accelerator": "huawei-Ascend910"},
-                   cpu=("16", "96"), memory=("64G", "384G"), shm="32Gi"),
-    "gpu": dict(device="gpu", accelerator="nvidia.com/gpu", node_selector={},
-                cpu=("8", "64"), memory=("32G", "256G"), shm="16Gi"),
-    "cpu": dict(device="cpu", accelerator=None, node_selector={},
-                cpu=("8", "32"), memory=("16G", "64G"), shm=None),
-}
+# What each target asks of Kubernetes for one server's train pod (also each pod of a multi-node job).
+TARGETS = images.TRAIN_POD
 # (request, limit) of the CPU-only steps: convert decodes and re-encodes JPEGs in parallel,
 # evaluate runs the model over the validation split, the others are light.
 STEP_RESOURCES = {
@@ -51,6 +46,8 @@ STEP_RESOURCES = {
     "convert": (("4", "16"), ("8G", "32G")),
     "reference": (("100m", "1"), ("256M", "1G")),
     "evaluate": (("4", "16"), ("8G", "32G")),
+    # Launches and follows a multi-node job, then copies its checkpoint into the Model artifact.
+    "train-job": (("500m", "2"), ("512M", "2G")),
     "export": (("2", "8"), ("8G", "16G")),
     "record-run": (("100m", "1"), ("256M", "1G")),
 }
@@ -112,15 +109,31 @@ def build_pipeline(target: str = "ascend", image: Optional[str] = None, data_pvc
     image = image or images.image_for(target)
     device = TARGETS[target]["device"]
 
-    @dsl.pipeline(name="train-evaluate-export", description="HRNet: train, evaluate and export one data set")
-    def train_evaluate_export(dataset: Input[Dataset], config: dict, devices: int, checkpoint_uri: str,
-                              export_onnx: bool):
-        train_task = train(dataset=dataset, config=config, devices=devices, checkpoint_uri=checkpoint_uri)
-        _configure_train(train_task, target, image, devices, train_retries)
-        evaluate_task = evaluate(dataset=dataset, model=train_task.outputs["model"])
+    @dsl.pipeline(name="evaluate-export", description="HRNet: evaluate and export the trained weights")
+    def evaluate_export(dataset: Input[Dataset], model: Input[Model], export_onnx: bool):
+        evaluate_task = evaluate(dataset=dataset, model=model)
         _configure(evaluate_task, "evaluate", image)
-        export_task = export(model=train_task.outputs["model"], onnx=export_onnx)
+        export_task = export(model=model, onnx=export_onnx)
         _configure(export_task, "export", image)
+
+    @dsl.pipeline(name="train-evaluate-export", description="HRNet: train, evaluate and export one data set")
+    def train_evaluate_export(dataset: Input[Dataset], config: dict, devices: int, nodes: int, checkpoint_uri: str,
+                              job_timeout: float, export_onnx: bool):
+        # Both branches end in the same sub-pipeline, for the reason given below for the data source.
+        with dsl.If(nodes == 1, name="one-server"):
+            train_task = train(dataset=dataset, config=config, devices=devices, checkpoint_uri=checkpoint_uri)
+            _configure_train(train_task, target, image, devices, train_retries)
+            evaluate_export(dataset=dataset, model=train_task.outputs["model"], export_onnx=export_onnx)
+        with dsl.Else(name="several-servers"):
+            # This pod only launches and follows the job: no accelerator, small requests. Named
+            # after the run, a retry of it re-attaches to the job it created.
+            job_task = train_job(dataset=dataset, config=config, nodes=nodes, devices=devices,
+                                 checkpoint_uri=checkpoint_uri, target=target, image=image,
+                                 job_name=dsl.PIPELINE_JOB_ID_PLACEHOLDER, timeout=job_timeout)
+            _configure(job_task, "train-job", image)
+            if train_retries:
+                job_task.set_retry(num_retries=train_retries, backoff_duration="150s", backoff_factor=2.0)
+            evaluate_export(dataset=dataset, model=job_task.outputs["model"], export_onnx=export_onnx)
 
     def hrnet_pipeline(*args):
         run = parameters.bind(args)
@@ -129,11 +142,12 @@ def build_pipeline(target: str = "ascend", image: Optional[str] = None, data_pvc
         record_task.set_caching_options(False)
         with dsl.ExitHandler(record_task, name="hrnet-run"):
             check = validate(source_uri=run["source_uri"], tfrecords_uri=run["tfrecords_uri"], devices=run["devices"],
-                             device=device, train_config=run["train_config"],
+                             nodes=run["nodes"], device=device, train_config=run["train_config"],
                              **{name: run[name] for name in PIPELINE_FIELDS})
             _configure(check, "validate", image, secret=False)
             check.set_caching_options(False)
-            rest = dict(config=check.outputs["config"], devices=run["devices"], checkpoint_uri=run["checkpoint_uri"],
+            rest = dict(config=check.outputs["config"], devices=run["devices"], nodes=run["nodes"],
+                        checkpoint_uri=run["checkpoint_uri"], job_timeout=run["job_timeout"],
                         export_onnx=run["export_onnx"])
             # Datasets pass by reference (hrnet.data.reference): KFP's launcher would download a
             # whole Dataset artifact into every pod that takes it.

@@ -16,7 +16,11 @@ PARAMETERS: List[Parameter] = [
                                      "/data or an s3:// / minio:// URI. Give this or tfrecords_uri."),
     Parameter("tfrecords_uri", str, "", "TFRecords converted before (an s3:// / minio:// URI). Give this or "
                                         "source_uri."),
-    Parameter("devices", int, 1, "Accelerators (or CPU processes) in the train pod: 1, 2, 4 or 8."),
+    Parameter("devices", int, 1, "Accelerators (or CPU processes) in the train pod: 1, 2, 4 or 8; per server "
+                                 "when nodes > 1."),
+    Parameter("nodes", int, 1, "Servers to train on. 1: one train pod. More: the train step launches a Volcano "
+                               "Job (ascend) or TFJob (gpu, cpu) of `nodes` pods and follows it; its checkpoint "
+                               "goes through object storage."),
     *pipeline_parameters(),
     Parameter("train_config", dict, {}, "More training settings, as TrainConfig keys and values (`hrnet train "
                                         "--help` lists them as flags), e.g. {\"schedule\": \"cosine\", "
@@ -26,6 +30,8 @@ PARAMETERS: List[Parameter] = [
                                          "goes; a retried train step, or a new run given the same URI, resumes from "
                                          "there. \"\" mirrors them beside the train step's artifact, which a retry "
                                          "finds too."),
+    Parameter("job_timeout", float, 0.0, "Seconds a multi-node training job (nodes > 1) may run before it is "
+                                         "deleted and the step fails; 0: no limit."),
     Parameter("export_onnx", bool, True, "Also export model.onnx, besides the SavedModel and the frozen graph."),
     Parameter("datasets_uri", str, "", "Where converted records go; \"\" puts them beside the convert step's "
                                        "artifacts. The steps pass only a reference, and each fetches just the "

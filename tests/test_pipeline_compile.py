@@ -200,8 +200,12 @@ def test_image_registry_and_tag_are_set_when_compiling(tmp_path, monkeypatch):
 
 def test_train_retries_and_the_exit_handler_records_the_run(compiled):
     ir, _, _ = compiled["ascend"]
-    for parent in ("comp-train-evaluate-export", "comp-train-evaluate-export-2"):
-        policy = ir["components"][parent]["dag"]["tasks"]["train"]["retryPolicy"]
+    # The one-server train step and the multi-node launcher, once per data-source branch.
+    retried = [(name, spec["dag"]["tasks"][task]) for name, spec in ir["components"].items()
+               for task in ("train", "train-job") if task in spec.get("dag", {}).get("tasks", {})]
+    assert sorted(t["taskInfo"]["name"] for _, t in retried) == ["train", "train", "train-job", "train-job"]
+    for _, task in retried:
+        policy = task["retryPolicy"]
         assert policy["maxRetryCount"] >= 1
         # A retry starts only once the killed pod's lease on its output has expired.
         from hrnet.storage import LEASE_TTL
@@ -240,9 +244,11 @@ def test_run_time_parameters(compiled):
                 "epochs": "NUMBER_DOUBLE", "train_steps": "NUMBER_INTEGER", "batch_size": "NUMBER_INTEGER",
                 "lr": "NUMBER_DOUBLE", "precision": "STRING", "image_size": "NUMBER_INTEGER",
                 "seed": "NUMBER_INTEGER", "train_config": "STRUCT", "checkpoint_uri": "STRING", "init_from": "STRING",
-                "export_onnx": "BOOLEAN", "datasets_uri": "STRING"}
+                "export_onnx": "BOOLEAN", "datasets_uri": "STRING",
+                "nodes": "NUMBER_INTEGER", "job_timeout": "NUMBER_DOUBLE"}
     assert {name: p["parameterType"] for name, p in params.items()} == expected
     assert params["devices"]["defaultValue"] == 1 and params["model"]["defaultValue"] == "w18"
+    assert params["nodes"]["defaultValue"] == 1
 
 
 def test_the_run_form_describes_every_parameter(compiled):
@@ -274,3 +280,25 @@ def test_the_three_ways_to_compile_agree(tmp_path):
 def test_unknown_target_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown target 'tpu'"):
         compile_pipeline("tpu", str(tmp_path / "x.yaml"))
+
+
+@pytest.mark.parametrize("target", images.TARGETS)
+def test_the_multi_node_launcher_asks_for_no_accelerator_and_is_named_after_the_run(compiled, target):
+    ir, _, _ = compiled[target]
+    labels = executors_of(ir, "train-job")
+    assert len(labels) == 2  # once per data-source branch
+    for label in labels:
+        resources = container(ir, label)["resources"]
+        assert "accelerator" not in resources
+        assert resources["cpuLimit"] <= 2 and resources["memoryLimit"] <= 2
+    for component in ("comp-train-job", "comp-train-job-2"):
+        assert trace_to_root(ir, component, "nodes") == {("root", "nodes")}
+        assert trace_to_root(ir, component, "devices") == {("root", "devices")}
+        assert trace_to_root(ir, component, "target") == {("constant", target)}
+        assert trace_to_root(ir, component, "job_name") == {("constant", "{{$.pipeline_job_uuid}}")}
+    # The branches are chosen by nodes: one train pod for 1, the launcher for more.
+    conditions = {t["triggerPolicy"]["condition"] for spec in ir["components"].values()
+                  for t in spec.get("dag", {}).get("tasks", {}).values() if "nodes" in t.get("triggerPolicy", {})
+                  .get("condition", "")}
+    assert conditions == {"int(inputs.parameter_values['pipelinechannel--nodes']) == 1",
+                          "!(int(inputs.parameter_values['pipelinechannel--nodes']) == 1)"}

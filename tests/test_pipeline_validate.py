@@ -13,7 +13,8 @@ from kfp import local
 from components.validate import validate
 from pipelines.hrnet_pipeline import build_pipeline
 
-GOOD = dict(source_uri="/data/raw", tfrecords_uri="", model="w18_small_v1", devices=1, device="cpu",
+GOOD = dict(source_uri="/data/raw", tfrecords_uri="", model="w18_small_v1", devices=1, nodes=1,
+            device="cpu",
             batch_size=32, epochs=1.0, train_steps=0, lr=0.0, precision="", image_size=32, seed=0,
             train_config=dict(schedule="cosine", flip=False, area_range=[0.35, 1]), init_from="")
 
@@ -58,6 +59,8 @@ def test_devices_3_fails_the_first_step_and_the_run_is_recorded(runs_dir, capfd)
     (dict(train_config={"init_from": "s3://b/w"}), "train_config may not set init_from: the pipeline sets it"),
     (dict(train_config={"device": "gpu"}), "train_config may not set device: the pipeline sets it"),
     (dict(init_from="/no/such/weights.pth"), "init_from '/no/such/weights.pth' is neither"),
+    (dict(nodes=0), "nodes must be 1 or more"),
+    (dict(source_uri="", tfrecords_uri=os.getcwd(), nodes=2), "share no disk: give an s3:// / minio:// URI"),
 ])
 def test_bad_parameters_are_named(runs_dir, capfd, change, message):
     with pytest.raises(RuntimeError, match="validate"):

@@ -423,7 +423,7 @@ def _from_pipeline(name: str, value):
 
 
 def check_pipeline_parameters(source_uri: str, tfrecords_uri: str, devices: int, device: str,
-                              train_config: Dict[str, Any], **fields) -> Tuple[str, Dict[str, Any]]:
+                              train_config: Dict[str, Any], nodes: int = 1, **fields) -> Tuple[str, Dict[str, Any]]:
     """Check a pipeline run's parameters before any pod asks for accelerators; ValueError
     naming the first bad one. ``fields``: the PIPELINE_FIELDS. Returns the data source to use
     ("convert": an image tree, "tfrecords": records converted before) and the train step's
@@ -448,6 +448,11 @@ def check_pipeline_parameters(source_uri: str, tfrecords_uri: str, devices: int,
     if devices not in VALID_NPROC:
         raise ValueError(f"devices must be one of {', '.join(map(str, VALID_NPROC))} (one training process per "
                          f"device, on one node), got {devices}")
+    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
+        raise ValueError(f"nodes must be 1 or more (servers, each with `devices` devices), got {nodes!r}")
+    if nodes > 1 and tfrecords_uri and not is_remote(tfrecords_uri):
+        raise ValueError(f"tfrecords_uri {tfrecords_uri!r} is a folder, but the servers of a multi-node job "
+                         "(nodes > 1) share no disk: give an s3:// / minio:// URI")
     if not isinstance(train_config, dict):
         raise ValueError(f"train_config must be a mapping of TrainConfig keys to values, got {train_config!r}")
     taken = sorted(set(train_config) & set(PIPELINE_FIELDS + PIPELINE_SET))
