@@ -119,6 +119,10 @@ class Cluster:
 
     # -------------------------------------------------------------- server
     def __enter__(self) -> "Cluster":
+        self._serve(0)
+        return self
+
+    def _serve(self, port: int) -> None:
         cluster = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -146,9 +150,17 @@ class Cluster:
             def do_DELETE(self) -> None:
                 cluster.handle(self, "DELETE")
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        return self
+
+    def api_outage(self, seconds: float) -> None:
+        """The API server goes away for ``seconds`` (an upgrade, say), then answers again on its port;
+        the controllers and pods run on meanwhile."""
+        port = self.httpd.server_address[1]
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        time.sleep(seconds)
+        self._serve(port)
 
     def __exit__(self, *exc: Any) -> None:
         for pod in list(self.pods.values()):

@@ -99,8 +99,9 @@ def test_the_job_objects_are_valid_and_shaped_like_the_single_pod_step(target):
         template = worker["template"]
         assert template["spec"]["containers"][0]["name"] == "tensorflow"  # where the operator puts TF_CONFIG
     (container,) = template["spec"]["containers"]
-    assert container["args"] == ["hrnet", "launch", "--nproc", str(s.devices), "--device", shape["device"], "--",
-                                 "hrnet", "train", "--x"]
+    wait = ["--rank-table-timeout", "600"] if target == "ascend" else []
+    assert container["args"] == ["hrnet", "launch", "--nproc", str(s.devices), "--device", shape["device"], *wait,
+                                 "--", "hrnet", "train", "--x"]
     resources = container["resources"]
     assert (resources["requests"]["cpu"], resources["limits"]["cpu"]) == shape["cpu"]
     assert (resources["requests"]["memory"], resources["limits"]["memory"]) == shape["memory"]
@@ -234,6 +235,20 @@ def test_a_retried_launcher_reattaches_and_a_failed_job_is_replaced(tmp_path, ch
         job["status"]["conditions"].append({"type": "Failed", "status": "True", "message": "worker 1 failed"})
         jobs.run_job(s, api_client=k8s.api_client(), interval=0.1, out=Out())
         assert len(k8s.created) == 2 and k8s.created[1]["metadata"]["uid"] != k8s.created[0]["metadata"]["uid"]
+
+
+def test_following_rides_out_an_api_server_outage(tmp_path, child, caplog):
+    out = Out()
+    with Cluster(str(tmp_path), secrets=SECRETS) as k8s:
+        def outage():
+            k8s.wait_for(lambda: any(p.proc for p in list(k8s.pods.values())))
+            k8s.api_outage(2.0)
+
+        threading.Thread(target=outage, daemon=True).start()
+        jobs.run_job(spec(command=child + ["4"]), api_client=k8s.api_client(), interval=0.2, out=out)
+        assert ("tfjobs", "hrnet", "hrnet-train-t1") in k8s.objects  # it succeeded: nothing deleted
+    assert any("cannot reach the Kubernetes API" in r.getMessage() for r in caplog.records)
+    assert [e["TF_CONFIG"] is not None for e in envs_printed(out.lines)] == [True]
 
 
 def test_a_job_of_that_name_made_by_someone_else_is_left_alone(tmp_path):

@@ -87,7 +87,7 @@ JOB_LABEL = "hrnet.io/job"
 RING_LABEL = ("ring-controller.atlas", "ascend-910")
 RING_VOLUME = "ascend-910-config"
 RING_MOUNT = "/user/serverid/devindex/config"
-TFJOB_PORT = 2222  # the training operator's default port
+RANK_TABLE_TIMEOUT = 600
 # Pod problems that will not go away by waiting: fail at once.
 FATAL_WAITING = {"InvalidImageName", "CreateContainerConfigError", "ErrImageNeverPull"}
 _NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -186,6 +186,9 @@ def pod_template(spec: JobSpec) -> Dict[str, Any]:
     env: List[Dict[str, Any]] = [{"name": "HRNET_CACHE_DIR", "value": "/cache"}]
     env += [{"name": var, "valueFrom": {"secretKeyRef": {"name": spec.secret, "key": key}}}
             for key, var in cluster.OBJECT_STORE_ENV.items()]
+    # hccl-controller writes the rank table once every pod runs, and the other servers may still
+    # be pulling the image: wait longer than the launcher's default (as manifests/volcano does).
+    launch_flags = ["--rank-table-timeout", str(RANK_TABLE_TIMEOUT)] if spec.target == "ascend" else []
     mounts = [{"name": "cache", "mountPath": "/cache"}]
     volumes: List[Dict[str, Any]] = [{"name": "cache", "emptyDir": {}}]
     if shape["shm"]:
@@ -202,7 +205,8 @@ def pod_template(spec: JobSpec) -> Dict[str, Any]:
         "containers": [{
             "name": spec.engine.container,
             "image": spec.image,
-            "args": ["hrnet", "launch", "--nproc", str(spec.devices), "--device", spec.device, "--", *spec.command],
+            "args": ["hrnet", "launch", "--nproc", str(spec.devices), "--device", spec.device, *launch_flags, "--",
+                     *spec.command],
             "env": env,
             "resources": {"requests": requests, "limits": limits},
             "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
