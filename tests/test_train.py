@@ -8,6 +8,7 @@ HRNet configs (same code as the official ones, fewer channels) so that it stays 
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -201,6 +202,45 @@ def test_a_diverging_run_stops_with_a_clear_error_and_keeps_the_last_good_checkp
             assert np.all(np.isfinite(reader.get_tensor(name))), name
 
 
+def test_several_steps_per_loop_train_exactly_as_one_and_stop_at_every_event(digits, tmp_path):
+    """steps_per_loop runs steps in one call of the compiled loop; log lines, checkpoints and
+    validations still come on their steps, with the same figures as a step per call."""
+    from hrnet.train.loop import train
+
+    def run(name, steps_per_loop):
+        # 6 steps per epoch (48 images, batch 8): validations at 6, 12 and 14 (the end).
+        out = tmp_path / name
+        manifest = train({"data": str(digits / "records"), "out": str(out), "model": TINY_CONFIG, "image_size": 32,
+                          "batch_size": 8, "nb_train_samples": 48, "train_steps": 14, "eval_every": 1,
+                          "lr": 0.05, "log_every": 4, "checkpoint_every": 5, "keep_checkpoints": 10,
+                          "steps_per_loop": steps_per_loop, "seed": 3})
+        checkpoints = sorted(int(f[5:-6]) for f in os.listdir(out) if f.startswith("ckpt-") and f.endswith(".index"))
+        return manifest, read_history(out), read_history(out, validation=True), checkpoints
+
+    one, looped = run("one", 1), run("looped", 3)
+    assert looped[0]["step"] == looped[0]["optimizer_iterations"] == 14
+    assert [h["step"] for h in looped[1]] == [h["step"] for h in one[1]] == [4, 8, 12, 14]
+    assert [h["step"] for h in looped[2]] == [h["step"] for h in one[2]] == [6, 12, 14]
+    assert looped[3] == one[3] == [5, 6, 10, 12, 14]
+    assert [h["loss"] for h in looped[1]] == pytest.approx([h["loss"] for h in one[1]], rel=1e-4)
+    assert [h["top1"] for h in looped[1]] == [h["top1"] for h in one[1]]
+    assert [h["val_top1"] for h in looped[2]] == pytest.approx([h["val_top1"] for h in one[2]], abs=1 / 359)
+
+
+def test_a_loop_of_several_steps_stops_at_the_step_that_diverged(digits, tmp_path):
+    from hrnet.train.loop import NonFiniteLossError, train
+
+    def diverged_at(steps_per_loop):
+        with pytest.raises(NonFiniteLossError) as e:
+            train({"data": str(digits / "records"), "out": str(tmp_path / str(steps_per_loop)), "model": TINY_CONFIG,
+                   "image_size": 32, "batch_size": 8, "train_steps": 40, "lr": 1e30, "log_every": 100,
+                   "checkpoint_every": 100, "eval_every": 0, "steps_per_loop": steps_per_loop, "seed": 1})
+        return int(re.search(r" at step (\d+) ", str(e.value)).group(1))
+
+    step = diverged_at(1)
+    assert 1 <= step < 40 and diverged_at(16) == step
+
+
 def test_validation_every_epoch_keeps_the_best_weights_which_evaluate_and_export_reproduce(digits, tmp_path):
     """Three epochs on the digits, then two more on records whose training labels are
     shifted by one (digit d labelled d+1, validation unchanged): validation falls, so the
@@ -316,6 +356,10 @@ def _all_reduce(values, reduction="mean", fusion=1, fusion_id=-1, group="hccl_wo
     return values  # one process plays every rank: the mean of equal gradients
 
 
+def set_npu_loop_size(loop_size):
+    CALLS.append(("loop_size", loop_size))
+
+
 def _broadcast(values, root_rank=0, fusion=2, fusion_id=0, group="hccl_world_group"):
     CALLS.append(("broadcast", len(values), root_rank))
 
@@ -353,7 +397,7 @@ def test_npu_backend_drives_the_adapter_api(digits, tmp_path, monkeypatch):
     model = build_model(configs.load(TINY_CONFIG), num_classes=10, input_size=(32, 32))
     out = str(tmp_path / "run")
     manifest = train({"data": str(digits / "records"), "out": out, "model": TINY_CONFIG,
-                      "image_size": 32, "device": "npu", "batch_size": 4, "train_steps": 3, "log_every": 1,
+                      "image_size": 32, "device": "npu", "batch_size": 4, "train_steps": 5, "log_every": 2,
                       "seed": 1})
     calls = npu_device.CALLS
     kinds = [c[0] for c in calls]
@@ -367,6 +411,9 @@ def test_npu_backend_drives_the_adapter_api(digits, tmp_path, monkeypatch):
     assert manifest["num_replicas"] == 2 and manifest["global_batch_size"] == 8
     assert read_history(out)[0]["lr"] == pytest.approx(0.1 * 8 / 256)
     assert all("loss_scale" in h and np.isfinite(h["loss"]) for h in read_history(out))
+    # Loop sinking: the loop size announced before each call that changes it (2, 2, then 1 to the end).
+    assert [c for c in calls if c[0] == "loop_size"] == [("loop_size", 2), ("loop_size", 1)]
+    assert [h["step"] for h in read_history(out)] == [2, 4, 5] and manifest["optimizer_iterations"] == 5
 
 
 def test_device_errors_are_clear(monkeypatch):

@@ -11,15 +11,16 @@ One process per device, started by ``hrnet launch`` with the environment of its 
   launcher, with RANK_TABLE_FILE), gradients are all-reduced explicitly
   (``npu.distribute.all_reduce``), the initial variables are broadcast from rank 0
   (``npu.distribute.broadcast``), float16 overflow is detected by the NPU loss-scale
-  optimizer (Ascend 910 saturates instead of producing inf), and the precision is set
-  graph-wide by ``precision_mode`` rather than by a Keras policy.
+  optimizer (Ascend 910 saturates instead of producing inf), the precision is set
+  graph-wide by ``precision_mode`` rather than by a Keras policy, and the training loop's
+  steps per call are the adapter's loop size (``npu.set_npu_loop_size``, loop sinking).
 
 What is exercised here: the cpu backends for real (one process, and two processes under
 MultiWorkerMirroredStrategy); the npu backend only through a fake ``npu_device`` module
 that records the calls made to it (tests/test_train_devices.py), which checks that
 this seam calls the adapter API as its documentation says (npu.global_options(),
 npu.open().as_default(), npu.distribute.all_reduce / broadcast,
-npu.train.optimizer.NpuLossScaleOptimizer), not that the adapter or HCCL behave. No
+npu.train.optimizer.NpuLossScaleOptimizer, npu.set_npu_loop_size), not that the adapter or HCCL behave. No
 Ascend hardware, CANN or GPU is available where this was written: the gpu and npu paths
 are unverified on real devices.
 """
@@ -83,6 +84,17 @@ class Backend:
         already broadcasts initial values when it creates variables)."""
         if self.npu is not None and self.num_workers > 1:
             self.npu.distribute.broadcast([compat.tf_variable(v) for v in variables], root_rank=0)
+
+    @property
+    def sinks_loops(self) -> bool:
+        """The npu adapter sends a loop's batches ahead to the device and runs the whole loop
+        there: it must run exactly the loop size it was told (no early exit)."""
+        return self.npu is not None
+
+    def set_loop_size(self, steps: int) -> None:
+        """Tell the adapter how many steps the next call of the training loop runs."""
+        if self.npu is not None:
+            self.npu.set_npu_loop_size(steps)
 
     def describe(self) -> str:
         name = type(self.strategy).__name__

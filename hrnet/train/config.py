@@ -29,6 +29,8 @@ from hrnet.fileio import atomic_write
 from hrnet.runtime import DEVICES, NPU_PRECISION_MODES, PRECISIONS, resolve_precision
 
 CONFIG_FILE = "train_config.yaml"
+# The seed's iterations_per_loop on Ascend; each loop still ends at the next log line.
+NPU_STEPS_PER_LOOP = 100
 SCHEDULES = ("piecewise", "cosine")
 
 
@@ -93,6 +95,10 @@ class TrainConfig:
     checkpoint_every: int = _f(1000, "save a checkpoint every N steps, and at each validation and the end")
     keep_checkpoints: int = _f(3, "keep the last K checkpoints")
     log_every: int = _f(100, "a log line (and history.jsonl, TensorBoard) every N steps")
+    steps_per_loop: Optional[int] = _f(None, "steps per call into the compiled loop, so that the host is not in the "
+                                             "way on fast devices; the npu adapter's loop sinking (iterations per "
+                                             "loop). Log lines, checkpoints and validations still come on their "
+                                             "steps (default: %d on npu, 1 elsewhere)" % NPU_STEPS_PER_LOOP)
     seed: Optional[int] = _f(None, "random seed for weights and input order (default: random)")
 
     # ---- construction -------------------------------------------------------------
@@ -161,7 +167,7 @@ class TrainConfig:
                 raise ValueError("%s must be >= 1, got %s" % (name, getattr(self, name)))
         if self.eval_every is not None and self.eval_every < 0:
             raise ValueError("eval_every must be >= 0 (0: no validation), got %s" % self.eval_every)
-        for name in ("global_batch_size", "train_steps", "nb_train_samples", "num_classes"):
+        for name in ("global_batch_size", "train_steps", "nb_train_samples", "num_classes", "steps_per_loop"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError("%s must be >= 1, got %s" % (name, value))
@@ -245,6 +251,7 @@ class TrainConfig:
             precision_mode=precision_mode,
             seed=seed,
             eval_every=eval_every,
+            steps_per_loop=self.steps_per_loop or (NPU_STEPS_PER_LOOP if self.device == "npu" else 1),
         )
 
     @property

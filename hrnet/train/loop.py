@@ -379,7 +379,7 @@ class _Run:
 
         cfg, backend = self.cfg, self.backend
         iterator = iter(self._input())
-        train_step = _make_train_step(cfg, backend, self.model, self.optimizer, self.step_var)
+        train_loop = _make_train_loop(cfg, backend, self.model, self.optimizer, self.step_var)
         self.writer = tf.summary.create_file_writer(os.path.join(self.out_dir, "logs")) if self.chief else None
         log.info("training %s (%s params, %d classes) at %dx%d on %d images/epoch: %d steps of %d images "
                  "(%.2f epochs), lr %.4g %s, %s, %s", self.model_config["name"], f"{count_params(self.model):,}",
@@ -390,18 +390,24 @@ class _Run:
         self.started = time.time()
         if step in self.val_steps and step not in self.validated and step < cfg.train_steps:
             self.validate(step)  # the killed run saved this step's checkpoint but did not finish validating it
+        loop_size = None
         while step < cfg.train_steps:
+            n = _loop_steps(step, cfg, self.val_steps)
+            if n != loop_size:
+                backend.set_loop_size(n)
+                loop_size = n
             t0 = time.time()
             try:
-                loss_t, correct_t, bad_t = train_step(iterator)
+                loss_t, correct_t, bad_t, done_t = train_loop(iterator, tf.constant(n, tf.int32))
             except tf.errors.DataLossError as e:
-                raise self._corrupt_data(step + 1, e) from None
-            loss = float(loss_t)
-            step += 1
+                raise self._corrupt_data(step + 1, step + n, e) from None
+            loss, done = float(loss_t), int(done_t)
+            first = step == self.start_step  # its time includes tracing
+            step += done
             if not math.isfinite(loss) or float(bad_t) > 0:
                 self.stop(step, "the loss became %s" % (loss if not math.isfinite(loss) else "non-finite (L2 term or "
                                                                                           "gradients)"))
-            window.add(loss, float(correct_t), time.time() - t0, timed=step > self.start_step + 1)  # 1st: tracing
+            window.add(loss, float(correct_t), time.time() - t0, done, timed=not first)
             if step % cfg.log_every == 0 or step == cfg.train_steps:
                 self._progress(step, window)
             # A validated step is a checkpointed one: a resumed run never has to redo the steps
@@ -412,14 +418,15 @@ class _Run:
                     self.validate(step)
         return step
 
-    def _corrupt_data(self, step: int, error) -> HrnetError:
+    def _corrupt_data(self, first_step: int, last_step: int, error) -> HrnetError:
         from hrnet import data
 
         first = error.message.splitlines()[0]
         log.error("corrupt training data (%s); looking for the record", first[:200])
         where = data.locate_corrupt_record(self.info.files["train"])
-        return HrnetError("corrupt training data at step %d: %s; convert the data set again (or fetch it again)"
-                          % (step, where or "TF reported a corrupt record (%s)" % first))
+        steps = "step %d" % first_step if first_step == last_step else "steps %d-%d" % (first_step, last_step)
+        return HrnetError("corrupt training data at %s: %s; convert the data set again (or fetch it again)"
+                          % (steps, where or "TF reported a corrupt record (%s)" % first))
 
     # ---- the metrics window ---------------------------------------------------------
     def _progress(self, step: int, window: "_Window") -> None:
@@ -568,9 +575,21 @@ def _restore_or_init(checkpoint, out_dir: str, cfg: TrainConfig) -> Optional[str
     return latest
 
 
-def _make_train_step(cfg: TrainConfig, backend, model, optimizer, step_var):
-    """The compiled step: a batch per replica, the gradients all-reduced, the step counted;
-    returns the summed data loss, correct predictions and a non-finite flag."""
+def _loop_steps(step: int, cfg: TrainConfig, val_steps) -> int:
+    """Steps for the next call of the training loop: steps_per_loop, cut short where the
+    host has work (a log line, a checkpoint, a validation, the end)."""
+    due = [cfg.train_steps, (step // cfg.log_every + 1) * cfg.log_every,
+           (step // cfg.checkpoint_every + 1) * cfg.checkpoint_every]
+    due += [s for s in val_steps if s > step]
+    return max(1, min(cfg.steps_per_loop, min(due) - step))
+
+
+def _make_train_loop(cfg: TrainConfig, backend, model, optimizer, step_var):
+    """The compiled loop: ``n`` steps in one call (a while loop in the graph; on the npu, the
+    adapter's sunk loop). One step: a batch per replica, the gradients all-reduced, the step
+    counted. Returns the data loss and correct predictions summed over the steps run, a
+    non-finite flag and the steps run: a non-finite step ends the loop early (except on the
+    npu, whose sunk loop runs its whole length), so it is caught at the step it happened."""
     import tensorflow as tf
 
     from hrnet import compat
@@ -609,14 +628,26 @@ def _make_train_step(cfg: TrainConfig, backend, model, optimizer, step_var):
         bad = tf.maximum(bad, 1.0 - tf.cast(tf.math.is_finite(loss), tf.float32))
         return data_loss, correct, bad
 
-    @tf.function
-    def train_step(it):
+    def one_step(it):
         images, labels = next(it)
         results = strategy.run(step_fn, args=(images, labels))
         step_var.assign_add(1)
         return [strategy.reduce(tf.distribute.ReduceOp.SUM, r, axis=None) for r in results]
 
-    return train_step
+    @tf.function
+    def train_loop(it, n):
+        def more(done, loss, correct, bad):
+            return done < n if backend.sinks_loops else tf.logical_and(done < n, bad == 0.0)
+
+        def body(done, loss, correct, bad):
+            step_loss, step_correct, step_bad = one_step(it)
+            return done + 1, loss + step_loss, correct + step_correct, tf.maximum(bad, step_bad)
+
+        zero = tf.constant(0.0)
+        done, loss, correct, bad = tf.while_loop(more, body, (tf.constant(0), zero, zero, zero))
+        return loss, correct, bad, done
+
+    return train_loop
 
 
 class _Window:
@@ -630,12 +661,13 @@ class _Window:
         self.steps = self.timed_steps = 0
         self.start = time.time()
 
-    def add(self, loss: float, correct: float, seconds: float, timed: bool) -> None:
+    def add(self, loss: float, correct: float, seconds: float, steps: int, timed: bool) -> None:
+        """Sums over ``steps`` steps that took ``seconds``."""
         self.loss += loss
         self.correct += correct
-        self.steps += 1
+        self.steps += steps
         if timed:
-            self.timed_steps += 1
+            self.timed_steps += steps
             self.timed_seconds += seconds
 
     def close(self, step: int, cfg: TrainConfig, lr: float):
