@@ -1,29 +1,32 @@
-"""tf.data input pipeline throughput on records of generated photo-sized JPEGs (500x375, ~110 KB).
+"""Input pipeline throughput against torchvision's, on the same generated photo-sized JPEGs
+(500x375, ~110 KB), in one run.
 
     python benchmarks/input_throughput.py --images 1000 --batch 64 --size 224
 
-Prints images/s total and per core for the train pipeline (random crop with the fused
-decode_and_crop_jpeg, flip, resize, normalize) and the eval pipeline (center crop), with
-nothing else running: the rate a training step must not exceed to be fed in time.
+Ours: tf.data on the records converted from the JPEG tree; train = the fused
+decode_and_crop_jpeg random crop, flip, resize, normalize; eval = center crop. torchvision
+(torch extra): what a PyTorch user runs on that tree, ImageFolder + RandomResizedCrop +
+RandomHorizontalFlip + ToTensor + Normalize (eval: Resize + CenterCrop) in a DataLoader
+with a worker per core, in its own process. Prints images/s in total and per core, and the
+ratio ours / torchvision: the rate a training step must not exceed to be fed in time.
 """
 import argparse
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from convert_throughput import make_photos  # noqa: E402
-
-from hrnet import data  # noqa: E402
-from hrnet.data.convert import convert_dataset  # noqa: E402
-from hrnet.data.input import DTYPES  # noqa: E402
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def rate(dataset, batches: int, warmup: int) -> float:
-    """Images/s over ``batches`` batches, after ``warmup`` batches (tracing, buffer fill)."""
-    iterator = iter(dataset)
+def rate(batches_of, batches: int, warmup: int) -> float:
+    """Images/s over ``batches`` batches, after ``warmup`` batches (tracing, workers, buffers)."""
+    iterator = iter(batches_of)
     for _ in range(warmup):
         next(iterator)
     images = 0
@@ -34,33 +37,79 @@ def rate(dataset, batches: int, warmup: int) -> float:
     return images / (time.perf_counter() - start)
 
 
+def ours(src: str, records: str, batch: int, size: int, batches: int, dtype: str) -> dict:
+    from hrnet import data
+    from hrnet.data.convert import convert_dataset
+
+    if not os.path.exists(os.path.join(records, "manifest.json")):
+        convert_dataset(src, records, train_shards=16, validation_shards=4, progress=False)
+    info = data.dataset_info(records)
+    # A small shuffle buffer: the benchmark measures decoding, not the buffer's first fill.
+    train = data.train_dataset(info, batch, size, dtype=dtype, shuffle_buffer=256)
+    evaluation = data.eval_dataset(info, batch, size, dtype=dtype).repeat()
+    return {"train": rate(train, batches, warmup=5), "eval": rate(evaluation, batches, warmup=5)}
+
+
+def torchvision_side(src: str, batch: int, size: int, batches: int) -> dict:
+    import itertools
+
+    import torch
+    from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    from torchvision import datasets, transforms
+
+    # The PyTorch side's own constants (the same values as ours): TensorFlow stays out of
+    # this process, whose DataLoader workers are forked.
+    normalize = [transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
+    train = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip()] + normalize)
+    evaluation = transforms.Compose([transforms.Resize(int(size / DEFAULT_CROP_PCT)), transforms.CenterCrop(size)]
+                                    + normalize)
+
+    def loader(split, transform, shuffle):
+        folder = datasets.ImageFolder(os.path.join(src, split), transform=transform)
+        batches_of = torch.utils.data.DataLoader(folder, batch_size=batch, shuffle=shuffle, num_workers=CORES,
+                                                 persistent_workers=True, drop_last=True)
+        return itertools.chain.from_iterable(itertools.repeat(batches_of))  # epochs one after another
+
+    return {"train": rate(loader("train", train, True), batches, warmup=5),
+            "eval": rate(loader("validation", evaluation, False), batches, warmup=5)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batches", type=int, default=40)
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--dir", help="scratch folder (default: a temporary one, removed after)")
+    parser.add_argument("--side", choices=("ours", "torchvision"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     scratch = args.dir or tempfile.mkdtemp(prefix="hrnet-input-bench-")
-    src, out = os.path.join(scratch, "src"), os.path.join(scratch, "records")
+    src, records = os.path.join(scratch, "src"), os.path.join(scratch, "records")
+    if args.side:
+        figures = (ours(src, records, args.batch, args.size, args.batches, args.dtype) if args.side == "ours"
+                   else torchvision_side(src, args.batch, args.size, args.batches))
+        print(json.dumps(figures))
+        return
     try:
-        if not os.path.exists(os.path.join(out, "manifest.json")):
+        if not os.path.isdir(src):
+            from convert_throughput import make_photos  # imports TensorFlow: not in the sides' processes
+
             make_photos(src, args.images)
-            convert_dataset(src, out, train_shards=16, validation_shards=4, progress=False)
-        info = data.dataset_info(out)
-        print(f"{info.counts['train']} train / {info.counts['validation']} validation records "
-              f"of 500x375 JPEGs; {args.size}x{args.size} {args.dtype}, batch {args.batch}, {cores} cores")
-        # A small shuffle buffer: the benchmark measures decoding, not the buffer's first fill.
-        train = data.train_dataset(info, args.batch, args.size, dtype=args.dtype, shuffle_buffer=256)
-        r = rate(train, args.batches, warmup=5)
-        print(f"train pipeline: {r:8.1f} images/s total, {r / cores:.1f} per core")
-        evaluation = data.eval_dataset(info, args.batch, args.size, dtype=args.dtype).repeat()
-        r = rate(evaluation, args.batches, warmup=5)
-        print(f"eval pipeline:  {r:8.1f} images/s total, {r / cores:.1f} per core")
+        print(f"{args.images} JPEGs of 500x375 (1 in 10 for validation); {args.size}x{args.size}, "
+              f"batch {args.batch}, {CORES} cores; ours {args.dtype}")
+        figures = {}
+        for side in ("ours", "torchvision"):
+            cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--dir", scratch] + [
+                f"--{k}={getattr(args, k)}" for k in ("batch", "size", "batches", "dtype")]
+            out = subprocess.run(cmd, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), capture_output=True,
+                                 text=True, check=True).stdout
+            figures[side] = json.loads(out.strip().splitlines()[-1])
+        for what in ("train", "eval"):
+            a, b = figures["ours"][what], figures["torchvision"][what]
+            print(f"{what:5s} pipeline  ours {a:7.1f} images/s ({a / CORES:6.1f} per core)   torchvision "
+                  f"{b:7.1f} ({b / CORES:6.1f} per core)   ratio {a / b:5.2f}x")
     finally:
         if not args.dir:
             shutil.rmtree(scratch, ignore_errors=True)
