@@ -1,23 +1,31 @@
-"""Converter throughput on generated photo-sized JPEGs (500x375, about 110 KB, like ImageNet's).
+"""Converter throughput against slim's build_imagenet_data.py algorithm, on the same tree of
+generated photo-sized JPEGs (500x375, about 110 KB, like ImageNet's), in one run.
 
-    python benchmarks/convert_throughput.py --images 800 --workers 4
+    python benchmarks/convert_throughput.py --images 8000 --workers 2
 
-Prints images/s on one core (in-process, TensorFlow already loaded) for the converter as it
-runs (RGB JPEGs stored byte for byte, size from the header) and for decoding every image
-(``verify``, what slim's build_imagenet_data.py pays), then images/s total and per core
-with the worker processes (steady state, their start-up measured apart). For scale:
-slim's script does about 150 images/s with 16 threads.
+Three converters, each with ``--workers`` cores:
+- ours as it runs (worker processes; RGB JPEGs stored byte for byte, size from the header);
+- ours with ``verify`` (every image decoded, as slim does);
+- slim's algorithm (``slim_convert``: slim's threads, per-image decode and Example, written
+  here for TF 2; slim's script itself is TF 1 code).
+
+Each rate is the steady state: the run on all the images minus the run on half of them, so
+that start-up (worker processes importing TensorFlow, threads starting) is left out and
+reported apart. Prints images/s, per core, and the ratio against slim.
 """
 import argparse
 import io
 import os
+import random
 import shutil
 import tempfile
+import threading
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from hrnet.data.convert import convert_dataset  # noqa: E402
@@ -47,42 +55,115 @@ def make_photos(root: str, n: int, classes: int = 8, seed: int = 0) -> int:
     return total
 
 
-def timed_convert(src: str, out: str, workers: int, **kw) -> float:
+# ------------------------------------------------------------------- slim's algorithm
+
+def _feature(value):
+    if isinstance(value, bytes):
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+    if isinstance(value, list):
+        return tf.train.Feature(float_list=tf.train.FloatList(value=value))
+    return tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
+
+
+def _slim_example(filename: str, image: bytes, label: int, synset: str, height: int, width: int):
+    """The features slim's _convert_to_example writes (no boxes here: empty box lists)."""
+    return tf.train.Example(features=tf.train.Features(feature={
+        "image/height": _feature(height), "image/width": _feature(width),
+        "image/colorspace": _feature(b"RGB"), "image/channels": _feature(3),
+        "image/class/label": _feature(label), "image/class/synset": _feature(synset.encode()),
+        "image/class/text": _feature(synset.encode()),
+        "image/object/bbox/xmin": _feature([]), "image/object/bbox/xmax": _feature([]),
+        "image/object/bbox/ymin": _feature([]), "image/object/bbox/ymax": _feature([]),
+        "image/object/bbox/label": tf.train.Feature(int64_list=tf.train.Int64List(value=[])),
+        "image/format": _feature(b"JPEG"), "image/filename": _feature(os.path.basename(filename).encode()),
+        "image/encoded": _feature(image)}))
+
+
+def _slim_split(files, out: str, name: str, shards: int, threads: int) -> None:
+    """slim's _process_image_files: contiguous ranges, one per thread; each thread writes its
+    shards one after the other; per image: read, decode whole (ImageCoder.decode_jpeg,
+    channels=3) for the size and the RGB check, build the Example, write."""
+    bounds = np.linspace(0, len(files), threads + 1).astype(int)
+
+    def work(t: int) -> None:
+        per_thread = shards // threads
+        shard_bounds = np.linspace(bounds[t], bounds[t + 1], per_thread + 1).astype(int)
+        for s in range(per_thread):
+            shard = t * per_thread + s
+            with tf.io.TFRecordWriter(os.path.join(out, "%s-%.5d-of-%.5d" % (name, shard, shards))) as writer:
+                for i in range(shard_bounds[s], shard_bounds[s + 1]):
+                    path, label, synset = files[i]
+                    with tf.io.gfile.GFile(path, "rb") as f:
+                        data = f.read()
+                    image = tf.io.decode_jpeg(data, channels=3)
+                    assert image.shape[2] == 3
+                    writer.write(_slim_example(path, data, label, synset, int(image.shape[0]),
+                                               int(image.shape[1])).SerializeToString())
+
+    workers = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+
+
+def slim_convert(src: str, out: str, threads: int, train_shards: int, validation_shards: int) -> None:
+    """slim's build_imagenet_data.py on a class-folder tree: labels 1..N by sorted synset, the
+    file list shuffled with slim's seed, then each split through _slim_split."""
+    os.makedirs(out, exist_ok=True)
+    synsets = sorted(os.listdir(os.path.join(src, "train")))
+    for split, shards in (("validation", validation_shards), ("train", train_shards)):
+        files = [(os.path.join(src, split, s, f), label, s) for label, s in enumerate(synsets, start=1)
+                 if os.path.isdir(os.path.join(src, split, s)) for f in sorted(os.listdir(os.path.join(src, split, s)))]
+        random.Random(12345).shuffle(files)
+        _slim_split(files, out, split, shards, threads)
+
+
+# ----------------------------------------------------------------------------- timing
+
+def timed(convert, src: str, out: str) -> float:
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    convert_dataset(src, out, workers=workers, progress=False, **kw)
+    convert(src, out)
     return time.perf_counter() - start
+
+
+def steady(convert, half: str, whole: str, n_half: int, n_whole: int, out: str):
+    """(images/s at steady state, start-up seconds) from a run on half and one on all."""
+    t_half, t_whole = timed(convert, half, out), timed(convert, whole, out)
+    rate = (n_whole - n_half) / max(t_whole - t_half, 1e-9)
+    return rate, max(t_half - n_half / rate, 0.0)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=800)
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--images", type=int, default=8000)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (ours), threads (slim)")
     parser.add_argument("--dir", help="scratch folder (default: a temporary one, removed after)")
     args = parser.parse_args()
 
     scratch = args.dir or tempfile.mkdtemp(prefix="hrnet-convert-bench-")
-    src, out = os.path.join(scratch, "src"), os.path.join(scratch, "out")
+    whole, half, out = (os.path.join(scratch, d) for d in ("whole", "half", "out"))
+    n_half = args.images // 2
     try:
-        total_bytes = make_photos(src, args.images)
-        print(f"{args.images} JPEGs, 500x375, {total_bytes / args.images / 1024:.0f} KB on average")
-        shards = dict(train_shards=max(args.workers * 2, 2), validation_shards=2)
-        timed_convert(src, out, 1, **shards)  # warm-up: TensorFlow import, page cache
-        one = timed_convert(src, out, 1, **shards)
-        decode_all = timed_convert(src, out, 1, verify=True, **shards)
-        print(f"1 core, header only (as converted): {args.images / one:8.1f} images/s")
-        print(f"1 core, decoding every image:       {args.images / decode_all:8.1f} images/s")
-        if args.workers > 1:
-            # Workers start by importing TensorFlow (seconds); the difference between a run on
-            # half and on all of the images is the steady rate, without that start-up.
-            half = os.path.join(scratch, "half")
-            make_photos(half, args.images // 2)
-            t_half = timed_convert(half, out, args.workers, **shards)
-            t_all = timed_convert(src, out, args.workers, **shards)
-            rate = (args.images - args.images // 2) / max(t_all - t_half, 1e-9)
-            startup = max(t_half - (args.images // 2) / rate, 0.0)
-            print(f"{args.workers} worker processes: {rate:8.1f} images/s total, {rate / args.workers:.1f} per core "
-                  f"(steady state; start-up {startup:.1f} s)")
+        total_bytes = make_photos(whole, args.images)
+        make_photos(half, n_half)
+        print(f"{args.images} JPEGs (and {n_half} for the start-up), 500x375, "
+              f"{total_bytes / args.images / 1024:.0f} KB on average; {args.workers} worker(s) each")
+        w = args.workers
+        shards = dict(train_shards=w * 2, validation_shards=w)
+        converters = {
+            "ours": lambda s, o: convert_dataset(s, o, workers=w, progress=False, **shards),
+            "ours, verify (decodes all)": lambda s, o: convert_dataset(s, o, workers=w, verify=True,
+                                                                       progress=False, **shards),
+            "slim's algorithm": lambda s, o: slim_convert(s, o, w, **shards),
+        }
+        timed(converters["ours"], half, out)  # warm-up: page cache, TensorFlow's first ops
+        rates = {name: steady(fn, half, whole, n_half, args.images, out) for name, fn in converters.items()}
+        slim = rates["slim's algorithm"][0]
+        for name, (rate, startup) in rates.items():
+            print(f"{name:27s} {rate:8.1f} images/s, {rate / w:7.1f} per core, {rate / slim:5.2f}x slim "
+                  f"(start-up {startup:.1f} s)")
     finally:
         if not args.dir:
             shutil.rmtree(scratch, ignore_errors=True)
