@@ -2,7 +2,8 @@
 
     python benchmarks/model_throughput.py --model w18 --batch 32 --size 224
 
-Prints images/s for inference and for a training step (forward, backward, SGD update),
+Prints images/s for inference (as built, and with BN folded into the convs by
+hrnet.model.fold_batch_norm) and for a training step (forward, backward, SGD update),
 each as a tf.function with and without XLA jit compilation, on synthetic data already
 on the device (so the input pipeline is not measured; see input_throughput.py).
 """
@@ -15,7 +16,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # noqa: E402
 
 from hrnet.compat import keras, make_sgd, scale_loss, set_mixed_precision, unscale_gradients  # noqa: E402
-from hrnet.model import build_model  # noqa: E402
+from hrnet.model import build_model, fold_batch_norm  # noqa: E402
 
 POLICIES = {"fp32": "float32", "mixed_fp16": "mixed_float16", "bf16": "mixed_bfloat16"}
 
@@ -62,7 +63,14 @@ def measure(model_name: str, batch: int, size: int, precision: str, jit: bool, w
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return loss
 
-    return batch / _time(infer, warmup, iters), batch / _time(train_step, warmup, iters)
+    inference, training = batch / _time(infer, warmup, iters), batch / _time(train_step, warmup, iters)
+    folded = fold_batch_norm(model, model_name)
+
+    @tf.function(jit_compile=jit)
+    def infer_folded():
+        return folded(images, training=False)
+
+    return inference, training, batch / _time(infer_folded, warmup, iters)
 
 
 def main() -> None:
@@ -82,9 +90,10 @@ def main() -> None:
     print("hrnet_%s batch %d %dx%d %s on %s, TF %s" % (
         args.model, args.batch, args.size, args.size, args.precision, device, tf.__version__))
     for jit in ([False] if args.no_xla else [False, True]):
-        infer, train = measure(args.model, args.batch, args.size, args.precision, jit, args.warmup, args.iters)
-        print("%-22s inference %9.1f img/s   training %9.1f img/s" % (
-            "tf.function" + (" + XLA jit" if jit else ""), infer, train))
+        infer, train, folded = measure(args.model, args.batch, args.size, args.precision, jit, args.warmup,
+                                       args.iters)
+        print("%-22s inference %9.1f img/s (BN folded: %.1f)   training %9.1f img/s" % (
+            "tf.function" + (" + XLA jit" if jit else ""), infer, folded, train))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
-from hrnet.compat import tf_variable, weight_name
+from hrnet.compat import keras, tf_variable, weight_name
 from hrnet.errors import HrnetError
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,10 @@ def torch_state_dict(path: str) -> Dict[str, np.ndarray]:
 
 def torch_to_keras(state: Dict[str, np.ndarray], model) -> Dict[str, np.ndarray]:
     """Rename and re-layout PyTorch tensors to the model's weight keys."""
-    kinds = {layer.name: type(layer).__name__ for layer in model.layers}
+    # By base class: the model's BatchNormalization is a subclass of Keras' under Keras 3.
+    bases = (keras.layers.BatchNormalization, keras.layers.Conv2D, keras.layers.Dense)
+    kinds = {layer.name: next((b.__name__ for b in bases if isinstance(layer, b)), type(layer).__name__)
+             for layer in model.layers}
     out = {}
     for key, value in state.items():
         module, _, param = key.rpartition(".")

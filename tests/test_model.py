@@ -108,6 +108,67 @@ def test_forward_backward_step():
     assert not np.allclose(model.get_layer("bn1").moving_mean.numpy(), 0.0)
 
 
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_batch_norm_is_pytorchs_in_training_and_inference(policy):
+    """The model's BatchNormalization (TF's fused kernel under Keras 3, Keras 2's own layer
+    under Keras 2): normalized by the batch's statistics in training, the moving averages
+    updated with PyTorch's momentum and the unbiased variance; by the moving ones in
+    inference. Against the formulas, in numpy."""
+    from hrnet.compat import BatchNormalization, set_mixed_precision
+    from hrnet.model.hrnet import BN_EPSILON, BN_MOMENTUM
+
+    rng = np.random.RandomState(0)
+    x = (rng.randn(4, 5, 5, 6) * 3 + 1).astype(np.float32)
+    gamma, beta, mean0, var0 = (rng.rand(6).astype(np.float32) + 0.5 for _ in range(4))
+    set_mixed_precision(policy)
+    try:
+        layer = BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON)
+        layer.build(x.shape)
+        layer.set_weights([gamma, beta, mean0, var0])
+        inference = layer(tf.constant(x), training=False)
+        training = layer(tf.constant(x), training=True)
+    finally:
+        set_mixed_precision("float32")
+    tol = dict(rtol=1e-5, atol=1e-5) if policy == "float32" else dict(rtol=2e-2, atol=5e-2)
+    assert inference.dtype == training.dtype == (tf.float32 if policy == "float32" else tf.bfloat16)
+    np.testing.assert_allclose(inference.numpy().astype(np.float32),
+                               gamma * (x - mean0) / np.sqrt(var0 + BN_EPSILON) + beta, **tol)
+    mean, var = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
+    np.testing.assert_allclose(training.numpy().astype(np.float32),
+                               gamma * (x - mean) / np.sqrt(var + BN_EPSILON) + beta, **tol)
+    n = x.size // 6
+    # Under the mixed policy x reaches the layer rounded to bfloat16.
+    stats = dict(rtol=1e-5) if policy == "float32" else dict(rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), BN_MOMENTUM * mean0 + (1 - BN_MOMENTUM) * mean, **stats)
+    np.testing.assert_allclose(layer.moving_variance.numpy(),
+                               BN_MOMENTUM * var0 + (1 - BN_MOMENTUM) * var * n / (n - 1), **stats)
+
+
+def test_folding_batch_norm_into_the_convs_keeps_the_logits():
+    from hrnet.compat import set_mixed_precision
+    from hrnet.model import fold_batch_norm
+
+    model = build_model("w18_small_v1", num_classes=9, input_size=(64, 64))
+    rng = np.random.RandomState(1)
+    for layer in model.layers:  # statistics far from the initial 0 / 1, so that folding shows
+        if isinstance(layer, keras.layers.BatchNormalization):
+            c = layer.gamma.shape[0]
+            layer.set_weights([rng.rand(c) + 0.5, rng.randn(c) * 0.1, rng.randn(c) * 0.1, rng.rand(c) + 0.5])
+    images = tf.constant(rng.rand(2, 64, 64, 3).astype(np.float32))
+    expected = model(images, training=False).numpy()
+    folded = fold_batch_norm(model, "w18_small_v1")
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in folded.layers)
+    assert all(layer.use_bias for layer in folded.layers if isinstance(layer, keras.layers.Conv2D))
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(folded(images).numpy(), expected, atol=1e-4 * scale)
+    set_mixed_precision("mixed_bfloat16")
+    try:
+        low = fold_batch_norm(model, "w18_small_v1")(images).numpy()
+    finally:
+        set_mixed_precision("float32")
+    assert low.dtype == np.float32 and np.abs(low - expected).max() < 0.1 * scale
+
+
 def test_logits_stay_float32_under_mixed_precision():
     from hrnet.compat import set_mixed_precision
 
