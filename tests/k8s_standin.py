@@ -31,7 +31,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -40,6 +39,8 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Dict, List, Optional
 from urllib.parse import parse_qs, urlparse
+
+from hrnet.runtime.launch import free_ports
 
 JOB_PLURALS = {("batch.volcano.sh", "jobs"): "volcano", ("kubeflow.org", "tfjobs"): "tfjob"}
 
@@ -50,18 +51,6 @@ def _now() -> str:
     frac = f"{int((t % 1) * 1e9):09d}".rstrip("0")
     base = datetime.datetime.fromtimestamp(int(t), datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
     return base + (f".{frac}" if frac else "") + "Z"
-
-
-def _free_ports(n: int) -> List[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 class Pod:
@@ -309,7 +298,7 @@ class Cluster:
             for i in range(replicas):
                 extra[i]["RANK_TABLE_FILE"] = table_file
         else:
-            ports = _free_ports(replicas)
+            ports = free_ports(replicas)
             for i in range(replicas):
                 extra[i]["TF_CONFIG"] = json.dumps({"cluster": {"worker": [f"localhost:{p}" for p in ports]},
                                                     "task": {"type": "worker", "index": i},

@@ -17,12 +17,12 @@ One process per device, started by ``hrnet launch`` with the environment of its 
 
 What is exercised here: the cpu backends for real (one process, and two processes under
 MultiWorkerMirroredStrategy); the npu backend only through a fake ``npu_device`` module
-that records the calls made to it (tests/test_train_devices.py), which checks that
-this seam calls the adapter API as its documentation says (npu.global_options(),
+that records the calls made to it (tests/test_train.py), which checks that this seam
+calls the adapter API as its documentation says (npu.global_options(),
 npu.open().as_default(), npu.distribute.all_reduce / broadcast,
-npu.train.optimizer.NpuLossScaleOptimizer, npu.set_npu_loop_size), not that the adapter or HCCL behave. No
-Ascend hardware, CANN or GPU is available where this was written: the gpu and npu paths
-are unverified on real devices.
+npu.train.optimizer.NpuLossScaleOptimizer, npu.set_npu_loop_size), not that the adapter
+or HCCL behave. No Ascend hardware, CANN or GPU is available where this was written: the
+gpu and npu paths are unverified on real devices.
 """
 import json
 import logging

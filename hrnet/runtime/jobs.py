@@ -281,9 +281,8 @@ def ring_config_object(spec: JobSpec, owner: Optional[Mapping[str, Any]] = None)
 
 # ----------------------------------------------------------------------------- reading state
 
-def job_phase(spec_or_engine: Any, job: Mapping[str, Any]) -> Tuple[str, str]:
+def job_phase(engine: Engine, job: Mapping[str, Any]) -> Tuple[str, str]:
     """("running" | "succeeded" | "failed", the engine's words) of a job object."""
-    engine = spec_or_engine.engine if isinstance(spec_or_engine, JobSpec) else spec_or_engine
     status = job.get("status") or {}
     if engine is VOLCANO:
         state = status.get("state") or {}
@@ -474,7 +473,7 @@ class JobRunner:
             if labels.get(JOB_LABEL) != self.spec.name:
                 raise HrnetError(f"{self._what()} exists and was not made by hrnet (no {JOB_LABEL} label); "
                                  "it is left alone: choose another job name")
-            phase, words = job_phase(self.spec, existing)
+            phase, words = job_phase(self.spec.engine, existing)
             if phase != "failed":
                 log.info("attaching to %s, which exists already (%s)", self._what(), words)
                 return existing
@@ -548,7 +547,7 @@ class JobRunner:
                 continue
             if job is None:
                 raise JobFailed(f"{self._what()} was deleted by someone else")
-            phase, words = job_phase(self.spec, job)
+            phase, words = job_phase(self.spec.engine, job)
             fatal = self._report(pods)
             chief = next((p for p in pods if p["metadata"]["name"] == self.spec.chief), None)
             if chief is not None:
