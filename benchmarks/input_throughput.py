@@ -14,12 +14,12 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from sides import run_side  # noqa: E402
 
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -99,13 +99,8 @@ def main() -> None:
             make_photos(src, args.images)
         print(f"{args.images} JPEGs of 500x375 (1 in 10 for validation); {args.size}x{args.size}, "
               f"batch {args.batch}, {CORES} cores; ours {args.dtype}")
-        figures = {}
-        for side in ("ours", "torchvision"):
-            cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--dir", scratch] + [
-                f"--{k}={getattr(args, k)}" for k in ("batch", "size", "batches", "dtype")]
-            out = subprocess.run(cmd, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), capture_output=True,
-                                 text=True, check=True).stdout
-            figures[side] = json.loads(out.strip().splitlines()[-1])
+        side_args = ["--dir", scratch] + [f"--{k}={getattr(args, k)}" for k in ("batch", "size", "batches", "dtype")]
+        figures = {side: run_side(__file__, side, side_args) for side in ("ours", "torchvision")}
         for what in ("train", "eval"):
             a, b = figures["ours"][what], figures["torchvision"][what]
             print(f"{what:5s} pipeline  ours {a:7.1f} images/s ({a / CORES:6.1f} per core)   torchvision "

@@ -14,9 +14,10 @@ both and the ratio ours / timm.
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
+
+from sides import run_side
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -80,15 +81,10 @@ def main() -> None:
         return
     print(f"hrnet_{args.model} batch {args.batch} {args.size}x{args.size} on {os.cpu_count()} CPU(s); "
           f"{args.warmup} warm-up + {args.iters} timed calls per figure")
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     for precision in args.precision:
-        figures = {}
-        for side in ("ours", "timm"):
-            cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--model", args.model, "--batch",
-                   str(args.batch), "--size", str(args.size), "--precision", precision, "--warmup",
-                   str(args.warmup), "--iters", str(args.iters)]
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
-            figures[side] = json.loads(out.strip().splitlines()[-1])
+        figures = {side: run_side(__file__, side, [
+            "--model", args.model, "--batch", str(args.batch), "--size", str(args.size), "--precision", precision,
+            "--warmup", str(args.warmup), "--iters", str(args.iters)]) for side in ("ours", "timm")}
         for what in ("inference", "inference, BN folded", "training"):
             a, b = figures["ours"][what], figures["timm"][what.split(",")[0]]  # timm as it is, unfolded
             print(f"{precision:5s} {what:20s}  ours {a:8.1f} img/s   timm {b:8.1f} img/s   ratio {a / b:5.2f}x")
