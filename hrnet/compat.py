@@ -34,27 +34,34 @@ class _FusedBatchNormalization(keras.layers.BatchNormalization):
     back under a mixed policy) and differentiates each of them. FusedBatchNormV3 is one op,
     and one gradient op; oneDNN folds it into the preceding float32 convolution for
     inference. Measured on AMX (HRNet-W18, batch 16): inference 15.5 -> 22.9 img/s under
-    mixed_bfloat16, 19.7 -> 22.8 in float32. In training a 16-bit input is normalized in
-    float32 as Keras 3 does (its batch statistics), which is also the faster kernel there:
-    oneDNN's bfloat16 batch norm falls back to a slow generic one for channel counts that
-    are not multiples of 16 (HRNet's 18, 36, 72), and its gradient was the largest single
-    cost of a training step (5.5 img/s; 6.5 in float32). The weights are the same four;
-    the moving variance is updated with the batch's unbiased variance, as Keras 2 and
-    PyTorch do (Keras 3's own layer uses the biased one).
+    mixed_bfloat16, 19.7 -> 22.8 in float32.
+
+    A 16-bit input is normalized in its own dtype only where its channel count is a
+    multiple of 16, elsewhere in float32 between two casts. oneDNN's bfloat16 batch norm
+    has a fast kernel only for such channel counts and falls back to a slow generic one for
+    HRNet's 18, 36, 72, 144 (ONEDNN_VERBOSE: ``nspc_bnorm:any``), slower than the casts;
+    the stem's and stage 1's 64 and 256 channels, the largest tensors, skip both casts.
+    Measured (W18, batch 16, against float32 everywhere in training and bfloat16 everywhere
+    in inference): bf16 training 6.5 -> 7.2 img/s, unfolded bf16 inference 22.4 -> 24.7.
+    The statistics are float32 either way (the kernel accumulates in float32), as Keras 3
+    computes them. The weights are the same four; the moving variance is updated with the
+    batch's unbiased variance, as Keras 2 and PyTorch do (Keras 3's own layer uses the
+    biased one).
     """
 
     def call(self, inputs, training=None, mask=None):
         if (mask is not None or self.renorm or len(inputs.shape) != 4 or self.axis % 4 != 3
                 or not (self.center and self.scale)):
             return super().call(inputs, training=training, mask=mask)
+        x = inputs if inputs.shape[-1] % 16 == 0 else tf.cast(inputs, tf.float32)
         if not (training and self.trainable):
-            return tf.compat.v1.nn.fused_batch_norm(
-                inputs, self.gamma, self.beta, mean=self.moving_mean, variance=self.moving_variance,
+            outputs = tf.compat.v1.nn.fused_batch_norm(
+                x, self.gamma, self.beta, mean=self.moving_mean, variance=self.moving_variance,
                 epsilon=self.epsilon, is_training=False)[0]
+            return tf.cast(outputs, inputs.dtype)
         outputs, mean, variance = tf.compat.v1.nn.fused_batch_norm(
-            tf.cast(inputs, tf.float32), self.gamma, self.beta, mean=self.moving_mean,
-            variance=self.moving_variance, epsilon=self.epsilon, is_training=True,
-            exponential_avg_factor=1.0 - self.momentum)
+            x, self.gamma, self.beta, mean=self.moving_mean, variance=self.moving_variance,
+            epsilon=self.epsilon, is_training=True, exponential_avg_factor=1.0 - self.momentum)
         self.moving_mean.assign(mean)
         self.moving_variance.assign(variance)
         return tf.cast(outputs, inputs.dtype)

@@ -109,17 +109,19 @@ def test_forward_backward_step():
 
 
 @pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
-def test_batch_norm_is_pytorchs_in_training_and_inference(policy):
+@pytest.mark.parametrize("channels", [6, 16])
+def test_batch_norm_is_pytorchs_in_training_and_inference(policy, channels):
     """The model's BatchNormalization (TF's fused kernel under Keras 3, Keras 2's own layer
     under Keras 2): normalized by the batch's statistics in training, the moving averages
     updated with PyTorch's momentum and the unbiased variance; by the moving ones in
-    inference. Against the formulas, in numpy."""
+    inference. Against the formulas, in numpy. Under Keras 3 a bfloat16 input goes to the
+    kernel in float32 for 6 channels and as it is for 16: both must agree with them."""
     from hrnet.compat import BatchNormalization, set_mixed_precision
     from hrnet.model.hrnet import BN_EPSILON, BN_MOMENTUM
 
     rng = np.random.RandomState(0)
-    x = (rng.randn(4, 5, 5, 6) * 3 + 1).astype(np.float32)
-    gamma, beta, mean0, var0 = (rng.rand(6).astype(np.float32) + 0.5 for _ in range(4))
+    x = (rng.randn(4, 5, 5, channels) * 3 + 1).astype(np.float32)
+    gamma, beta, mean0, var0 = (rng.rand(channels).astype(np.float32) + 0.5 for _ in range(4))
     set_mixed_precision(policy)
     try:
         layer = BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON)
@@ -136,7 +138,7 @@ def test_batch_norm_is_pytorchs_in_training_and_inference(policy):
     mean, var = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
     np.testing.assert_allclose(training.numpy().astype(np.float32),
                                gamma * (x - mean) / np.sqrt(var + BN_EPSILON) + beta, **tol)
-    n = x.size // 6
+    n = x.size // channels
     # Under the mixed policy x reaches the layer rounded to bfloat16.
     stats = dict(rtol=1e-5) if policy == "float32" else dict(rtol=1e-2, atol=1e-2)
     np.testing.assert_allclose(layer.moving_mean.numpy(), BN_MOMENTUM * mean0 + (1 - BN_MOMENTUM) * mean, **stats)
