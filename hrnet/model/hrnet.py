@@ -12,6 +12,7 @@ Two details keep imported weights reproducing the official logits:
 - BatchNorm uses epsilon 1e-5 and momentum 0.9 (PyTorch's momentum 0.1).
 """
 import contextvars
+import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -231,21 +232,28 @@ def build_model(
     return keras.Model(inputs, logits, name=model_name)
 
 
-def fold_batch_norm(model, config: Union[str, Dict[str, Any]]):
+def fold_batch_norm(model, config: Union[str, Dict[str, Any]], into=None):
     """An inference copy of ``model`` (a classifier built from ``config``) with every
     BatchNormalization folded into the convolution before it: kernel x g / sqrt(v + eps),
     bias (b - m) x g / sqrt(v + eps) + beta. The same logits up to rounding. TF folds
     conv + BN itself only in float32; under mixed_bfloat16, oneDNN runs BN as a separate,
-    generic kernel while conv + bias + ReLU fuse: HRNet-W18 inference was 4x faster folded."""
-    cfg = configs.load(config) if isinstance(config, str) else config
-    pairs: Dict[str, str] = {}
-    token = _FOLDING.set(pairs)
-    try:
-        folded = build_model(cfg, num_classes=model.get_layer("classifier").units,
-                             input_size=tuple(model.input.shape[1:3]), name=model.name)
-    finally:
-        _FOLDING.reset(token)
-    for conv_name, bn_name in pairs.items():
+    generic kernel while conv + bias + ReLU fuse: HRNet-W18 inference was 4x faster folded.
+
+    ``into``: a copy an earlier call made of this model, whose weights are folded again
+    from the model's current ones instead of building another (validation does so after
+    each stretch of training) and returned."""
+    folded = into
+    if folded is None:
+        cfg = configs.load(config) if isinstance(config, str) else config
+        pairs: Dict[str, str] = {}
+        token = _FOLDING.set(pairs)
+        try:
+            folded = build_model(cfg, num_classes=model.get_layer("classifier").units,
+                                 input_size=tuple(model.input.shape[1:3]), name=model.name)
+        finally:
+            _FOLDING.reset(token)
+        _FOLDED_PAIRS[folded] = pairs
+    for conv_name, bn_name in _FOLDED_PAIRS[folded].items():
         source, norm = model.get_layer(conv_name), model.get_layer(bn_name)
         kernel = source.kernel.numpy()
         bias = source.bias.numpy() if source.use_bias else np.zeros(kernel.shape[-1], np.float32)
@@ -255,3 +263,8 @@ def fold_batch_norm(model, config: Union[str, Dict[str, Any]]):
         folded.get_layer(conv_name).set_weights([kernel * scale, (bias - mean) * scale + beta])
     folded.get_layer("classifier").set_weights(model.get_layer("classifier").get_weights())
     return folded
+
+
+# Each folded copy's {conv name: BN name}, kept beside it rather than as a model attribute,
+# which Keras would track as state.
+_FOLDED_PAIRS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
