@@ -84,6 +84,9 @@ def main() -> None:
     parser.add_argument("--dir", help="scratch folder (default: a temporary one, removed after)")
     parser.add_argument("--side", choices=("ours", "torchvision"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.images // 10 < args.batch:  # torchvision's drop_last loader would yield no batch
+        parser.error(f"--images {args.images} gives {args.images // 10} validation images, fewer than one "
+                     f"batch of {args.batch}: use --images {10 * args.batch} or more")
 
     scratch = args.dir or tempfile.mkdtemp(prefix="hrnet-input-bench-")
     src, records = os.path.join(scratch, "src"), os.path.join(scratch, "records")
