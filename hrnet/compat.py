@@ -58,12 +58,12 @@ class _FusedBatchNormalization(keras.layers.BatchNormalization):
             outputs = tf.compat.v1.nn.fused_batch_norm(
                 x, self.gamma, self.beta, mean=self.moving_mean, variance=self.moving_variance,
                 epsilon=self.epsilon, is_training=False)[0]
-            return tf.cast(outputs, inputs.dtype)
-        outputs, mean, variance = tf.compat.v1.nn.fused_batch_norm(
-            x, self.gamma, self.beta, mean=self.moving_mean, variance=self.moving_variance,
-            epsilon=self.epsilon, is_training=True, exponential_avg_factor=1.0 - self.momentum)
-        self.moving_mean.assign(mean)
-        self.moving_variance.assign(variance)
+        else:
+            outputs, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+                x, self.gamma, self.beta, mean=self.moving_mean, variance=self.moving_variance,
+                epsilon=self.epsilon, is_training=True, exponential_avg_factor=1.0 - self.momentum)
+            self.moving_mean.assign(mean)
+            self.moving_variance.assign(variance)
         return tf.cast(outputs, inputs.dtype)
 
 

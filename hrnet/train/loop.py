@@ -336,13 +336,16 @@ class _Run:
 
     def _validation_model(self):
         """The model validation runs: under mixed_bfloat16 a copy with BN folded into the
-        convs (hrnet.model.fold_batch_norm; HRNet-W18 infers 4x faster on AMX), built once
-        and folded again from the training weights before each validation, else the model
-        itself (in float32 TF folds BN by itself; float16 and the NPU keep theirs). The copy
-        is built outside the strategy: each rank folds its own copy of the same weights."""
+        convs (hrnet.model.fold_batch_norm; HRNet-W18 infers 4x faster on AMX), built at the
+        first validation and folded again from the training weights at each later one, else
+        the model itself (in float32 TF folds BN by itself; float16 and the NPU keep theirs).
+        The copy is built outside the strategy: each rank folds its own copy of the same
+        weights."""
         from hrnet import compat
         from hrnet.model import fold_batch_norm
 
+        if self._folded is not None:
+            return fold_batch_norm(self.model, self.model_config, into=self._folded)
         if compat.keras.mixed_precision.global_policy().name != "mixed_bfloat16":
             return self.model
         log.info("validating under mixed_bfloat16 with BN folded into the convs")
@@ -470,15 +473,13 @@ class _Run:
         variables, so the same decisions); only the chief writes what it found."""
         from hrnet import data, weights
         from hrnet.evaluate import tally, top_k_predictor
-        from hrnet.model import fold_batch_norm
 
         cfg = self.cfg
         count = self.info.counts["validation"]
         log.info("validating at step %d on %d images", step, count)
+        model = self._validation_model()
         if self._predict is None:  # one tf.function for every validation: traced once
-            self._predict = top_k_predictor(self._validation_model(), cfg.image_size, cfg.num_classes)
-        elif self._folded is not None:
-            fold_batch_norm(self.model, self.model_config, into=self._folded)
+            self._predict = top_k_predictor(model, cfg.image_size, cfg.num_classes)
         batches = data.eval_dataset(self.info, batch_size=cfg.batch_size, image_size=cfg.image_size)
         result = tally(self._predict, batches, cfg.num_classes, count, "%s (validation)" % cfg.data, cfg.batch_size)
         self.last_val = {"step": step, "epoch": round(step / cfg.steps_per_epoch, 4), "val_top1": result.top1,
