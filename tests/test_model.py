@@ -109,38 +109,56 @@ def test_forward_backward_step():
 
 
 @pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
-@pytest.mark.parametrize("channels", [6, 16])
-def test_batch_norm_is_pytorchs_in_training_and_inference(policy, channels):
+@pytest.mark.parametrize("channels, width", [(6, 5), (6, 8), (16, 5)])
+def test_batch_norm_is_pytorchs_in_training_and_inference(policy, channels, width):
     """The model's BatchNormalization (TF's fused kernel under Keras 3, Keras 2's own layer
-    under Keras 2): normalized by the batch's statistics in training, the moving averages
-    updated with PyTorch's momentum and the unbiased variance; by the moving ones in
-    inference. Against the formulas, in numpy. Under Keras 3 a bfloat16 input goes to the
-    kernel in float32 for 6 channels and as it is for 16: both must agree with them."""
+    under Keras 2): normalized by the batch's statistics in training, with their gradient;
+    the moving averages updated with PyTorch's momentum and the unbiased variance; by the
+    moving ones in inference. Against the formulas, in numpy. Under Keras 3 the three
+    shapes take the three ways to the kernel: 6 channels on a width of 8 the channel-grouped
+    view (bf16, and float32 training), on a width of 5 float32 between casts (bf16), 16 the
+    input as it is."""
+    from hrnet import compat
     from hrnet.compat import BatchNormalization, set_mixed_precision
     from hrnet.model.hrnet import BN_EPSILON, BN_MOMENTUM
 
     rng = np.random.RandomState(0)
-    x = (rng.randn(4, 5, 5, channels) * 3 + 1).astype(np.float32)
+    x = (rng.randn(4, 5, width, channels) * 3 + 1).astype(np.float32)
+    dy = rng.randn(*x.shape).astype(np.float32)
     gamma, beta, mean0, var0 = (rng.rand(channels).astype(np.float32) + 0.5 for _ in range(4))
     set_mixed_precision(policy)
     try:
         layer = BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON)
         layer.build(x.shape)
         layer.set_weights([gamma, beta, mean0, var0])
-        inference = layer(tf.constant(x), training=False)
-        training = layer(tf.constant(x), training=True)
+        inputs = tf.cast(tf.constant(x), layer.compute_dtype)  # as the layer before hands it on
+        if compat.KERAS3:
+            assert compat._on_view(inputs, True) == (width == 8)
+        inference = layer(inputs, training=False)
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            training = layer(inputs, training=True)
+            loss = tf.reduce_sum(tf.cast(training, tf.float32) * dy)
+        dx, dgamma, dbeta = tape.gradient(loss, [inputs, layer.gamma, layer.beta])
     finally:
         set_mixed_precision("float32")
+    # Under the mixed policy x, and dy on its way back, are rounded to bfloat16.
+    x = inputs.numpy().astype(np.float64)
+    dy = tf.cast(tf.cast(dy, training.dtype), tf.float64).numpy()
     tol = dict(rtol=1e-5, atol=1e-5) if policy == "float32" else dict(rtol=2e-2, atol=5e-2)
     assert inference.dtype == training.dtype == (tf.float32 if policy == "float32" else tf.bfloat16)
     np.testing.assert_allclose(inference.numpy().astype(np.float32),
                                gamma * (x - mean0) / np.sqrt(var0 + BN_EPSILON) + beta, **tol)
-    mean, var = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
-    np.testing.assert_allclose(training.numpy().astype(np.float32),
-                               gamma * (x - mean) / np.sqrt(var + BN_EPSILON) + beta, **tol)
-    n = x.size // channels
-    # Under the mixed policy x reaches the layer rounded to bfloat16.
-    stats = dict(rtol=1e-5) if policy == "float32" else dict(rtol=1e-2, atol=1e-2)
+    axes, n = (0, 1, 2), x.size // channels
+    mean, var = x.mean(axis=axes), x.var(axis=axes)
+    rstd = 1 / np.sqrt(var + BN_EPSILON)
+    x_hat = (x - mean) * rstd
+    np.testing.assert_allclose(training.numpy().astype(np.float32), gamma * x_hat + beta, **tol)
+    np.testing.assert_allclose(dbeta.numpy(), dy.sum(axis=axes), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(dgamma.numpy(), (dy * x_hat).sum(axis=axes), rtol=1e-4, atol=1e-3)
+    expected_dx = gamma * rstd * (dy - dy.mean(axis=axes) - x_hat * (dy * x_hat).mean(axis=axes))
+    np.testing.assert_allclose(dx.numpy().astype(np.float32), expected_dx, **tol)
+    stats = dict(rtol=1e-5) if policy == "float32" else dict(rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(layer.moving_mean.numpy(), BN_MOMENTUM * mean0 + (1 - BN_MOMENTUM) * mean, **stats)
     np.testing.assert_allclose(layer.moving_variance.numpy(),
                                BN_MOMENTUM * var0 + (1 - BN_MOMENTUM) * var * n / (n - 1), **stats)
