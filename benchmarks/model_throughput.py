@@ -21,16 +21,20 @@ from hrnet.model import build_model, fold_batch_norm  # noqa: E402
 POLICIES = {"fp32": "float32", "mixed_fp16": "mixed_float16", "bf16": "mixed_bfloat16"}
 
 
-def _time(fn, warmup: int, iters: int) -> float:
-    """Seconds per call, after warm-up (tracing and XLA compilation stay out)."""
+def _time(fn, warmup: int, iters: int, rounds: int = 1) -> float:
+    """Seconds per call, after warm-up (tracing and XLA compilation stay out): the best of
+    `rounds` means over `iters` calls, the one least disturbed by the rest of the machine."""
     for _ in range(warmup):
         out = fn()
     _sync(out)
-    start = time.perf_counter()
-    for _ in range(iters):
-        out = fn()
-    _sync(out)
-    return (time.perf_counter() - start) / iters
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(iters):
+            out = fn()
+        _sync(out)
+        best = min(best, (time.perf_counter() - start) / iters)
+    return best
 
 
 def _sync(out) -> None:
@@ -38,7 +42,8 @@ def _sync(out) -> None:
     float(tf.reduce_sum(tf.cast(tf.nest.flatten(out)[0], tf.float32)))
 
 
-def measure(model_name: str, batch: int, size: int, precision: str, jit: bool, warmup: int, iters: int):
+def measure(model_name: str, batch: int, size: int, precision: str, jit: bool, warmup: int, iters: int,
+            rounds: int = 1):
     set_mixed_precision(POLICIES[precision])
     model = build_model(model_name, num_classes=1000, input_size=(size, size))
     optimizer = make_sgd(0.01, 0.9, True)
@@ -63,14 +68,15 @@ def measure(model_name: str, batch: int, size: int, precision: str, jit: bool, w
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return loss
 
-    inference, training = batch / _time(infer, warmup, iters), batch / _time(train_step, warmup, iters)
+    timed = dict(warmup=warmup, iters=iters, rounds=rounds)
+    inference, training = batch / _time(infer, **timed), batch / _time(train_step, **timed)
     folded = fold_batch_norm(model, model_name)
 
     @tf.function(jit_compile=jit)
     def infer_folded():
         return folded(images, training=False)
 
-    return inference, training, batch / _time(infer_folded, warmup, iters)
+    return inference, training, batch / _time(infer_folded, **timed)
 
 
 def main() -> None:

@@ -4,12 +4,13 @@
 
 Each side runs in its own process, one after the other, with the same protocol: synthetic
 data already in memory, warm-up calls, then timed calls of inference and of a training step
-(forward, backward, SGD momentum 0.9 nesterov). Ours: model_throughput.measure (tf.function,
-no XLA; bf16 = Keras' mixed_bfloat16 policy), inference also with BN folded into the convs
-(hrnet.model.fold_batch_norm; timm's figure for it is timm's model as it is). timm:
-``timm.create_model("hrnet_<model>")`` in PyTorch, channels_last, bf16 =
-``torch.autocast("cpu", torch.bfloat16)``. Needs the torch extra (timm). Prints img/s of
-both and the ratio ours / timm.
+(forward, backward, SGD momentum 0.9 nesterov): each figure the best of --rounds means of
+--iters calls, so that a burst of the machine's other load counts against neither side.
+Ours: model_throughput.measure (tf.function, no XLA; bf16 = Keras' mixed_bfloat16 policy),
+inference also with BN folded into the convs (hrnet.model.fold_batch_norm; timm's figure
+for it is timm's model as it is). timm: ``timm.create_model("hrnet_<model>")`` in PyTorch,
+channels_last, bf16 = ``torch.autocast("cpu", torch.bfloat16)``. Needs the torch extra
+(timm). Prints the CPU, img/s of both and the ratio ours / timm.
 """
 import argparse
 import json
@@ -17,20 +18,20 @@ import os
 import sys
 import time
 
-from sides import run_side
+from sides import machine, run_side
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def ours(model: str, batch: int, size: int, precision: str, warmup: int, iters: int) -> dict:
+def ours(model: str, batch: int, size: int, precision: str, warmup: int, iters: int, rounds: int) -> dict:
     sys.path.insert(0, HERE)
     from model_throughput import measure
 
-    infer, train, folded = measure(model, batch, size, precision, False, warmup, iters)
+    infer, train, folded = measure(model, batch, size, precision, False, warmup, iters, rounds)
     return {"inference": infer, "inference, BN folded": folded, "training": train}
 
 
-def timm_side(model: str, batch: int, size: int, precision: str, warmup: int, iters: int) -> dict:
+def timm_side(model: str, batch: int, size: int, precision: str, warmup: int, iters: int, rounds: int) -> dict:
     import timm
     import torch
 
@@ -57,10 +58,13 @@ def timm_side(model: str, batch: int, size: int, precision: str, warmup: int, it
         net.train(train)
         for _ in range(warmup):
             fn()
-        start = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        return (time.perf_counter() - start) / iters  # CPU work is synchronous in PyTorch
+        best = float("inf")
+        for _ in range(rounds):  # as model_throughput._time: the best round's mean
+            start = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            best = min(best, (time.perf_counter() - start) / iters)  # CPU work is synchronous in PyTorch
+        return best
 
     return {"inference": batch / seconds(infer, False), "training": batch / seconds(train_step, True)}
 
@@ -73,18 +77,21 @@ def main() -> None:
     p.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=1, help="figure = the best of this many rounds of --iters calls")
     p.add_argument("--side", choices=("ours", "timm"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.side:
         fn = ours if args.side == "ours" else timm_side
-        print(json.dumps(fn(args.model, args.batch, args.size, args.precision[0], args.warmup, args.iters)))
+        print(json.dumps(fn(args.model, args.batch, args.size, args.precision[0], args.warmup, args.iters,
+                            args.rounds)))
         return
-    print(f"hrnet_{args.model} batch {args.batch} {args.size}x{args.size} on {os.cpu_count()} CPU(s); "
-          f"{args.warmup} warm-up + {args.iters} timed calls per figure")
+    print(f"hrnet_{args.model} batch {args.batch} {args.size}x{args.size} on {machine()}; {args.warmup} warm-up "
+          f"calls, then the best of {args.rounds} round(s) of {args.iters} timed calls per figure")
     for precision in args.precision:
-        figures = {side: run_side(__file__, side, [
-            "--model", args.model, "--batch", str(args.batch), "--size", str(args.size), "--precision", precision,
-            "--warmup", str(args.warmup), "--iters", str(args.iters)]) for side in ("ours", "timm")}
+        side_args = ["--model", args.model, "--batch", str(args.batch), "--size", str(args.size),
+                     "--precision", precision, "--warmup", str(args.warmup), "--iters", str(args.iters),
+                     "--rounds", str(args.rounds)]
+        figures = {side: run_side(__file__, side, side_args) for side in ("ours", "timm")}
         for what in ("inference", "inference, BN folded", "training"):
             a, b = figures["ours"][what], figures["timm"][what.split(",")[0]]  # timm as it is, unfolded
             print(f"{precision:5s} {what:20s}  ours {a:8.1f} img/s   timm {b:8.1f} img/s   ratio {a / b:5.2f}x")

@@ -2,6 +2,7 @@
 peer's (PyTorch) never share a process, whose threads and forked workers would collide."""
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -12,3 +13,19 @@ def run_side(script: str, side: str, args) -> dict:
                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), capture_output=True, text=True,
                          check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def machine() -> str:
+    """The CPU the figures were measured on, and its bf16 / matrix extensions."""
+    info = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    flags = info.get("flags", "").split()
+    extensions = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    name = info.get("model name") or platform.processor() or platform.machine()
+    return f"{os.cpu_count()} CPU(s), {name}" + (f" ({', '.join(extensions)})" if extensions else "")
