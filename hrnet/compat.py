@@ -48,7 +48,7 @@ def _batch_norm_on_view(x, gamma, beta, mean, variance, epsilon, training, k):
     statistics of each channel combine into its own (equal counts: the law of total
     variance), and a second pass normalizes with them. Returns the output, and in training
     the batch's mean and biased variance."""
-    n, h, w, c = x.shape
+    _, h, w, c = x.shape
     shape = [-1, h, w // k, k * c]
     if not training:
         y = tf.raw_ops.FusedBatchNormV3(
