@@ -9,11 +9,11 @@ on the device (so the input pipeline is not measured; see input_throughput.py).
 """
 import argparse
 import os
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow as tf  # noqa: E402
+from sides import best_seconds  # noqa: E402
 
 from hrnet.compat import keras, make_sgd, scale_loss, set_mixed_precision, unscale_gradients  # noqa: E402
 from hrnet.model import build_model, fold_batch_norm  # noqa: E402
@@ -22,19 +22,8 @@ POLICIES = {"fp32": "float32", "mixed_fp16": "mixed_float16", "bf16": "mixed_bfl
 
 
 def _time(fn, warmup: int, iters: int, rounds: int = 1) -> float:
-    """Seconds per call, after warm-up (tracing and XLA compilation stay out): the best of
-    `rounds` means over `iters` calls, the one least disturbed by the rest of the machine."""
-    for _ in range(warmup):
-        out = fn()
-    _sync(out)
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(iters):
-            out = fn()
-        _sync(out)
-        best = min(best, (time.perf_counter() - start) / iters)
-    return best
+    """Seconds per call (tracing and XLA compilation stay in the warm-up)."""
+    return best_seconds(fn, warmup, iters, rounds, sync=_sync)
 
 
 def _sync(out) -> None:

@@ -16,9 +16,8 @@ import argparse
 import json
 import os
 import sys
-import time
 
-from sides import machine, run_side
+from sides import best_seconds, machine, run_side
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -56,15 +55,7 @@ def timm_side(model: str, batch: int, size: int, precision: str, warmup: int, it
 
     def seconds(fn, train):
         net.train(train)
-        for _ in range(warmup):
-            fn()
-        best = float("inf")
-        for _ in range(rounds):  # as model_throughput._time: the best round's mean
-            start = time.perf_counter()
-            for _ in range(iters):
-                fn()
-            best = min(best, (time.perf_counter() - start) / iters)  # CPU work is synchronous in PyTorch
-        return best
+        return best_seconds(fn, warmup, iters, rounds)
 
     return {"inference": batch / seconds(infer, False), "training": batch / seconds(train_step, True)}
 

@@ -5,6 +5,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 
 
 def run_side(script: str, side: str, args) -> dict:
@@ -13,6 +14,23 @@ def run_side(script: str, side: str, args) -> dict:
                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), capture_output=True, text=True,
                          check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def best_seconds(fn, warmup: int, iters: int, rounds: int, sync=lambda out: None) -> float:
+    """Seconds per call of fn after `warmup` calls: the best of `rounds` means over `iters`
+    calls, the round least disturbed by the rest of the machine. sync(last output) waits for
+    asynchronous device work (TensorFlow); PyTorch's CPU work is synchronous."""
+    for _ in range(warmup):
+        out = fn()
+    sync(out)
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(iters):
+            out = fn()
+        sync(out)
+        best = min(best, (time.perf_counter() - start) / iters)
+    return best
 
 
 def machine() -> str:
