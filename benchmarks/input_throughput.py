@@ -19,6 +19,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from convert_throughput import make_photos  # noqa: E402
 from sides import run_side  # noqa: E402
 
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -97,8 +98,6 @@ def main() -> None:
         return
     try:
         if not os.path.isdir(src):
-            from convert_throughput import make_photos  # imports TensorFlow: not in the sides' processes
-
             make_photos(src, args.images)
         print(f"{args.images} JPEGs of 500x375 (1 in 10 for validation); {args.size}x{args.size}, "
               f"batch {args.batch}, {CORES} cores; ours {args.dtype}")

@@ -104,13 +104,12 @@ def build_dataset(root):
         with tf.io.TFRecordWriter(str(root / schema.shard_name("train", shard, 2))) as writer:
             for i in range(IMAGES):
                 label = (i + shard) % 4
-                example = schema.make_example(images[i], "img%d.jpg" % i, label, "c%d" % label, "class %d" % label,
-                                              32, 32)
-                writer.write(example.SerializeToString())
+                writer.write(b"".join(schema.serialize_example(images[i], "img%d.jpg" % i, label, "c%d" % label,
+                                                               "class %d" % label, 32, 32)))
     with tf.io.TFRecordWriter(str(root / schema.shard_name("validation", 0, 1))) as writer:
         for i in range(IMAGES):  # validated after every step (an epoch is one step here)
-            writer.write(schema.make_example(images[i], "img%d.jpg" % i, i % 4, "c%d" % (i % 4), "class %d" % (i % 4),
-                                             32, 32).SerializeToString())
+            writer.write(b"".join(schema.serialize_example(images[i], "img%d.jpg" % i, i % 4, "c%d" % (i % 4),
+                                                           "class %d" % (i % 4), 32, 32)))
     return root
 
 

@@ -4,7 +4,11 @@ What is faster than slim's build_imagenet_data.py, and why:
 - an RGB JPEG is stored byte for byte and its size read from the header (PIL reads only
   the markers on open); only PNGs, CMYK, grayscale and EXIF-rotated images are decoded
   and re-encoded as RGB JPEG;
-- worker processes each write whole shards.
+- worker processes each write whole shards, without importing TensorFlow (hrnet.data.tfrecord
+  writes the records and hashes them as they are written).
+
+A script that calls ``convert_dataset`` with more than one worker needs the ``if __name__ ==
+"__main__":`` guard: the workers are spawned, and each imports the script's main module.
 
 What makes it safe to run on a cluster:
 - the whole input is listed and checked before any work (empty class folders, labels that
@@ -28,9 +32,9 @@ import xml.etree.ElementTree as ET
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from hrnet import storage
-from hrnet.data import schema
+from hrnet.data import schema, tfrecord
 from hrnet.errors import HrnetError, IncompleteError
-from hrnet.fileio import atomic_write, fsync
+from hrnet.fileio import atomic_write
 from hrnet.manifest import MANIFEST, file_entry, read_manifest, write_manifest
 from hrnet.runtime import usable_cpus
 
@@ -523,8 +527,6 @@ def _write_json(path: str, body: Dict[str, Any]) -> None:
 def write_shard(task: Dict[str, Any]) -> Dict[str, Any]:
     """Write one shard (a worker's unit of work); returns its state: records, bytes,
     sha256, per-class counts, skipped files and re-encodings."""
-    import tensorflow as tf
-
     out_dir, name, strict = task["out_dir"], task["name"], task["strict"]
     final = os.path.join(out_dir, name)
     tmp = os.path.join(out_dir, TEMP_PREFIX + name)
@@ -532,7 +534,8 @@ def write_shard(task: Dict[str, Any]) -> Dict[str, Any]:
     per_class: Dict[str, int] = {}
     reencoded: Dict[str, int] = {}
     skipped = []
-    with tf.io.TFRecordWriter(tmp) as writer:
+    with open(tmp, "wb") as f:
+        writer = tfrecord.RecordWriter(f)
         for path, c, boxes, xml in task["items"]:
             try:
                 data, height, width, why = read_image(path, task["quality"], task["verify"])
@@ -552,18 +555,16 @@ def write_shard(task: Dict[str, Any]) -> Dict[str, Any]:
                 skipped.append({"split": task["split"], "path": rel, "reason": reason})
                 continue
             # The bare file name ("n01440764_10026.JPEG"), as slim's build_imagenet_data.py stores it.
-            example = schema.make_example(data, os.path.basename(path), c + offset, classes[c], texts[c], height,
-                                          width, boxes)
-            # deterministic=True: map keys in a fixed order, so a re-run writes identical bytes.
-            writer.write(example.SerializeToString(deterministic=True))
+            writer.write(*schema.serialize_example(data, os.path.basename(path), c + offset, classes[c], texts[c],
+                                                   height, width, boxes))
             per_class[classes[c]] = per_class.get(classes[c], 0) + 1
             if why:
                 reencoded[why] = reencoded.get(why, 0) + 1
-    fsync(tmp)
-    entry = file_entry(tmp, out_dir)
-    entry["path"] = name
-    state = dict(entry, split=task["split"], records=sum(per_class.values()), per_class=per_class,
-                 skipped=skipped, reencoded=reencoded, fingerprint=task["fingerprint"])
+        f.flush()
+        os.fsync(f.fileno())  # the rename must not reach the disk before the data does
+    state = dict(path=name, bytes=writer.bytes, sha256=writer.sha256(), split=task["split"],
+                 records=sum(per_class.values()), per_class=per_class, skipped=skipped, reencoded=reencoded,
+                 fingerprint=task["fingerprint"])
     _write_json(_state_path(out_dir, name), state)
     os.replace(tmp, final)  # the shard appears complete or not at all
     return state

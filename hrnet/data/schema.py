@@ -8,6 +8,7 @@ import fnmatch
 import os
 from typing import Dict, List, Optional, Sequence
 
+from hrnet.data import tfrecord as t
 from hrnet.fileio import atomic_write
 
 ENCODED = "image/encoded"
@@ -44,40 +45,29 @@ def shard_files(data_dir: str, split: str) -> List[str]:
     return [os.path.join(data_dir, n) for n in names]
 
 
-def make_example(encoded: bytes, filename: str, label: int, synset: str, text: str, height: int, width: int,
-                 boxes: Optional[Sequence[Sequence[float]]] = None):
-    """A tf.train.Example with slim's keys; ``boxes`` as normalized (xmin, ymin, xmax, ymax)."""
-    import tensorflow as tf
-
+def serialize_example(encoded: bytes, filename: str, label: int, synset: str, text: str, height: int,
+                      width: int, boxes: Optional[Sequence[Sequence[float]]] = None) -> t.Pieces:
+    """A serialized tf.train.Example with slim's keys, as pieces (``b"".join`` them, or hand
+    them to hrnet.data.tfrecord.RecordWriter.write); ``boxes`` as normalized (xmin, ymin,
+    xmax, ymax). Written without TensorFlow (hrnet.data.tfrecord)."""
     boxes = list(boxes or [])
-
-    def _bytes(value):
-        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
-
-    def _ints(values):
-        return tf.train.Feature(int64_list=tf.train.Int64List(value=list(values)))
-
-    def _floats(values):
-        return tf.train.Feature(float_list=tf.train.FloatList(value=list(values)))
-
-    feature = {
-        HEIGHT: _ints([height]),
-        WIDTH: _ints([width]),
-        COLORSPACE: _bytes(b"RGB"),
-        CHANNELS: _ints([3]),
-        LABEL: _ints([label]),
-        SYNSET: _bytes(synset.encode("utf-8")),
-        TEXT: _bytes(text.encode("utf-8")),
-        BBOX_XMIN: _floats(b[0] for b in boxes),
-        BBOX_YMIN: _floats(b[1] for b in boxes),
-        BBOX_XMAX: _floats(b[2] for b in boxes),
-        BBOX_YMAX: _floats(b[3] for b in boxes),
-        BBOX_LABEL: _ints([label] * len(boxes)),
-        FORMAT: _bytes(b"JPEG"),
-        FILENAME: _bytes(filename.encode("utf-8")),
-        ENCODED: _bytes(encoded),
-    }
-    return tf.train.Example(features=tf.train.Features(feature=feature))
+    return t.example({
+        HEIGHT: t.int64_feature([height]),
+        WIDTH: t.int64_feature([width]),
+        COLORSPACE: t.bytes_feature(b"RGB"),
+        CHANNELS: t.int64_feature([3]),
+        LABEL: t.int64_feature([label]),
+        SYNSET: t.bytes_feature(synset.encode("utf-8")),
+        TEXT: t.bytes_feature(text.encode("utf-8")),
+        BBOX_XMIN: t.float_feature(b[0] for b in boxes),
+        BBOX_YMIN: t.float_feature(b[1] for b in boxes),
+        BBOX_XMAX: t.float_feature(b[2] for b in boxes),
+        BBOX_YMAX: t.float_feature(b[3] for b in boxes),
+        BBOX_LABEL: t.int64_feature([label] * len(boxes)),
+        FORMAT: t.bytes_feature(b"JPEG"),
+        FILENAME: t.bytes_feature(filename.encode("utf-8")),
+        ENCODED: t.bytes_feature(encoded),
+    })
 
 
 def feature_spec() -> Dict[str, object]:
