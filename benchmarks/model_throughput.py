@@ -12,6 +12,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import hrnet  # noqa: E402, F401, I001  (before TensorFlow: it turns oneDNN on, as for `hrnet train`)
 import tensorflow as tf  # noqa: E402
 from sides import best_seconds  # noqa: E402
 

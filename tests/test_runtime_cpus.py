@@ -1,6 +1,12 @@
-"""usable_cpus: a pod's CPU limit, not the node's core count."""
+"""How hrnet uses the CPU: usable_cpus is a pod's CPU limit, not the node's core count;
+TensorFlow runs oneDNN's kernels whatever the CPU, unless the user said otherwise."""
 import builtins
 import io
+import os
+import subprocess
+import sys
+
+import pytest
 
 from hrnet.runtime import usable_cpus
 
@@ -31,3 +37,18 @@ def test_cgroup_v1_quota_and_no_limit(monkeypatch):
     assert usable_cpus() == 3
     _fake_files(monkeypatch, {"/sys/fs/cgroup/cpu.max": "max 100000\n"})
     assert usable_cpus() == 8
+
+
+@pytest.mark.parametrize("setting, expected", [(None, ("1", "True")), ("0", ("0", "False"))])
+def test_hrnet_turns_onednn_on_before_tensorflow_loads_unless_the_user_set_it(setting, expected):
+    # TensorFlow itself turns oneDNN on only on CPUs with AVX512-VNNI / BF16 / AMX: on those the
+    # variable shows that hrnet set it, on others (AVX2) TensorFlow's own answer does too.
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    if setting is not None:
+        env["TF_ENABLE_ONEDNN_OPTS"] = setting
+    script = ("import os, hrnet, tensorflow\n"
+              "from tensorflow.python.util import _pywrap_util_port\n"
+              "print(os.environ['TF_ENABLE_ONEDNN_OPTS'], _pywrap_util_port.IsMklEnabled())\n")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert tuple(out.stdout.split()[-2:]) == expected
