@@ -2,13 +2,16 @@
 TensorFlow runs oneDNN's kernels whatever the CPU, unless the user said otherwise."""
 import builtins
 import io
+import logging
 import os
+import platform
 import subprocess
 import sys
 
 import pytest
 
-from hrnet.runtime import usable_cpus
+from hrnet import compat
+from hrnet.runtime import devices, usable_cpus
 
 
 def _fake_files(monkeypatch, files):
@@ -39,6 +42,7 @@ def test_cgroup_v1_quota_and_no_limit(monkeypatch):
     assert usable_cpus() == 8
 
 
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="hrnet sets it on x86 only")
 @pytest.mark.parametrize("setting, expected", [(None, ("1", "True")), ("0", ("0", "False"))])
 def test_hrnet_turns_onednn_on_before_tensorflow_loads_unless_the_user_set_it(setting, expected):
     # TensorFlow itself turns oneDNN on only on CPUs with AVX512-VNNI / BF16 / AMX: on those the
@@ -52,3 +56,22 @@ def test_hrnet_turns_onednn_on_before_tensorflow_loads_unless_the_user_set_it(se
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert tuple(out.stdout.split()[-2:]) == expected
+
+
+@pytest.mark.parametrize("precision, flags, warned", [
+    ("bf16", "fpu sse2 avx2 fma", True),  # x86 without bf16 instructions (this project's AVX2 EPYC)
+    ("bf16", "avx2 avx512f avx512_bf16", False),
+    ("bf16", "fp asimd bf16", False),  # aarch64's "Features"
+    ("mixed_fp16", "avx2 avx512_bf16", True),
+    ("fp32", "sse2", False),
+    ("bf16", None, False),  # no /proc/cpuinfo: no guess
+])
+def test_a_16_bit_precision_the_cpu_would_emulate_is_warned_about(monkeypatch, caplog, precision, flags, warned):
+    key = "Features" if flags and "asimd" in flags else "flags"
+    _fake_files(monkeypatch, {"/proc/cpuinfo": None if flags is None else f"processor\t: 0\n{key}\t\t: {flags}\n"})
+    try:
+        with caplog.at_level(logging.WARNING, logger=devices.__name__):
+            devices.setup("cpu", precision)
+    finally:
+        compat.set_mixed_precision("float32")
+    assert ("slower than --precision fp32" in caplog.text) == warned, caplog.text

@@ -13,6 +13,12 @@ DEVICES = ("cpu", "gpu", "npu")
 PRECISIONS = ("fp32", "mixed_fp16", "bf16")
 # The Ascend adapter's precision modes (npu_bridge names, also accepted by npu_device).
 NPU_PRECISION_MODES = ("allow_mix_precision", "allow_fp32_to_fp16", "force_fp32", "must_keep_origin_dtype")
+# CPU instructions that compute in a precision's 16-bit type (x86 /proc/cpuinfo "flags",
+# aarch64 "Features"). Without any of them TensorFlow converts to float32 and back around each
+# op: on an AVX2 AMD EPYC, HRNet-W18 inference (batch 8) ran at 9.2 img/s under mixed_bfloat16
+# and 10.4 under mixed_float16 against 11.3 in float32.
+CPU_16BIT_INSTRUCTIONS = {"bf16": ("avx512_bf16", "amx_bf16", "bf16"),
+                          "mixed_fp16": ("avx512_fp16", "amx_fp16", "fphp")}
 
 
 def resolve_precision(device: str, precision: Optional[str] = None,
@@ -34,6 +40,29 @@ def resolve_precision(device: str, precision: Optional[str] = None,
     elif device == "npu":
         precision_mode = "allow_mix_precision" if precision == "mixed_fp16" else "allow_fp32_to_fp16"
     return precision, precision_mode
+
+
+def cpu_flags() -> frozenset:
+    """The CPU's instruction-set extensions as Linux lists them; empty where it does not."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_precision_warning(precision: str) -> Optional[str]:
+    """Why ``precision`` would train slower than fp32 on this CPU, or None."""
+    wanted, flags = CPU_16BIT_INSTRUCTIONS.get(precision), cpu_flags()
+    if not wanted or not flags or flags & set(wanted):
+        return None
+    return ("--precision %s on a CPU without %s instructions (%s): TensorFlow converts to float32 and back "
+            "around each op, so this runs slower than --precision fp32" % (precision, precision.split("_")[-1],
+                                                                         ", ".join(wanted)))
 
 
 def usable_cpus() -> int:

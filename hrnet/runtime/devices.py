@@ -34,7 +34,7 @@ import tensorflow as tf
 
 from hrnet import compat
 from hrnet.errors import HrnetError
-from hrnet.runtime import DEVICES, resolve_precision
+from hrnet.runtime import DEVICES, cpu_precision_warning, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,9 @@ def setup(device: str, precision: Optional[str] = None, precision_mode: Optional
             tf.config.set_visible_devices([], "GPU")
         except RuntimeError:  # TF already initialised in this process (a library caller): leave it
             log.warning("TensorFlow is already initialised; GPUs stay visible to this --device cpu run")
+        slow = cpu_precision_warning(precision)
+        if slow:
+            log.warning(slow)
     elif not tf.config.list_physical_devices("GPU"):
         raise HrnetError("--device gpu, but TensorFlow sees no GPU (CUDA_VISIBLE_DEVICES=%s; is this the GPU "
                          "image with tensorflow[and-cuda]?)" % os.environ.get("CUDA_VISIBLE_DEVICES", "unset"))
