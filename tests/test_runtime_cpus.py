@@ -1,5 +1,6 @@
 """How hrnet uses the CPU: usable_cpus is a pod's CPU limit, not the node's core count;
-TensorFlow runs oneDNN's kernels whatever the CPU, unless the user said otherwise."""
+TensorFlow runs oneDNN's kernels on any x86 CPU from TF 2.9 on, unless the user said otherwise;
+a 16-bit precision on a CPU without instructions for it is warned about."""
 import builtins
 import io
 import logging
