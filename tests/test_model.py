@@ -119,7 +119,9 @@ def test_batch_norm_is_pytorchs_in_training_and_inference(policy, channels, widt
     view (bf16, and float32 training), on a width of 5 float32 between casts (bf16), 16 the
     input as it is."""
     from hrnet import compat
-    from hrnet.compat import BatchNormalization, set_mixed_precision
+    from hrnet.compat import set_mixed_precision
+    from hrnet.model import batch_norm
+    from hrnet.model.batch_norm import BatchNormalization
     from hrnet.model.hrnet import BN_EPSILON, BN_MOMENTUM
 
     rng = np.random.RandomState(0)
@@ -133,7 +135,7 @@ def test_batch_norm_is_pytorchs_in_training_and_inference(policy, channels, widt
         layer.set_weights([gamma, beta, mean0, var0])
         inputs = tf.cast(tf.constant(x), layer.compute_dtype)  # as the layer before hands it on
         if compat.KERAS3:
-            assert compat._on_view(inputs, True) == (width == 8)
+            assert batch_norm._on_view(inputs, True) == (width == 8)
         inference = layer(inputs, training=False)
         with tf.GradientTape() as tape:
             tape.watch(inputs)

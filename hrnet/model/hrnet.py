@@ -18,7 +18,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from hrnet import configs
-from hrnet.compat import BatchNormalization, keras
+from hrnet.compat import keras
+from hrnet.model.batch_norm import BatchNormalization
 
 layers = keras.layers
 
