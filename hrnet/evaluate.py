@@ -17,61 +17,11 @@ from typing import Any, Dict, List, Optional
 from hrnet import storage
 from hrnet.data.reference import stage
 from hrnet.errors import HrnetError
+from hrnet.run_folder import WEIGHT_CHOICES, load_checkpoint_model, read_model_manifest
 
 log = logging.getLogger(__name__)
 
 METRICS = "metrics.json"
-
-
-# What can be evaluated and exported: a finished training run, or the weights `hrnet
-# import-weights` wrote (official / timm ImageNet models: their image size is 224).
-MODEL_KINDS = ("checkpoint", "weights")
-IMPORTED_IMAGE_SIZE = 224
-
-
-def read_model_manifest(checkpoint_dir: str) -> Dict[str, Any]:
-    """The manifest of a checkpoint folder or an imported weights folder."""
-    from hrnet.manifest import read_manifest
-
-    manifest = read_manifest(checkpoint_dir)
-    if manifest.get("kind") not in MODEL_KINDS:
-        raise HrnetError("%s holds a %r output, not a model (the output of `hrnet train` or `hrnet import-weights`)"
-                         % (checkpoint_dir, manifest.get("kind")))
-    if manifest["kind"] == "weights":
-        manifest = dict(manifest, image_size=manifest.get("image_size", IMPORTED_IMAGE_SIZE))
-    return manifest
-
-
-WEIGHT_CHOICES = ("best", "last")
-
-
-def pick_weights(manifest: Dict[str, Any], which: str = "best") -> Dict[str, Any]:
-    """Which weights of a model folder to use: ``best`` (by validation top-1, when the run
-    validated; else the last, said in the log) or ``last``. Returns {"which", "weights"
-    (file prefix), "step"}."""
-    if which not in WEIGHT_CHOICES:
-        raise HrnetError("weights must be one of %s, got %r" % (", ".join(WEIGHT_CHOICES), which))
-    best = manifest.get("best")
-    if which == "best" and best:
-        return {"which": "best", "weights": best["weights"], "step": best["step"]}
-    if which == "best" and manifest.get("kind") == "checkpoint":
-        log.info("the run kept no best weights (it trained without validation): using its last weights")
-    return {"which": "last", "weights": manifest.get("weights", "weights"), "step": manifest.get("step")}
-
-
-def load_checkpoint_model(checkpoint_dir: str, image_size: Optional[int] = None, which: str = "best"):
-    """(model, manifest, picked) from a finished checkpoint folder or imported weights (a
-    local path); ``picked``: the weights loaded (pick_weights)."""
-    from hrnet import weights
-    from hrnet.model import build_model
-
-    manifest = read_model_manifest(checkpoint_dir)
-    picked = pick_weights(manifest, which)
-    size = image_size or manifest["image_size"]
-    model = build_model(manifest.get("model_config") or manifest["model"], num_classes=manifest["num_classes"],
-                        input_size=(size, size))
-    weights.load_weights(model, os.path.join(checkpoint_dir, picked["weights"]))
-    return model, manifest, picked
 
 
 class Tally:

@@ -132,8 +132,8 @@ def export_model(checkpoint: str, out: str, atc_batch_size: int = 1, soc_version
     import tensorflow as tf
 
     from hrnet.compat import set_mixed_precision
-    from hrnet.evaluate import load_checkpoint_model
     from hrnet.manifest import file_entry, write_manifest
+    from hrnet.run_folder import load_checkpoint_model
 
     if atc_batch_size < 1:
         raise ValueError("atc_batch_size must be >= 1, got %r" % atc_batch_size)

@@ -12,8 +12,8 @@ import os
 from typing import Any, Dict, List, Sequence, Tuple
 
 from hrnet.errors import HrnetError
+from hrnet.run_folder import HISTORY
 
-HISTORY = "history.jsonl"
 METRICS = "metrics.json"
 MANIFEST = "manifest.json"
 

@@ -2,17 +2,13 @@
 
     hrnet train --data DIR --out DIR --model w18 [--epochs 100 | --train-steps N] ...
 
-One step: forward in training mode, softmax cross-entropy (optionally label-smoothed)
-averaged over the global batch, plus L2 over all trainable weights, backward, gradients
-averaged over the devices, SGD with Nesterov momentum. The lr is a pure function of the
+The step itself is hrnet.train.step's. The lr is a pure function of the
 step (hrnet.train.schedules) and the step is part of the checkpoint, so a resumed run
 continues the schedule exactly where it stopped.
 
-The output folder holds the checkpoint contract (see the team brief): train_config.yaml,
-labels.txt, ckpt-<step> (tf.train.CheckpointManager: step, model, optimizer slots),
-weights.* (portable, hrnet.weights), history.jsonl, logs/ (TensorBoard) and, last,
-manifest.json. Running the same command again resumes from the latest checkpoint; a
-finished run is left as it is.
+The output folder is a run folder (hrnet.run_folder), its manifest.json written last.
+Running the same command again resumes from the latest checkpoint; a finished run is
+left as it is.
 """
 import json
 import logging
@@ -26,24 +22,13 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-from hrnet import storage
+from hrnet import run_folder, storage
 from hrnet.errors import HrnetError
-from hrnet.fileio import atomic_write, replacing
-from hrnet.train.config import CONFIG_FILE, TrainConfig, check_resumable, from_args, load_saved
+from hrnet.train.config import TrainConfig, check_resumable, from_args, load_saved
 from hrnet.train.config import add_arguments as _config_arguments
+from hrnet.train.step import Window, barrier, loop_steps, make_train_loop
 
 log = logging.getLogger(__name__)
-
-HISTORY = "history.jsonl"
-LABELS = "labels.txt"
-WEIGHTS = "weights"
-# The weights with the best validation top-1 so far (a weights prefix, like WEIGHTS) and
-# what validation found for them; written in this order, so a crash between the two is
-# healed by the validation a resumed run repeats.
-BEST = "best"
-BEST_INFO = "best.json"
-CHECKPOINT_NAME = "ckpt"
-
 
 class NonFiniteLossError(HrnetError):
     """The loss became NaN or Inf and loss scaling could not absorb it."""
@@ -96,62 +81,6 @@ def _fmt_duration(seconds: float) -> str:
     return "%d:%02d:%02d" % (seconds // 3600, seconds % 3600 // 60, seconds % 60)
 
 
-def _truncate_history(path: str, step: int) -> None:
-    """Drop log lines written after the checkpoint being resumed (the killed run's tail)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [ln for ln in f if ln.strip()]
-    kept = []
-    for ln in lines:
-        try:
-            if json.loads(ln)["step"] <= step:
-                kept.append(ln)
-        except (ValueError, KeyError):
-            continue  # a line cut by the kill
-    atomic_write(path, "".join(kept))
-
-
-def _truncate_events(logs_dir: str, step: int) -> None:
-    """Drop TensorBoard points after the checkpoint being resumed (the killed run's tail),
-    so that the resumed run's points do not overlap them."""
-    if not os.path.isdir(logs_dir):
-        return
-    import tensorflow as tf
-    from tensorflow.core.util import event_pb2
-
-    for name in sorted(os.listdir(logs_dir)):
-        path = os.path.join(logs_dir, name)
-        if "tfevents" not in name or not os.path.isfile(path):
-            continue
-        kept, dropped = [], 0
-        try:
-            for raw in tf.data.TFRecordDataset(path):
-                event = event_pb2.Event.FromString(raw.numpy())
-                if event.HasField("summary") and event.step > step:
-                    dropped += 1
-                else:
-                    kept.append(raw.numpy())
-        except tf.errors.DataLossError:
-            pass  # the record the kill cut short
-        if dropped:
-            with replacing(path) as tmp, tf.io.TFRecordWriter(tmp) as w:
-                for raw in kept:
-                    w.write(raw)
-
-
-def _write_labels(out_dir: str, data_dir: str, info) -> None:
-    """labels.txt of the data set; for slim-made records without one, from the class names."""
-    src = os.path.join(data_dir, LABELS)
-    dst = os.path.join(out_dir, LABELS)
-    if os.path.exists(src):
-        shutil.copyfile(src, dst)
-        return
-    with open(dst, "w") as f:
-        for i, (name, text) in enumerate(zip(info.class_names, info.class_texts)):
-            f.write("%d\t%s\t%s\n" % (i + info.label_offset, name, text))
-
-
 def _stage_data(data: str, chief: bool, splits) -> str:
     """The data set's ``splits`` as a local folder (``data``: records, or a reference to
     them). Remote data: the ranks of one machine share the cache, so they take turns (a
@@ -173,48 +102,6 @@ def _stage_data(data: str, chief: bool, splits) -> str:
             return reference.stage(uri, splits, verify=chief)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-# TensorBoard tag -> history.jsonl key.
-TRAIN_SCALARS = {"train/" + k: k for k in ("loss", "top1", "lr", "images_per_sec", "loss_scale")}
-VALIDATION_SCALARS = {"validation/top1": "val_top1", "validation/top5": "val_top5"}
-
-
-def _write_scalars(writer, step: int, values: Dict[str, Any], tags: Dict[str, str]) -> None:
-    """TensorBoard scalars through tf.summary.write with the scalars plugin's metadata:
-    tf.summary.scalar needs the tensorboard package, which TF 2.21 no longer installs."""
-    import tensorflow as tf
-    from tensorflow.core.framework import summary_pb2
-
-    metadata = summary_pb2.SummaryMetadata()
-    metadata.plugin_data.plugin_name = "scalars"
-    with writer.as_default():
-        for tag, key in tags.items():
-            if key in values:
-                tf.summary.write(tag, tf.constant(float(values[key]), tf.float32), step=step,
-                                 metadata=metadata.SerializeToString())
-    writer.flush()
-
-
-def _read_history(path: str):
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(ln) for ln in f if ln.strip()]
-
-
-def _read_best(directory: str, start_step: int) -> Optional[Dict[str, Any]]:
-    """The best validation so far of the run being resumed at ``start_step``."""
-    path = os.path.join(directory, BEST_INFO)
-    if not os.path.exists(path) or not os.path.exists(os.path.join(directory, BEST + ".index")):
-        return None
-    with open(path) as f:
-        best = json.load(f)
-    if best["step"] > start_step:  # from after the checkpoint resumed: that future is being redone
-        log.warning("the best weights (step %d) are newer than the checkpoint resumed (step %d): they are "
-                    "forgotten, and the best is found again", best["step"], start_step)
-        return None
-    return best
 
 
 # ----------------------------------------------------------------------------- training
@@ -286,9 +173,9 @@ def _train(cfg: TrainConfig, backend, out_dir: str, write_dir: str) -> Dict[str,
     if step in run.val_steps and step not in run.validated:
         run.validate(step)
     manifest = run.outputs(step)
-    _barrier(backend.strategy)  # no worker leaves (and tears down the cluster) while another still saves
+    barrier(backend.strategy)  # no worker leaves (and tears down the cluster) while another still saves
     if run.chief:
-        _publish(out_dir, cfg.out, manifest)
+        run_folder.publish(out_dir, cfg.out, manifest)
     return manifest
 
 
@@ -320,9 +207,10 @@ class _Run:
             self.optimizer = backend.wrap_optimizer(optimizer)
             compat.build_optimizer(self.optimizer, self.model.trainable_variables)
         self.checkpoint = tf.train.Checkpoint(step=self.step_var, model=self.model, optimizer=self.optimizer)
-        self.manager = tf.train.CheckpointManager(self.checkpoint, directory=write_dir,
-                                                  max_to_keep=cfg.keep_checkpoints, checkpoint_name=CHECKPOINT_NAME)
-        self.history_path = os.path.join(out_dir, HISTORY)
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint, directory=write_dir, max_to_keep=cfg.keep_checkpoints,
+            checkpoint_name=run_folder.CHECKPOINT_NAME)
+        self.history_path = os.path.join(out_dir, run_folder.HISTORY)
         self.val_steps = set(cfg.validation_steps())
         self.start_step = 0
         self.started = time.time()
@@ -362,18 +250,18 @@ class _Run:
             # Only now that the folder is known to hold this run (or nothing): a refused resume
             # must leave a foreign checkpoint folder exactly as it was.
             self.cfg.save(self.out_dir)
-            _write_labels(self.out_dir, data_dir, self.info)
+            run_folder.write_labels(self.out_dir, data_dir, self.info)
         # Read before the first collective op, so that no rank sees a line the chief writes later.
-        val_history = [h for h in _read_history(self.history_path) if "val_top1" in h]
+        val_history = [h for h in run_folder.read_history(self.history_path) if "val_top1" in h]
         self.backend.broadcast_variables(self.model.variables)
         self.start_step = int(self.step_var.numpy())
         val_history = [h for h in val_history if h["step"] <= self.start_step]  # not the killed run's tail
         if self.chief:
-            _truncate_history(self.history_path, self.start_step)
-            _truncate_events(os.path.join(self.out_dir, "logs"), self.start_step)
+            run_folder.truncate_history(self.history_path, self.start_step)
+            run_folder.truncate_events(os.path.join(self.out_dir, run_folder.LOGS), self.start_step)
         self.validated = {h["step"] for h in val_history}
         self.last_val = max(val_history, key=lambda h: h["step"], default={})
-        self.best = _read_best(self.out_dir, self.start_step) if self.val_steps else None
+        self.best = run_folder.read_best(self.out_dir, self.start_step) if self.val_steps else None
         return latest
 
     def _input(self):
@@ -398,20 +286,20 @@ class _Run:
 
         cfg, backend = self.cfg, self.backend
         iterator = iter(self._input())
-        train_loop = _make_train_loop(cfg, backend, self.model, self.optimizer, self.step_var)
-        self.writer = tf.summary.create_file_writer(os.path.join(self.out_dir, "logs")) if self.chief else None
+        train_loop = make_train_loop(cfg, backend, self.model, self.optimizer, self.step_var)
+        self.writer = tf.summary.create_file_writer(os.path.join(self.out_dir, run_folder.LOGS)) if self.chief else None
         log.info("training %s (%s params, %d classes) at %dx%d on %d images/epoch: %d steps of %d images "
                  "(%.2f epochs), lr %.4g %s, %s, %s", self.model_config["name"], f"{count_params(self.model):,}",
                  cfg.num_classes, cfg.image_size, cfg.image_size, cfg.nb_train_samples, cfg.train_steps,
                  cfg.global_batch_size, cfg.epochs, cfg.lr, cfg.schedule, cfg.precision, backend.describe())
         step = self.start_step
-        window = _Window()
+        window = Window()
         self.started = time.time()
         if step in self.val_steps and step not in self.validated and step < cfg.train_steps:
             self.validate(step)  # the killed run saved this step's checkpoint but did not finish validating it
         loop_size = None
         while step < cfg.train_steps:
-            n = _loop_steps(step, cfg, self.val_steps)
+            n = loop_steps(step, cfg, self.val_steps)
             if n != loop_size:
                 backend.set_loop_size(n)
                 loop_size = n
@@ -448,7 +336,7 @@ class _Run:
                           % (steps, where or "TF reported a corrupt record (%s)" % first))
 
     # ---- the metrics window ---------------------------------------------------------
-    def _progress(self, step: int, window: "_Window") -> None:
+    def _progress(self, step: int, window: Window) -> None:
         """The progress line of the steps since the last one, into the log, history.jsonl and
         TensorBoard."""
         from hrnet import compat
@@ -465,7 +353,7 @@ class _Run:
         if self.chief:
             with open(self.history_path, "a") as f:
                 f.write(json.dumps(line) + "\n")
-            _write_scalars(self.writer, step, line, TRAIN_SCALARS)
+            run_folder.write_scalars(self.writer, step, line, run_folder.TRAIN_SCALARS)
 
     def validate(self, step: int) -> None:
         """Top-1 / top-5 on the whole validation split; the best weights so far kept as BEST.
@@ -487,14 +375,15 @@ class _Run:
         best = self.best
         improved = best is None or result.top1 > best["val_top1"]
         if improved:
-            weights.save_weights(self.model, os.path.join(self.write_dir, BEST))  # every rank: collective reads
-            best = self.best = dict(self.last_val, weights=BEST)
+            # Every rank: reading mirrored variables is collective.
+            weights.save_weights(self.model, os.path.join(self.write_dir, run_folder.BEST))
+            best = self.best = dict(self.last_val, weights=run_folder.BEST)
         if self.chief:
             if improved:
-                storage.write_text(os.path.join(self.out_dir, BEST_INFO), json.dumps(best, indent=2) + "\n")
+                storage.write_text(os.path.join(self.out_dir, run_folder.BEST_INFO), json.dumps(best, indent=2) + "\n")
             with open(self.history_path, "a") as f:
                 f.write(json.dumps(self.last_val) + "\n")
-            _write_scalars(self.writer, step, self.last_val, VALIDATION_SCALARS)
+            run_folder.write_scalars(self.writer, step, self.last_val, run_folder.VALIDATION_SCALARS)
         self.validated.add(step)
         log.info("validation at step %d (epoch %.2f): top-1 %.4f, top-5 %.4f%s", step, self.last_val["epoch"],
                  result.top1, result.top5, " (the best so far)" if improved else
@@ -538,7 +427,7 @@ class _Run:
         from hrnet.model import count_params
 
         cfg = self.cfg
-        weights.save_weights(self.model, os.path.join(self.write_dir, WEIGHTS))
+        weights.save_weights(self.model, os.path.join(self.write_dir, run_folder.WEIGHTS))
         return {
             "kind": "checkpoint",
             "model": self.model_config["name"],
@@ -557,7 +446,7 @@ class _Run:
             "num_replicas": self.backend.num_replicas,
             "global_batch_size": cfg.global_batch_size,
             "params": count_params(self.model),
-            "weights": WEIGHTS,
+            "weights": run_folder.WEIGHTS,
             "checkpoint": os.path.basename(self.manager.latest_checkpoint),
             "final": self.last_log,
             # The weights with the best validation top-1 (evaluate / export use them by default).
@@ -595,142 +484,6 @@ def _restore_or_init(checkpoint, out_dir: str, cfg: TrainConfig) -> Optional[str
     return latest
 
 
-def _loop_steps(step: int, cfg: TrainConfig, val_steps) -> int:
-    """Steps for the next call of the training loop: steps_per_loop, cut short where the
-    host has work (a log line, a checkpoint, a validation, the end)."""
-    due = [cfg.train_steps, (step // cfg.log_every + 1) * cfg.log_every,
-           (step // cfg.checkpoint_every + 1) * cfg.checkpoint_every]
-    due += [s for s in val_steps if s > step]
-    return max(1, min(cfg.steps_per_loop, min(due) - step))
-
-
-def _make_train_loop(cfg: TrainConfig, backend, model, optimizer, step_var):
-    """The compiled loop: ``n`` steps in one call (a while loop in the graph; on the npu, the
-    adapter's sunk loop). One step: a batch per replica, the gradients all-reduced, the step
-    counted. Returns the data loss and correct predictions summed over the steps run, a
-    non-finite flag and the steps run: a non-finite step ends the loop early (except on the
-    npu, whose sunk loop runs its whole length), so it is caught at the step it happened."""
-    import tensorflow as tf
-
-    from hrnet import compat
-
-    strategy = backend.strategy
-    loss_batch = cfg.batch_size * strategy.num_replicas_in_sync
-    trainable = model.trainable_variables
-    num_classes = cfg.num_classes
-    smoothing = cfg.label_smoothing
-
-    def step_fn(images, labels):
-        labels = tf.cast(labels, tf.int32)
-        with tf.GradientTape() as tape:
-            logits = tf.cast(model(images, training=True), tf.float32)
-            targets = tf.one_hot(labels, num_classes)
-            if smoothing:
-                targets = targets * (1.0 - smoothing) + smoothing / num_classes
-            per_example = tf.nn.softmax_cross_entropy_with_logits(labels=targets, logits=logits)
-            data_loss = tf.reduce_sum(per_example) / loss_batch
-            l2 = tf.add_n([tf.nn.l2_loss(tf.cast(compat.tf_variable(v), tf.float32)) for v in trainable])
-            loss = data_loss + cfg.weight_decay * l2 / strategy.num_replicas_in_sync
-            scaled = compat.scale_loss(optimizer, loss) if backend.loss_scaling else loss
-        grads = tape.gradient(scaled, trainable)
-        if backend.loss_scaling:
-            grads = compat.unscale_gradients(optimizer, grads)
-        grads = backend.all_reduce_gradients(grads)
-        if backend.loss_scaling:
-            bad = tf.constant(0.0)  # the loss-scale optimizer skips steps with non-finite gradients
-        else:
-            bad = 1.0 - tf.cast(tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads]), tf.float32)
-        optimizer.apply_gradients(zip(grads, trainable))
-        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), labels),
-                                        tf.float32))
-        # Non-finite total loss (data + L2) or gradients: BatchNorm keeps the data loss finite
-        # while exploding weights overflow the L2 term and the momentum.
-        bad = tf.maximum(bad, 1.0 - tf.cast(tf.math.is_finite(loss), tf.float32))
-        return data_loss, correct, bad
-
-    def one_step(it):
-        images, labels = next(it)
-        results = strategy.run(step_fn, args=(images, labels))
-        step_var.assign_add(1)
-        return [strategy.reduce(tf.distribute.ReduceOp.SUM, r, axis=None) for r in results]
-
-    @tf.function
-    def train_loop(it, n):
-        def more(done, loss, correct, bad):
-            return done < n if backend.sinks_loops else tf.logical_and(done < n, bad == 0.0)
-
-        def body(done, loss, correct, bad):
-            step_loss, step_correct, step_bad = one_step(it)
-            return done + 1, loss + step_loss, correct + step_correct, tf.maximum(bad, step_bad)
-
-        zero = tf.constant(0.0)
-        done, loss, correct, bad = tf.while_loop(more, body, (tf.constant(0), zero, zero, zero))
-        return loss, correct, bad, done
-
-    return train_loop
-
-
-class _Window:
-    """Loss, top-1 and speed over the steps since the last progress line."""
-
-    def __init__(self):
-        self._begin()
-
-    def _begin(self) -> None:
-        self.loss = self.correct = self.timed_seconds = 0.0
-        self.steps = self.timed_steps = 0
-        self.start = time.time()
-
-    def add(self, loss: float, correct: float, seconds: float, steps: int, timed: bool) -> None:
-        """Sums over ``steps`` steps that took ``seconds``."""
-        self.loss += loss
-        self.correct += correct
-        self.steps += steps
-        if timed:
-            self.timed_steps += steps
-            self.timed_seconds += seconds
-
-    def close(self, step: int, cfg: TrainConfig, lr: float):
-        """This window's history line and seconds per step; then a new window begins."""
-        elapsed = time.time() - self.start
-        per_step = self.timed_seconds / self.timed_steps if self.timed_steps else elapsed / max(1, self.steps)
-        line = {
-            "step": step,
-            "epoch": round(step / cfg.steps_per_epoch, 4),
-            "loss": self.loss / self.steps,
-            "top1": self.correct / (self.steps * cfg.global_batch_size),
-            "lr": lr,
-            "images_per_sec": cfg.global_batch_size / per_step if per_step > 0 else 0.0,
-        }
-        self._begin()
-        return line, per_step
-
-
-def _publish(out_dir: str, uri: str, manifest: Dict[str, Any]) -> None:
-    """The manifest last (listing the portable weights and what describes the run), then the
-    folder to ``uri``: a reader that finds the manifest finds everything it lists."""
-    from hrnet.manifest import file_entry, write_manifest
-
-    manifest["files"] = [file_entry(os.path.join(out_dir, f), out_dir) for f in sorted(os.listdir(out_dir))
-                         if f.startswith((WEIGHTS + ".", BEST + ".")) or f in (LABELS, CONFIG_FILE, BEST_INFO)]
-    write_manifest(out_dir, manifest)
-    storage.mirror(out_dir, uri)
-    log.info("done: step %d, checkpoint %s, weights %s", manifest["step"], manifest["checkpoint"],
-             os.path.join(uri, WEIGHTS))
-
-
-def _barrier(strategy) -> None:
-    """Wait for every worker (a one-number all-reduce); a no-op with one replica."""
-    if strategy.num_replicas_in_sync > 1:
-        import tensorflow as tf
-
-        @tf.function  # collectives run eagerly are slow, and TF says so
-        def all_reduce_one():
-            return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.ones([])), axis=None)
-
-        all_reduce_one().numpy()
-
-
 TORCH_SUFFIXES = (".pth", ".pt", ".pth.tar")
 
 
@@ -752,7 +505,7 @@ def _init_from(model, source: str, num_classes: int) -> None:
     else:
         prefix = storage.local_input(source) if storage.is_remote(source) else source
         if os.path.isdir(prefix):
-            prefix = os.path.join(prefix, WEIGHTS)
+            prefix = os.path.join(prefix, run_folder.WEIGHTS)
         values = weights.read_weights(prefix)
     kernel = values.get(weights.CLASSIFIER + "/kernel")
     skip = kernel is not None and int(kernel.shape[-1]) != num_classes
