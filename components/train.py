@@ -23,12 +23,12 @@ def train(
     ``init_from``.
     """
     from hrnet import storage
-    from hrnet.runtime.launch import device_from_command, launch
-    from hrnet.train.config import train_command
+    from hrnet.runtime.launch import launch
+    from hrnet.train.pipeline_args import train_command
 
     out = checkpoint_uri or storage.sibling(model.uri, "checkpoints")
     command = train_command(dataset.path, out, config)
-    code = launch(devices, command, device=device_from_command(command))
+    code = launch(devices, command, device=config["device"])
     if code:
         raise RuntimeError(f"hrnet launch exited with code {code} (see the log above)")
     if out != model.path:

@@ -26,7 +26,7 @@ def train_job(
     from hrnet.data.reference import resolve
     from hrnet.runtime import jobs
     from hrnet.runtime.ranktable import pod_namespace
-    from hrnet.train.config import train_command
+    from hrnet.train.pipeline_args import train_command
 
     data = jobs.check_remote(resolve(dataset.path), "the data set")
     out = jobs.check_remote(checkpoint_uri or storage.sibling(model.uri, "checkpoints"), "the checkpoint location")

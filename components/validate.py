@@ -11,7 +11,7 @@ from components.images import IMAGES
 
 
 # KFP reads a component's inputs from its source, so the training fields here are written out;
-# they are hrnet.train.config.PIPELINE_FIELDS (tests/test_parameters.py checks that they agree).
+# they are hrnet.train.pipeline_args.PIPELINE_FIELDS (tests/test_parameters.py checks that they agree).
 @dsl.component(base_image=IMAGES["cpu"], install_kfp_package=False)
 def validate(
     source_uri: str,
@@ -34,6 +34,6 @@ def validate(
     "convert" (an image tree) or "tfrecords" (records converted before); ``config``: the
     train step's TrainConfig values, typed."""
     parameters = dict(locals())  # taken before the import below adds a name of its own
-    from hrnet.train.config import check_pipeline_parameters
+    from hrnet.train.pipeline_args import check_pipeline_parameters
 
     return check_pipeline_parameters(**parameters)

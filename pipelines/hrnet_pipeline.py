@@ -32,7 +32,7 @@ from components.reference import reference_records
 from components.train import train
 from components.train_job import train_job
 from components.validate import validate
-from hrnet.train.config import PIPELINE_FIELDS
+from hrnet.train.pipeline_args import PIPELINE_FIELDS
 from pipelines import parameters
 
 PIPELINE_NAME = "hrnet-classification"

@@ -2,14 +2,14 @@
 
 The pipeline's signature, its run form's descriptions (KFP reads them from an ``Args:``
 docstring) and ``python -m pipelines run-local``'s flags are all made from PARAMETERS. The
-training ones come from hrnet.train.config (TrainConfig's fields, PIPELINE_FIELDS); the
+training ones come from hrnet.train.pipeline_args (TrainConfig's fields, PIPELINE_FIELDS); the
 rest of TrainConfig reaches the run through ``train_config``. Kept free of kfp, so that the
 CLI starts without it.
 """
 import inspect
 from typing import Any, Dict, List
 
-from hrnet.train.config import PIPELINE_FIELDS, Parameter, pipeline_parameters
+from hrnet.train.pipeline_args import PIPELINE_FIELDS, Parameter, pipeline_parameters
 
 PARAMETERS: List[Parameter] = [
     Parameter("source_uri", str, "", "An image tree to convert (ImageNet layout or class folders): a path under "

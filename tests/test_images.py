@@ -294,7 +294,7 @@ def test_every_hrnet_command_line_the_pipeline_builds_parses(compiled):
                     pytest.fail(f"{target}/{name}: `hrnet {command} {' '.join(argv)}` does not parse")
                 checked.add(command)
     # The train step's command line is built by the library from the pipeline's parameters.
-    from hrnet.train.config import train_command
+    from hrnet.train.pipeline_args import train_command
 
     argv = train_command("/data/records", "/data/run", dict(
         model="w18", device="npu", batch_size=32, image_size=224, epochs=100.0, train_steps=5000, lr=0.0125,

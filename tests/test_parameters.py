@@ -1,9 +1,9 @@
-"""Every training parameter is declared once: TrainConfig's fields (hrnet/train/config.py)
-and the pipeline's own parameters (pipelines/parameters.py). These tests add nothing; they
-read the declarations and check that each place made from them agrees: the ``hrnet train``
-flags, the YAML / train_config keys, the compiled pipeline of every target (names, types,
-defaults, run-form descriptions), ``python -m pipelines run-local``'s flags and the
-components' inputs."""
+"""Every training parameter is declared once: TrainConfig's fields (hrnet/train/config.py,
+shown to the pipeline by hrnet/train/pipeline_args.py) and the pipeline's own parameters
+(pipelines/parameters.py). These tests add nothing; they read the declarations and check
+that each place made from them agrees: the ``hrnet train`` flags, the YAML / train_config
+keys, the compiled pipeline of every target (names, types, defaults, run-form
+descriptions), ``python -m pipelines run-local``'s flags and the components' inputs."""
 import argparse
 import dataclasses
 import typing
@@ -16,7 +16,9 @@ from components.train import train
 from components.validate import validate
 from hrnet import cli
 from hrnet.train import config as train_config
-from hrnet.train.config import PIPELINE_FIELDS, PIPELINE_SET, TrainConfig
+from hrnet.train import pipeline_args
+from hrnet.train.config import TrainConfig
+from hrnet.train.pipeline_args import PIPELINE_FIELDS, PIPELINE_SET
 from pipelines import __main__ as pipelines_cli
 from pipelines import parameters
 from pipelines.__main__ import compile_pipeline
@@ -66,7 +68,7 @@ def test_pipeline_training_parameters_are_the_train_config_fields():
         assert param.type is scalar(field), name
         # KFP has no None: 0 / "" stand for it and the validate step turns them back.
         if field.default is None:
-            assert param.default == param.type() and train_config._from_pipeline(name, param.default) is None
+            assert param.default == param.type() and pipeline_args._from_pipeline(name, param.default) is None
         else:
             assert param.default == default(field)
         words = field.metadata["help"].replace("--", "").replace("-", "_").split()
@@ -134,7 +136,7 @@ def test_the_train_command_carries_every_field_back():
             value = kind(7) if base is None else base + kind(3)
         values[name] = value
     data, out = values.pop("data"), values.pop("out")
-    command = train_config.train_command(data, out, values)
+    command = pipeline_args.train_command(data, out, values)
     assert command[:2] == ["hrnet", "train"]
     parsed = train_config.from_args(cli.build_parser("train").parse_args(command[2:]))
     assert parsed == TrainConfig.from_dict(dict(values, data=data, out=out))

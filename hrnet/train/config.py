@@ -16,7 +16,7 @@ import dataclasses
 import math
 import os
 import random
-import re
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -26,9 +26,9 @@ from hrnet import configs
 from hrnet.data.augment import Augment
 from hrnet.errors import HrnetError
 from hrnet.fileio import atomic_write
+from hrnet.run_folder import CONFIG_FILE
 from hrnet.runtime import DEVICES, NPU_PRECISION_MODES, PRECISIONS, resolve_precision
 
-CONFIG_FILE = "train_config.yaml"
 # The seed's iterations_per_loop on Ascend; each loop still ends at the next log line.
 NPU_STEPS_PER_LOOP = 100
 SCHEDULES = ("piecewise", "cosine")
@@ -110,11 +110,11 @@ class TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError("unknown train config key(s) in %s: %s" % (where, ", ".join(unknown)))
-        hints = _type_hints()
+        hints = field_types()
         checked = {}
         for name, value in values.items():
             if value is not None:
-                value = _coerce(where, name, value, hints[name], _is_list(name))
+                value = _coerce(where, name, value, hints[name], is_list(name))
             checked[name] = value
         for name in ("area_range", "aspect_range"):
             if checked.get(name) is not None:
@@ -298,7 +298,7 @@ def _choice(name: str, value, choices) -> None:
         raise ValueError("%s must be one of %s, got %r" % (name, ", ".join(choices), value))
 
 
-def _flag(name: str) -> str:
+def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
@@ -306,7 +306,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field, plus --config FILE.yaml. Flags left out do not
     appear in the parsed namespace, so they never override the YAML file."""
     parser.add_argument("--config", help="YAML file of TrainConfig fields; flags override it")
-    hints = _type_hints()
+    hints = field_types()
     for f in dataclasses.fields(TrainConfig):
         meta = dict(f.metadata)
         help_text = meta.pop("help")
@@ -315,16 +315,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if "default" not in help_text:
             help_text = "%s (default: %s)" % (help_text, default)
         if kind is bool:
-            parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+            parser.add_argument(flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)
             continue
-        parser.add_argument(_flag(f.name), dest=f.name, type=finite_float if kind is float else kind,
+        parser.add_argument(flag(f.name), dest=f.name, type=finite_float if kind is float else kind,
                             default=argparse.SUPPRESS, help=help_text, **meta)
-
-
-def _is_list(name: str) -> bool:
-    return "List" in str(TrainConfig.__dataclass_fields__[name].type) or \
-        "Tuple" in str(TrainConfig.__dataclass_fields__[name].type)
 
 
 def _coerce(where: str, name: str, value, kind: type, is_list: bool):
@@ -357,20 +352,21 @@ def finite_float(text: str) -> float:
     return value
 
 
-def _type_hints() -> Dict[str, type]:
-    """The scalar type of each field, for argparse."""
+def field_types() -> Dict[str, type]:
+    """The scalar type of each field (of its items, for a list or tuple field), for argparse."""
     out = {}
-    for f in dataclasses.fields(TrainConfig):
-        text = str(f.type)
-        if "bool" in text:
-            out[f.name] = bool
-        elif "float" in text:
-            out[f.name] = float
-        elif "int" in text:
-            out[f.name] = int
-        else:
-            out[f.name] = str
+    for name, hint in typing.get_type_hints(TrainConfig).items():
+        while typing.get_origin(hint) in (typing.Union, list, tuple):  # Optional[X], List[X], Tuple[X, X]
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        out[name] = hint
     return out
+
+
+def is_list(name: str) -> bool:
+    """Whether the field takes several values (a list or tuple)."""
+    hint = typing.get_type_hints(TrainConfig)[name]
+    args = typing.get_args(hint) if typing.get_origin(hint) is typing.Union else (hint,)
+    return any(typing.get_origin(a) in (list, tuple) for a in args)
 
 
 def from_args(args: argparse.Namespace) -> TrainConfig:
@@ -385,107 +381,3 @@ def load_saved(directory: str) -> Optional[TrainConfig]:
     """The resolved config saved in a checkpoint folder, or None if there is none."""
     path = os.path.join(directory, CONFIG_FILE)
     return TrainConfig.from_yaml(path) if os.path.exists(path) else None
-
-
-# --- The KFP pipeline's training parameters (components/validate.py, components/train.py) ----
-
-# The TrainConfig fields the pipeline's run form shows as parameters of their own; every
-# other field is a key of its structured ``train_config`` parameter.
-PIPELINE_FIELDS = ("model", "batch_size", "epochs", "train_steps", "lr", "precision", "image_size", "seed",
-                   "init_from")
-# Fields the pipeline fills in itself: the data reference, the Model artifact, the compile target.
-PIPELINE_SET = ("data", "out", "device")
-
-
-@dataclass(frozen=True)
-class Parameter:
-    """One pipeline parameter: what its signature, its run-form description and
-    ``python -m pipelines run-local``'s flag are made from."""
-    name: str
-    type: type
-    default: Any
-    description: str
-
-
-def pipeline_parameters() -> List[Parameter]:
-    """PIPELINE_FIELDS as pipeline parameters, from the TrainConfig fields. KFP parameters
-    cannot be None: a field whose default is None takes 0 / "" for "the default"."""
-    hints = _type_hints()
-    out = []
-    for name in PIPELINE_FIELDS:
-        f = TrainConfig.__dataclass_fields__[name]
-        kind = hints[name]
-        unset = f.default is None
-        # Flags become parameter names: the run form has no --train-steps, it has train_steps.
-        text = re.sub(r"--([a-z-]+)", lambda m: m.group(1).replace("-", "_"), f.metadata["help"])
-        if unset:
-            text += "; %s means the default" % ('""' if kind is str else 0)
-        out.append(Parameter(name, kind, kind() if unset else f.default, text + "."))
-    return out
-
-
-def _from_pipeline(name: str, value):
-    """A pipeline parameter's value as the TrainConfig field's: 0 / "" -> None where None is the default."""
-    return None if TrainConfig.__dataclass_fields__[name].default is None and not value else value
-
-
-def check_pipeline_parameters(source_uri: str, tfrecords_uri: str, devices: int, device: str,
-                              train_config: Dict[str, Any], nodes: int = 1, **fields) -> Tuple[str, Dict[str, Any]]:
-    """Check a pipeline run's parameters before any pod asks for accelerators; ValueError
-    naming the first bad one. ``fields``: the PIPELINE_FIELDS. Returns the data source to use
-    ("convert": an image tree, "tfrecords": records converted before) and the train step's
-    config: the TrainConfig values the run sets, typed (train_command's input)."""
-    from hrnet.runtime.launch import VALID_NPROC
-    from hrnet.storage import is_remote
-
-    if sorted(fields) != sorted(PIPELINE_FIELDS):
-        raise TypeError("check_pipeline_parameters takes the fields %s, got %s" % (PIPELINE_FIELDS, sorted(fields)))
-    if bool(source_uri) == bool(tfrecords_uri):
-        raise ValueError("give exactly one data source: source_uri (an image tree to convert) or tfrecords_uri "
-                         "(TFRecords made by `hrnet convert` or slim); "
-                         f"got source_uri={source_uri!r} tfrecords_uri={tfrecords_uri!r}")
-    if tfrecords_uri and not is_remote(tfrecords_uri) and not os.path.isdir(tfrecords_uri):
-        # KFP imports the records as an artifact: in a cluster that takes an object-store URI.
-        raise ValueError(f"tfrecords_uri {tfrecords_uri!r} is neither an s3:// / minio:// URI nor a folder here")
-    init_from = fields["init_from"]
-    if init_from and not is_remote(init_from) and not os.path.exists(init_from):
-        raise ValueError(f"init_from {init_from!r} is neither an s3:// / minio:// URI nor a path here (weights of "
-                         "`hrnet import-weights` or `hrnet train`, or a PyTorch .pth)")
-    configs.canonical_name(fields["model"])
-    if devices not in VALID_NPROC:
-        raise ValueError(f"devices must be one of {', '.join(map(str, VALID_NPROC))} (one training process per "
-                         f"device, on one node), got {devices}")
-    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
-        raise ValueError(f"nodes must be 1 or more (servers, each with `devices` devices), got {nodes!r}")
-    if nodes > 1 and tfrecords_uri and not is_remote(tfrecords_uri):
-        raise ValueError(f"tfrecords_uri {tfrecords_uri!r} is a folder, but the servers of a multi-node job "
-                         "(nodes > 1) share no disk: give an s3:// / minio:// URI")
-    if not isinstance(train_config, dict):
-        raise ValueError(f"train_config must be a mapping of TrainConfig keys to values, got {train_config!r}")
-    taken = sorted(set(train_config) & set(PIPELINE_FIELDS + PIPELINE_SET))
-    if taken:
-        raise ValueError(f"train_config may not set {taken[0]}: the pipeline sets it (from its own parameters)")
-    values = dict(train_config, device=device, **{k: _from_pipeline(k, v) for k, v in fields.items()})
-    values = {k: v for k, v in values.items() if v is not None}
-    config = TrainConfig.from_dict(dict(values, data=source_uri or tfrecords_uri, out="(the Model artifact)"),
-                                   where="train_config").validate().to_dict()
-    return ("convert" if source_uri else "tfrecords"), {k: config[k] for k in values}
-
-
-def to_flags(values: Dict[str, Any]) -> List[str]:
-    """TrainConfig values as ``hrnet train`` flags (add_arguments parses them back)."""
-    hints = _type_hints()
-    flags = []
-    for name, value in TrainConfig.from_dict(values).to_dict().items():
-        if name not in values or value is None:
-            continue
-        if hints[name] is bool:
-            flags.append(_flag(name) if value else "--no-" + _flag(name)[2:])
-        else:
-            flags += [_flag(name)] + [str(v) for v in (value if isinstance(value, list) else [value])]
-    return flags
-
-
-def train_command(data: str, out: str, config: Dict[str, Any]) -> List[str]:
-    """The ``hrnet train`` command line of a pipeline run, from check_pipeline_parameters' config."""
-    return ["hrnet", "train", "--data", data, "--out", out] + to_flags(config)

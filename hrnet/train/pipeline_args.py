@@ -1,0 +1,115 @@
+"""The KFP pipeline's training parameters: the contract between TrainConfig and the
+pipeline (its run form, the validate step and the train steps' ``hrnet train`` command).
+
+The pipeline shows a few TrainConfig fields as parameters of their own (PIPELINE_FIELDS)
+and takes every other one in its structured ``train_config`` parameter; the validate step
+checks them all (check_pipeline_parameters) and hands the train step typed TrainConfig
+values, which become ``hrnet train`` flags (train_command).
+"""
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Dict, List, Tuple
+
+from hrnet import configs
+from hrnet.runtime.launch import VALID_NPROC
+from hrnet.storage import is_remote
+from hrnet.train.config import TrainConfig, field_types, flag
+
+# The TrainConfig fields the pipeline's run form shows as parameters of their own; every
+# other field is a key of its structured ``train_config`` parameter.
+PIPELINE_FIELDS = ("model", "batch_size", "epochs", "train_steps", "lr", "precision", "image_size", "seed",
+                   "init_from")
+# Fields the pipeline fills in itself: the data reference, the Model artifact, the compile target.
+PIPELINE_SET = ("data", "out", "device")
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One pipeline parameter: what its signature, its run-form description and
+    ``python -m pipelines run-local``'s flag are made from."""
+    name: str
+    type: type
+    default: Any
+    description: str
+
+
+def pipeline_parameters() -> List[Parameter]:
+    """PIPELINE_FIELDS as pipeline parameters, from the TrainConfig fields. KFP parameters
+    cannot be None: a field whose default is None takes 0 / "" for "the default"."""
+    hints = field_types()
+    out = []
+    for name in PIPELINE_FIELDS:
+        f = TrainConfig.__dataclass_fields__[name]
+        kind = hints[name]
+        unset = f.default is None
+        # Flags become parameter names: the run form has no --train-steps, it has train_steps.
+        text = re.sub(r"--([a-z-]+)", lambda m: m.group(1).replace("-", "_"), f.metadata["help"])
+        if unset:
+            text += "; %s means the default" % ('""' if kind is str else 0)
+        out.append(Parameter(name, kind, kind() if unset else f.default, text + "."))
+    return out
+
+
+def _from_pipeline(name: str, value):
+    """A pipeline parameter's value as the TrainConfig field's: 0 / "" -> None where None is the default."""
+    return None if TrainConfig.__dataclass_fields__[name].default is None and not value else value
+
+
+def check_pipeline_parameters(source_uri: str, tfrecords_uri: str, devices: int, device: str,
+                              train_config: Dict[str, Any], nodes: int = 1, **fields) -> Tuple[str, Dict[str, Any]]:
+    """Check a pipeline run's parameters before any pod asks for accelerators; ValueError
+    naming the first bad one. ``fields``: the PIPELINE_FIELDS. Returns the data source to use
+    ("convert": an image tree, "tfrecords": records converted before) and the train step's
+    config: the TrainConfig values the run sets, typed (train_command's input)."""
+    if sorted(fields) != sorted(PIPELINE_FIELDS):
+        raise TypeError("check_pipeline_parameters takes the fields %s, got %s" % (PIPELINE_FIELDS, sorted(fields)))
+    if bool(source_uri) == bool(tfrecords_uri):
+        raise ValueError("give exactly one data source: source_uri (an image tree to convert) or tfrecords_uri "
+                         "(TFRecords made by `hrnet convert` or slim); "
+                         f"got source_uri={source_uri!r} tfrecords_uri={tfrecords_uri!r}")
+    if tfrecords_uri and not is_remote(tfrecords_uri) and not os.path.isdir(tfrecords_uri):
+        # KFP imports the records as an artifact: in a cluster that takes an object-store URI.
+        raise ValueError(f"tfrecords_uri {tfrecords_uri!r} is neither an s3:// / minio:// URI nor a folder here")
+    init_from = fields["init_from"]
+    if init_from and not is_remote(init_from) and not os.path.exists(init_from):
+        raise ValueError(f"init_from {init_from!r} is neither an s3:// / minio:// URI nor a path here (weights of "
+                         "`hrnet import-weights` or `hrnet train`, or a PyTorch .pth)")
+    configs.canonical_name(fields["model"])
+    if devices not in VALID_NPROC:
+        raise ValueError(f"devices must be one of {', '.join(map(str, VALID_NPROC))} (one training process per "
+                         f"device, on one node), got {devices}")
+    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
+        raise ValueError(f"nodes must be 1 or more (servers, each with `devices` devices), got {nodes!r}")
+    if nodes > 1 and tfrecords_uri and not is_remote(tfrecords_uri):
+        raise ValueError(f"tfrecords_uri {tfrecords_uri!r} is a folder, but the servers of a multi-node job "
+                         "(nodes > 1) share no disk: give an s3:// / minio:// URI")
+    if not isinstance(train_config, dict):
+        raise ValueError(f"train_config must be a mapping of TrainConfig keys to values, got {train_config!r}")
+    taken = sorted(set(train_config) & set(PIPELINE_FIELDS + PIPELINE_SET))
+    if taken:
+        raise ValueError(f"train_config may not set {taken[0]}: the pipeline sets it (from its own parameters)")
+    values = dict(train_config, device=device, **{k: _from_pipeline(k, v) for k, v in fields.items()})
+    values = {k: v for k, v in values.items() if v is not None}
+    config = TrainConfig.from_dict(dict(values, data=source_uri or tfrecords_uri, out="(the Model artifact)"),
+                                   where="train_config").validate().to_dict()
+    return ("convert" if source_uri else "tfrecords"), {k: config[k] for k in values}
+
+
+def to_flags(values: Dict[str, Any]) -> List[str]:
+    """TrainConfig values as ``hrnet train`` flags (add_arguments parses them back)."""
+    hints = field_types()
+    flags = []
+    for name, value in TrainConfig.from_dict(values).to_dict().items():
+        if name not in values or value is None:
+            continue
+        if hints[name] is bool:
+            flags.append(flag(name) if value else "--no-" + flag(name)[2:])
+        else:
+            flags += [flag(name)] + [str(v) for v in (value if isinstance(value, list) else [value])]
+    return flags
+
+
+def train_command(data: str, out: str, config: Dict[str, Any]) -> List[str]:
+    """The ``hrnet train`` command line of a pipeline run, from check_pipeline_parameters' config."""
+    return ["hrnet", "train", "--data", data, "--out", out] + to_flags(config)
