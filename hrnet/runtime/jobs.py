@@ -66,28 +66,133 @@ PERMISSIONS = (
     ("", "pods/log", ("get",)),
 )
 
-
-@dataclass(frozen=True)
-class Engine:
-    group: str
-    version: str
-    plural: str
-    kind: str
-    # The container name the engine expects (the training operator injects TF_CONFIG and the
-    # port into the container named "tensorflow").
-    container: str
-
-
-VOLCANO = Engine("batch.volcano.sh", "v1alpha1", "jobs", "Job", "train")
-TFJOB = Engine("kubeflow.org", "v1", "tfjobs", "TFJob", "tensorflow")
-ENGINES = {"ascend": VOLCANO, "gpu": TFJOB, "cpu": TFJOB}
-
 JOB_LABEL = "hrnet.io/job"
-# hccl-controller finds a Volcano Job's ConfigMap through this label and the volume's name.
 RING_LABEL = ("ring-controller.atlas", "ascend-910")
 RING_VOLUME = "ascend-910-config"
 RING_MOUNT = "/user/serverid/devindex/config"
 RANK_TABLE_TIMEOUT = 600
+
+
+class Engine:
+    """A job engine: the custom resource a multi-node job is, and what is particular to it."""
+    group: str
+    version: str
+    plural: str
+    kind: str
+    # The container name the engine expects.
+    container: str
+
+    def labels(self, spec: "JobSpec") -> Dict[str, str]:
+        """Labels of its own on the job and its pods."""
+        return {}
+
+    def launch_flags(self) -> List[str]:
+        """``hrnet launch`` flags of its own."""
+        return []
+
+    def adapt_pod(self, pod: Dict[str, Any], spec: "JobSpec") -> None:
+        """What its pods need besides the common shape."""
+
+    def job_spec(self, spec: "JobSpec", template: Dict[str, Any]) -> Dict[str, Any]:
+        """The custom resource's ``spec`` for ``spec``'s job with pods of ``template``."""
+        raise NotImplementedError
+
+    def phase(self, status: Mapping[str, Any]) -> Tuple[str, str]:
+        """("running" | "succeeded" | "failed", the engine's words) of a job's status."""
+        raise NotImplementedError
+
+    def companions(self, spec: "JobSpec", job: Mapping[str, Any]) -> List[Dict[str, Any]]:
+        """Objects to create beside the job, owned by it."""
+        return []
+
+
+class Volcano(Engine):
+    """A Volcano Job, for Ascend: gang-scheduled pods, and the ConfigMap in which Ascend's
+    hccl-controller writes the rank table."""
+    group, version, plural, kind, container = "batch.volcano.sh", "v1alpha1", "jobs", "Job", "train"
+
+    def labels(self, spec: "JobSpec") -> Dict[str, str]:
+        # hccl-controller finds a Volcano Job's ConfigMap through this label and the volume's name.
+        return {RING_LABEL[0]: RING_LABEL[1]}
+
+    def launch_flags(self) -> List[str]:
+        # hccl-controller writes the rank table once every pod runs, and the other servers may still
+        # be pulling the image: wait longer than the launcher's default (as manifests/volcano does).
+        return ["--rank-table-timeout", str(RANK_TABLE_TIMEOUT)]
+
+    def adapt_pod(self, pod: Dict[str, Any], spec: "JobSpec") -> None:
+        container = pod["containers"][0]
+        container["env"] += [
+            {"name": "RANK_TABLE_FILE", "value": f"{RING_MOUNT}/hccl.json"},
+            # This server's entry in the rank table (hccl-controller's server_id is the node IP).
+            {"name": "XDL_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}},
+            # The chips Volcano's Ascend plugin gave this pod.
+            {"name": "ASCEND_VISIBLE_DEVICES",
+             "valueFrom": {"fieldRef": {"fieldPath": "metadata.annotations['huawei.com/Ascend910']"}}},
+        ]
+        container["volumeMounts"].append({"name": RING_VOLUME, "mountPath": RING_MOUNT, "readOnly": True})
+        pod["volumes"].append({"name": RING_VOLUME, "configMap": {"name": spec.ring_config}})
+        # One pod per server: each takes all the chips it asked for on one.
+        pod["affinity"] = {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+            {"labelSelector": {"matchLabels": {JOB_LABEL: spec.name}}, "topologyKey": "kubernetes.io/hostname"}]}}
+
+    def job_spec(self, spec: "JobSpec", template: Dict[str, Any]) -> Dict[str, Any]:
+        return {
+            "schedulerName": "volcano",
+            "queue": spec.queue,
+            "minAvailable": spec.nodes,  # gang scheduling: all pods or none
+            "maxRetry": spec.max_retry,
+            "ttlSecondsAfterFinished": spec.ttl_after_finished,
+            # One lost pod breaks the HCCL ring: restart all of them (training resumes from --out).
+            "policies": [{"event": "PodEvicted", "action": "RestartJob"},
+                         {"event": "PodFailed", "action": "RestartJob"}],
+            "tasks": [{"name": "worker", "replicas": spec.nodes,
+                       "policies": [{"event": "TaskCompleted", "action": "CompleteJob"}],
+                       "template": template}],
+        }
+
+    def phase(self, status: Mapping[str, Any]) -> Tuple[str, str]:
+        state = status.get("state") or {}
+        phase = state.get("phase") or "Pending"
+        words = phase + (f" ({state['message']})" if state.get("message") else "")
+        if phase == "Completed":
+            return "succeeded", words
+        if phase in ("Failed", "Aborted", "Terminated"):
+            return "failed", words
+        return "running", words
+
+    def companions(self, spec: "JobSpec", job: Mapping[str, Any]) -> List[Dict[str, Any]]:
+        return [ring_config_object(spec, owner=job)]
+
+
+class TFJob(Engine):
+    """A training operator TFJob, for GPUs and CPUs: the operator injects TF_CONFIG and the
+    port into the container named "tensorflow"."""
+    group, version, plural, kind, container = "kubeflow.org", "v1", "tfjobs", "TFJob", "tensorflow"
+
+    def job_spec(self, spec: "JobSpec", template: Dict[str, Any]) -> Dict[str, Any]:
+        return {
+            # Pods still running when the job ends go; finished ones stay for their logs.
+            "runPolicy": {"cleanPodPolicy": "Running", "backoffLimit": spec.max_retry,
+                          "ttlSecondsAfterFinished": spec.ttl_after_finished},
+            "tfReplicaSpecs": {"Worker": {"replicas": spec.nodes, "restartPolicy": "Never", "template": template}},
+        }
+
+    def phase(self, status: Mapping[str, Any]) -> Tuple[str, str]:
+        true = [c for c in status.get("conditions") or [] if c.get("status") == "True"]
+        last = true[-1] if true else {"type": "Created"}
+        words = last.get("type", "?") + (f" ({last['message']})" if last.get("message") else "")
+        if last.get("type") == "Succeeded":
+            return "succeeded", words
+        if last.get("type") == "Failed":
+            return "failed", words
+        return "running", words
+
+
+VOLCANO = Volcano()
+TFJOB = TFJob()
+ENGINES = {"ascend": VOLCANO, "gpu": TFJOB, "cpu": TFJOB}
+
 # Pod problems that will not go away by waiting: fail at once.
 FATAL_WAITING = {"InvalidImageName", "CreateContainerConfigError", "ErrImageNeverPull"}
 _NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -169,11 +274,8 @@ class JobSpec:
 # ----------------------------------------------------------------------------- the objects
 
 def _labels(spec: JobSpec) -> Dict[str, str]:
-    labels = {"app.kubernetes.io/name": "hrnet", "app.kubernetes.io/component": "train",
-              "app.kubernetes.io/part-of": "hrnet", **spec.labels, JOB_LABEL: spec.name}
-    if spec.target == "ascend":
-        labels[RING_LABEL[0]] = RING_LABEL[1]
-    return labels
+    return {"app.kubernetes.io/name": "hrnet", "app.kubernetes.io/component": "train",
+            "app.kubernetes.io/part-of": "hrnet", **spec.labels, JOB_LABEL: spec.name, **spec.engine.labels(spec)}
 
 
 def pod_template(spec: JobSpec) -> Dict[str, Any]:
@@ -186,9 +288,6 @@ def pod_template(spec: JobSpec) -> Dict[str, Any]:
     env: List[Dict[str, Any]] = [{"name": "HRNET_CACHE_DIR", "value": "/cache"}]
     env += [{"name": var, "valueFrom": {"secretKeyRef": {"name": spec.secret, "key": key}}}
             for key, var in cluster.OBJECT_STORE_ENV.items()]
-    # hccl-controller writes the rank table once every pod runs, and the other servers may still
-    # be pulling the image: wait longer than the launcher's default (as manifests/volcano does).
-    launch_flags = ["--rank-table-timeout", str(RANK_TABLE_TIMEOUT)] if spec.target == "ascend" else []
     mounts = [{"name": "cache", "mountPath": "/cache"}]
     volumes: List[Dict[str, Any]] = [{"name": "cache", "emptyDir": {}}]
     if shape["shm"]:
@@ -205,7 +304,8 @@ def pod_template(spec: JobSpec) -> Dict[str, Any]:
         "containers": [{
             "name": spec.engine.container,
             "image": spec.image,
-            "args": ["hrnet", "launch", "--nproc", str(spec.devices), "--device", spec.device, *launch_flags, "--",
+            "args": ["hrnet", "launch", "--nproc", str(spec.devices), "--device", spec.device,
+                     *spec.engine.launch_flags(), "--",
                      *spec.command],
             "env": env,
             "resources": {"requests": requests, "limits": limits},
@@ -218,21 +318,7 @@ def pod_template(spec: JobSpec) -> Dict[str, Any]:
         pod["nodeSelector"] = dict(shape["node_selector"])
     if shape["accelerator"]:
         pod["tolerations"] = [{"key": shape["accelerator"], "operator": "Exists", "effect": "NoSchedule"}]
-    if spec.target == "ascend":
-        container = pod["containers"][0]
-        container["env"] += [
-            {"name": "RANK_TABLE_FILE", "value": f"{RING_MOUNT}/hccl.json"},
-            # This server's entry in the rank table (hccl-controller's server_id is the node IP).
-            {"name": "XDL_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}},
-            # The chips Volcano's Ascend plugin gave this pod.
-            {"name": "ASCEND_VISIBLE_DEVICES",
-             "valueFrom": {"fieldRef": {"fieldPath": "metadata.annotations['huawei.com/Ascend910']"}}},
-        ]
-        container["volumeMounts"].append({"name": RING_VOLUME, "mountPath": RING_MOUNT, "readOnly": True})
-        pod["volumes"].append({"name": RING_VOLUME, "configMap": {"name": spec.ring_config}})
-        # One pod per server: each takes all the chips it asked for on one.
-        pod["affinity"] = {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
-            {"labelSelector": {"matchLabels": {JOB_LABEL: spec.name}}, "topologyKey": "kubernetes.io/hostname"}]}}
+    spec.engine.adapt_pod(pod, spec)
     labels = dict(_labels(spec))
     labels[cluster.OBJECT_STORE_CLIENT_LABEL[0]] = cluster.OBJECT_STORE_CLIENT_LABEL[1]
     return {"metadata": {"labels": labels}, "spec": pod}
@@ -242,30 +328,8 @@ def job_object(spec: JobSpec) -> Dict[str, Any]:
     """The Volcano Job or TFJob of ``spec``."""
     metadata = {"name": spec.name, "namespace": spec.namespace, "labels": _labels(spec)}
     engine = spec.engine
-    if engine is VOLCANO:
-        body = {
-            "schedulerName": "volcano",
-            "queue": spec.queue,
-            "minAvailable": spec.nodes,  # gang scheduling: all pods or none
-            "maxRetry": spec.max_retry,
-            "ttlSecondsAfterFinished": spec.ttl_after_finished,
-            # One lost pod breaks the HCCL ring: restart all of them (training resumes from --out).
-            "policies": [{"event": "PodEvicted", "action": "RestartJob"},
-                         {"event": "PodFailed", "action": "RestartJob"}],
-            "tasks": [{"name": "worker", "replicas": spec.nodes,
-                       "policies": [{"event": "TaskCompleted", "action": "CompleteJob"}],
-                       "template": pod_template(spec)}],
-        }
-    else:
-        body = {
-            # Pods still running when the job ends go; finished ones stay for their logs.
-            "runPolicy": {"cleanPodPolicy": "Running", "backoffLimit": spec.max_retry,
-                          "ttlSecondsAfterFinished": spec.ttl_after_finished},
-            "tfReplicaSpecs": {"Worker": {"replicas": spec.nodes, "restartPolicy": "Never",
-                                          "template": pod_template(spec)}},
-        }
     return {"apiVersion": f"{engine.group}/{engine.version}", "kind": engine.kind, "metadata": metadata,
-            "spec": body}
+            "spec": engine.job_spec(spec, pod_template(spec))}
 
 
 def ring_config_object(spec: JobSpec, owner: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
@@ -283,24 +347,7 @@ def ring_config_object(spec: JobSpec, owner: Optional[Mapping[str, Any]] = None)
 
 def job_phase(engine: Engine, job: Mapping[str, Any]) -> Tuple[str, str]:
     """("running" | "succeeded" | "failed", the engine's words) of a job object."""
-    status = job.get("status") or {}
-    if engine is VOLCANO:
-        state = status.get("state") or {}
-        phase = state.get("phase") or "Pending"
-        words = phase + (f" ({state['message']})" if state.get("message") else "")
-        if phase == "Completed":
-            return "succeeded", words
-        if phase in ("Failed", "Aborted", "Terminated"):
-            return "failed", words
-        return "running", words
-    true = [c for c in status.get("conditions") or [] if c.get("status") == "True"]
-    last = true[-1] if true else {"type": "Created"}
-    words = last.get("type", "?") + (f" ({last['message']})" if last.get("message") else "")
-    if last.get("type") == "Succeeded":
-        return "succeeded", words
-    if last.get("type") == "Failed":
-        return "failed", words
-    return "running", words
+    return engine.phase(job.get("status") or {})
 
 
 def pod_problems(pod: Mapping[str, Any]) -> List[Tuple[str, bool]]:
@@ -489,17 +536,16 @@ class JobRunner:
             raise _api_error(e, f"create {self._what()}") from None
         log.info("created %s: %d node(s) x %d %s device(s)", self._what(), self.spec.nodes, self.spec.devices,
                  self.spec.device)
-        if self.spec.engine is VOLCANO:
-            self._create_ring_config(job)
+        for companion in self.spec.engine.companions(self.spec, job):
+            self._create_config_map(companion)
         return job
 
-    def _create_ring_config(self, job: Mapping[str, Any]) -> None:
+    def _create_config_map(self, body: Mapping[str, Any]) -> None:
         try:
-            self._reach(self.core.create_namespaced_config_map, self.spec.namespace,
-                        ring_config_object(self.spec, owner=job))
+            self._reach(self.core.create_namespaced_config_map, self.spec.namespace, body)
         except self.ApiException as e:
             if e.status != 409:
-                raise _api_error(e, f"create ConfigMap {self.spec.ring_config}") from None
+                raise _api_error(e, f"create ConfigMap {body['metadata']['name']}") from None
 
     def delete(self, wait: bool = False, timeout: float = 120.0) -> None:
         try:
