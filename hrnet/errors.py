@@ -8,3 +8,7 @@ class HrnetError(Exception):
 class IncompleteError(HrnetError):
     """An output (data set, checkpoint set, export) without its manifest.json: it was
     never finished, or is still being written."""
+
+
+class BadValue(HrnetError, ValueError):
+    """A parameter's value that cannot run (a ValueError too, for callers that check values)."""

@@ -392,6 +392,7 @@ def test_sigkill_then_rerun_equals_a_clean_run(tmp_path):
 
 def test_convert_from_a_bucket_of_images_to_a_bucket(s3_env, tmp_path):
     from hrnet import data, storage
+    from hrnet.data.reference import stage
 
     local = str(tmp_path / "src")
     for c in ("a", "b"):
@@ -403,9 +404,9 @@ def test_convert_from_a_bucket_of_images_to_a_bucket(s3_env, tmp_path):
     manifest = convert_dataset(s3_env.uri("raw"), out, workers=1, progress=False)
     assert manifest["counts"] == {"train": 6, "validation": 2}
     assert storage.exists(out + "/manifest.json")
-    info = data.dataset_info(out)  # read back through the verified local cache
+    info = data.dataset_info(stage(out))  # read back through the verified local cache
     assert info.counts == manifest["counts"] and info.class_names == ["a", "b"]
-    x, y = next(iter(data.eval_dataset(out, 8, 32)))
+    x, y = next(iter(data.eval_dataset(info, 8, 32)))
     assert x.shape == (2, 32, 32, 3) and sorted(y.numpy().tolist()) == [0, 1]
 
 

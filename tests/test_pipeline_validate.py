@@ -31,7 +31,7 @@ def test_devices_3_fails_the_first_step_and_the_run_is_recorded(runs_dir, capfd)
     with pytest.raises(RuntimeError, match="validate"):
         pipeline(source_uri="/data/raw", devices=3)
     out = capfd.readouterr()
-    assert "devices must be one of 1, 2, 4, 8" in out.out + out.err
+    assert "devices must be 1, 2, 4 or 8" in out.out + out.err
     (run_dir,) = glob.glob(str(runs_dir / "hrnet-classification-*"))
     # Nothing after the check started; the exit handler wrote down the failure.
     assert os.listdir(run_dir) == ["record-run"]

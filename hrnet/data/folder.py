@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from hrnet import storage
 from hrnet.data import schema
+from hrnet.data.reference import REFERENCE
 from hrnet.errors import HrnetError, IncompleteError
 from hrnet.manifest import MANIFEST, read_manifest
 
@@ -61,12 +62,10 @@ def dataset_info(data_dir: str, num_classes: Optional[int] = None, label_offset:
     (ImageNet from slim: 1000 and 1). Counts of slim records come from the shard headers
     (``count=False`` leaves them 0). Shards are checked against the manifest before
     anything reads them: their sizes always, their sha256 with ``verify`` (a remote data
-    set was hashed as it was downloaded). ``data_dir`` may be a reference to the records
-    (hrnet.data.reference); with ``splits`` only those splits are fetched, checked and listed
-    in ``files``."""
-    from hrnet.data import reference
-
-    local = reference.stage(data_dir, splits)
+    set was hashed as it was downloaded). ``data_dir`` is a local folder: a command stages
+    remote records or a reference to them first (hrnet.data.reference.stage), once. With
+    ``splits`` only those splits are checked and listed in ``files``."""
+    local = _local_folder(data_dir)
     if not os.path.isdir(local):
         raise FileNotFoundError(f"no such data set folder: {data_dir}")
     if os.path.exists(os.path.join(local, MANIFEST)):
@@ -186,13 +185,19 @@ def _label_rows(local: str) -> List[List[str]]:
     return schema.parse_labels_file(path) if os.path.exists(path) else []
 
 
+def _local_folder(data_dir: str) -> str:
+    """``data_dir``, refused when it is not a local folder of records: data sets are staged
+    once, by the command that reads them, not again at every layer below it."""
+    if storage.is_remote(data_dir) or os.path.isfile(os.path.join(data_dir, REFERENCE)):
+        raise ValueError(f"{data_dir} is not a local data set folder: stage it first (hrnet.data.reference.stage)")
+    return data_dir
+
+
 def files_and_offset(data: Union[str, DatasetInfo], split: str, label_offset: Optional[int],
                       num_classes: Optional[int]):
-    """Shard files of a split and the label offset, from a DatasetInfo or a folder."""
+    """Shard files of a split and the label offset, from a DatasetInfo or a local folder."""
     if not isinstance(data, DatasetInfo):
-        from hrnet.data import reference
-
-        local = reference.stage(data, (split,))
+        local = _local_folder(data)
         if os.path.exists(os.path.join(local, MANIFEST)):
             data = dataset_info(local, num_classes=num_classes, label_offset=label_offset, splits=(split,))
         elif label_offset is None:

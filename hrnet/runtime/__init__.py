@@ -7,9 +7,13 @@ and precision rules live here, once, for the config, the launcher and the backen
 """
 import math
 import os
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
+
+from hrnet.errors import BadValue
 
 DEVICES = ("cpu", "gpu", "npu")
+# Devices (one training process each) on one server: the shares its 8 chips divide into.
+DEVICES_PER_SERVER = (1, 2, 4, 8)
 PRECISIONS = ("fp32", "mixed_fp16", "bf16")
 # The Ascend adapter's precision modes (npu_bridge names, also accepted by npu_device).
 NPU_PRECISION_MODES = ("allow_mix_precision", "allow_fp32_to_fp16", "force_fp32", "must_keep_origin_dtype")
@@ -92,3 +96,19 @@ def usable_cpus() -> int:
     if quota:
         cpus = min(cpus, max(1, math.ceil(quota)))
     return max(1, cpus)
+
+
+def check_devices(value: Any, name: str = "devices") -> int:
+    """The one check of a count of devices on one server (the launcher's --nproc, the
+    pipeline's and a job's devices); BadValue naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value not in DEVICES_PER_SERVER:
+        raise BadValue(f"{name} must be 1, 2, 4 or 8 (one process per device, as the chips of a server are shared "
+                       f"out), got {value!r}")
+    return value
+
+
+def check_nodes(value: Any) -> int:
+    """The one check of a count of servers (the pipeline's and a job's nodes)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BadValue(f"nodes must be 1 or more (servers, each with `devices` devices), got {value!r}")
+    return value

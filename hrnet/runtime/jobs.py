@@ -51,8 +51,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
 
 from hrnet.errors import HrnetError
-from hrnet.runtime import cluster
-from hrnet.runtime.launch import VALID_NPROC
+from hrnet.runtime import check_devices, check_nodes, cluster
 
 log = logging.getLogger(__name__)
 
@@ -232,14 +231,10 @@ class JobSpec:
     def __post_init__(self) -> None:
         if self.target not in ENGINES:
             raise HrnetError(f"--target must be one of {', '.join(ENGINES)}, got {self.target!r}")
-        for what in ("nodes", "devices", "max_retry"):
-            value = getattr(self, what)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise HrnetError(f"{what} must be a whole number, got {value!r}")
-        if self.nodes < 1:
-            raise HrnetError(f"nodes must be 1 or more, got {self.nodes}")
-        if self.devices not in VALID_NPROC:
-            raise HrnetError(f"devices (per node) must be 1, 2, 4 or 8, got {self.devices}")
+        check_nodes(self.nodes)
+        check_devices(self.devices, "devices (per node)")
+        if isinstance(self.max_retry, bool) or not isinstance(self.max_retry, int):
+            raise HrnetError(f"max_retry must be a whole number, got {self.max_retry!r}")
         if self.max_retry < 0:
             raise HrnetError(f"max_retry must be 0 or more, got {self.max_retry}")
         if not _NAME.match(self.name) or len(self.name) > MAX_NAME:

@@ -36,22 +36,14 @@ import time
 from typing import IO, Any, Dict, List, Mapping, Optional, Sequence
 
 from hrnet.errors import HrnetError
-from hrnet.runtime import DEVICES, ranktable, usable_cpus
+from hrnet.runtime import DEVICES, check_devices, ranktable, usable_cpus
 
 log = logging.getLogger(__name__)
 
-VALID_NPROC = (1, 2, 4, 8)
 HCCL_CONNECT_TIMEOUT = "120"
 
 
 # ----------------------------------------------------------------------------- environments
-
-def check_nproc(nproc: Any) -> int:
-    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc not in VALID_NPROC:
-        raise HrnetError("--nproc must be 1, 2, 4 or 8 (one process per device, as the chips of a server "
-                         f"are shared out), got {nproc!r}")
-    return nproc
-
 
 def free_ports(n: int, host: str = "127.0.0.1") -> List[int]:
     """``n`` distinct ports free right now (all held open together so none repeats)."""
@@ -135,7 +127,7 @@ def rank_environments(nproc: int, device: str = "cpu", env: Optional[Mapping[str
     which takes ``api_client``, ``configuration``, ``hccn_conf`` and ``interval`` from
     ``rank_table_kwargs``) and, unless it came from RANK_TABLE_FILE, written into ``workdir``.
     """
-    check_nproc(nproc)
+    check_devices(nproc, "--nproc")
     if device not in DEVICES:
         raise HrnetError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
     base = dict(os.environ if env is None else env)
@@ -320,7 +312,7 @@ def launch(nproc: int, command: Sequence[str], device: str = "cpu", env: Optiona
     ``rank-N.log`` (and a built rank table). ``rank_table_kwargs`` go to ranktable.resolve_rank_table
     (``api_client``, ``configuration``, ``hccn_conf``, ``interval``).
     """
-    check_nproc(nproc)
+    check_devices(nproc, "--nproc")
     argv = resolve_command(command)
     workdir = log_dir or tempfile.mkdtemp(prefix="hrnet-launch-")
     if log_dir:

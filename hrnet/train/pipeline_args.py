@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Tuple
 
 from hrnet import configs
-from hrnet.runtime.launch import VALID_NPROC
+from hrnet.runtime import check_devices, check_nodes
 from hrnet.storage import is_remote
 from hrnet.train.config import TrainConfig, field_types, flag
 
@@ -76,11 +76,8 @@ def check_pipeline_parameters(source_uri: str, tfrecords_uri: str, devices: int,
         raise ValueError(f"init_from {init_from!r} is neither an s3:// / minio:// URI nor a path here (weights of "
                          "`hrnet import-weights` or `hrnet train`, or a PyTorch .pth)")
     configs.canonical_name(fields["model"])
-    if devices not in VALID_NPROC:
-        raise ValueError(f"devices must be one of {', '.join(map(str, VALID_NPROC))} (one training process per "
-                         f"device, on one node), got {devices}")
-    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
-        raise ValueError(f"nodes must be 1 or more (servers, each with `devices` devices), got {nodes!r}")
+    check_devices(devices)
+    check_nodes(nodes)
     if nodes > 1 and tfrecords_uri and not is_remote(tfrecords_uri):
         raise ValueError(f"tfrecords_uri {tfrecords_uri!r} is a folder, but the servers of a multi-node job "
                          "(nodes > 1) share no disk: give an s3:// / minio:// URI")
