@@ -13,7 +13,8 @@ from PIL import Image
 
 from hrnet import storage
 from hrnet.cli import main as cli_main
-from hrnet.data.convert import convert_dataset, orient_boxes, read_image
+from hrnet.data.convert import convert_dataset
+from hrnet.data.images import orient_boxes, read_image
 from hrnet.errors import HrnetError
 
 RNG = np.random.RandomState(0)
@@ -179,7 +180,7 @@ def test_read_image_detects_truncation_of_a_large_jpeg(tmp_path):
 def test_verify_finds_random_bytes_inside_a_complete_jpeg_that_decoders_pass(tmp_path):
     import random
 
-    from hrnet.data.convert import jpeg_structure_error
+    from hrnet.data.images import jpeg_structure_error
 
     data = jpeg_bytes(Image.fromarray(noise(240, 200, 4)), quality=95)
     rng = random.Random(45)
