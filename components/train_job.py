@@ -24,13 +24,13 @@ def train_job(
     becomes ``model``. Needs no accelerator itself; the job's pods take ``devices`` each."""
     from hrnet import storage
     from hrnet.data.reference import resolve
-    from hrnet.runtime import jobs
+    from hrnet.runtime import job_objects, jobs
     from hrnet.runtime.ranktable import pod_namespace
     from hrnet.train.pipeline_args import train_command
 
     data = jobs.check_remote(resolve(dataset.path), "the data set")
     out = jobs.check_remote(checkpoint_uri or storage.sibling(model.uri, "checkpoints"), "the checkpoint location")
-    spec = jobs.JobSpec(name=jobs.job_name(job_name), target=target, nodes=nodes, devices=devices, image=image,
-                        command=train_command(data, out, config), namespace=pod_namespace())
+    spec = job_objects.JobSpec(name=job_objects.job_name(job_name), target=target, nodes=nodes, devices=devices,
+                               image=image, command=train_command(data, out, config), namespace=pod_namespace())
     jobs.run_job(spec, timeout=timeout)
     storage.restore(out, model.path)  # the Model artifact holds the finished checkpoint

@@ -22,7 +22,7 @@ from k8s_standin import Cluster
 from hrnet import storage
 from hrnet.errors import HrnetError
 from hrnet.runtime import cluster as names
-from hrnet.runtime import jobs
+from hrnet.runtime import job_objects, jobs
 from hrnet.runtime.launch import expand_tf_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,7 +44,7 @@ def child(tmp_path):
 
 
 def spec(name="hrnet-train-t1", target="cpu", nodes=2, devices=1, command=("true",), **kwargs):
-    return jobs.JobSpec(name=name, target=target, nodes=nodes, devices=devices, image="repo/hrnet-cpu:1",
+    return job_objects.JobSpec(name=name, target=target, nodes=nodes, devices=devices, image="repo/hrnet-cpu:1",
                         command=list(command), namespace="hrnet", **kwargs)
 
 
@@ -76,7 +76,7 @@ def test_the_job_objects_are_valid_and_shaped_like_the_single_pod_step(target):
     import kubernetes_validate
 
     s = spec(target=target, nodes=3, devices=8 if target == "ascend" else 2, command=["hrnet", "train", "--x"])
-    job = jobs.job_object(s)
+    job = job_objects.job_object(s)
     shape = names.TRAIN_POD[target]
     if target == "ascend":
         assert job["apiVersion"] == "batch.volcano.sh/v1alpha1" and job["kind"] == "Job"
@@ -86,10 +86,10 @@ def test_the_job_objects_are_valid_and_shaped_like_the_single_pod_step(target):
         template = task["template"]
         assert job["metadata"]["labels"]["ring-controller.atlas"] == "ascend-910"
         assert template["metadata"]["labels"]["ring-controller.atlas"] == "ascend-910"
-        volume = next(v for v in template["spec"]["volumes"] if v["name"] == jobs.RING_VOLUME)
+        volume = next(v for v in template["spec"]["volumes"] if v["name"] == job_objects.RING_VOLUME)
         assert volume["configMap"]["name"] == "rings-config-hrnet-train-t1"
         env = {e["name"]: e for e in template["spec"]["containers"][0]["env"]}
-        assert env["RANK_TABLE_FILE"]["value"] == f"{jobs.RING_MOUNT}/hccl.json"
+        assert env["RANK_TABLE_FILE"]["value"] == f"{job_objects.RING_MOUNT}/hccl.json"
         assert env["XDL_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
     else:
         assert job["apiVersion"] == "kubeflow.org/v1" and job["kind"] == "TFJob"
@@ -111,7 +111,7 @@ def test_the_job_objects_are_valid_and_shaped_like_the_single_pod_step(target):
                   and "secretKeyRef" in e["valueFrom"]}
     assert {v: {"name": names.OBJECT_STORE_SECRET, "key": k} for k, v in names.OBJECT_STORE_ENV.items()} == secret_env
     assert template["spec"]["serviceAccountName"] == names.SERVICE_ACCOUNT
-    assert template["metadata"]["labels"][jobs.JOB_LABEL] == s.name
+    assert template["metadata"]["labels"][job_objects.JOB_LABEL] == s.name
     # No CRD schema exists here for Volcano or the training operator: the pod template (all the
     # Kubernetes-defined part) is checked against the core schema.
     kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"},
@@ -137,9 +137,9 @@ def test_the_role_grants_exactly_what_the_launcher_calls():
 
 
 def test_job_names_are_dns_labels_made_from_the_run_id():
-    name = jobs.job_name("3F2A9C1E-77B0-4C8D-9E12-0123456789AB")
-    assert name == "hrnet-train-3f2a9c1e-77b0-4c8d-9e12-0123456789a"[:jobs.MAX_NAME].rstrip("-")
-    assert len(name) <= jobs.MAX_NAME
+    name = job_objects.job_name("3F2A9C1E-77B0-4C8D-9E12-0123456789AB")
+    assert name == "hrnet-train-3f2a9c1e-77b0-4c8d-9e12-0123456789a"[:job_objects.MAX_NAME].rstrip("-")
+    assert len(name) <= job_objects.MAX_NAME
     with pytest.raises(HrnetError, match="DNS label"):
         spec(name="Bad_Name")
     with pytest.raises(HrnetError, match="devices .per node. must be 1, 2, 4 or 8"):
@@ -253,8 +253,8 @@ def test_following_rides_out_an_api_server_outage(tmp_path, child, caplog):
 
 def test_a_job_of_that_name_made_by_someone_else_is_left_alone(tmp_path):
     with Cluster(str(tmp_path), secrets=SECRETS) as k8s:
-        body = jobs.job_object(spec(command=["sleep", "30"]))
-        del body["metadata"]["labels"][jobs.JOB_LABEL]
+        body = job_objects.job_object(spec(command=["sleep", "30"]))
+        del body["metadata"]["labels"][job_objects.JOB_LABEL]
         from kubernetes import client
 
         client.CustomObjectsApi(k8s.api_client()).create_namespaced_custom_object(
@@ -438,7 +438,7 @@ def test_the_train_job_step_publishes_the_checkpoint_from_object_storage(tmp_pat
 def test_the_launchers_volcano_job_agrees_with_the_manifest_users_apply():
     with open(os.path.join(ROOT, "manifests", "volcano", "train-2x8-vcjob.yaml")) as f:
         manifest = yaml.safe_load(f)
-    made = jobs.job_object(spec(name="hrnet-train-2x8", target="ascend", nodes=2, devices=8))
+    made = job_objects.job_object(spec(name="hrnet-train-2x8", target="ascend", nodes=2, devices=8))
     for key in ("schedulerName", "minAvailable", "policies"):
         assert made["spec"][key] == manifest["spec"][key], key
     (mine,), (theirs,) = made["spec"]["tasks"], manifest["spec"]["tasks"]
@@ -446,15 +446,15 @@ def test_the_launchers_volcano_job_agrees_with_the_manifest_users_apply():
     pod, their_pod = mine["template"]["spec"], theirs["template"]["spec"]
     for key in ("restartPolicy", "serviceAccountName", "automountServiceAccountToken", "nodeSelector", "tolerations"):
         assert pod[key] == their_pod[key], key
-    volume = lambda p: next(v for v in p["volumes"] if v["name"] == jobs.RING_VOLUME)  # noqa: E731
+    volume = lambda p: next(v for v in p["volumes"] if v["name"] == job_objects.RING_VOLUME)  # noqa: E731
     assert volume(pod) == volume(their_pod)
     (c,), (tc,) = pod["containers"], their_pod["containers"]
     env, their_env = {e["name"]: e for e in c["env"]}, {e["name"]: e for e in tc["env"]}
     for name in ("RANK_TABLE_FILE", "XDL_IP", "ASCEND_VISIBLE_DEVICES", "HRNET_CACHE_DIR",
                  *names.OBJECT_STORE_ENV.values()):
         assert env[name] == their_env[name], name
-    mount = lambda c: next(m for m in c["volumeMounts"] if m["name"] == jobs.RING_VOLUME)  # noqa: E731
+    mount = lambda c: next(m for m in c["volumeMounts"] if m["name"] == job_objects.RING_VOLUME)  # noqa: E731
     assert mount(c) == mount(tc)
     assert c["resources"]["limits"]["huawei.com/Ascend910"] == tc["resources"]["limits"]["huawei.com/Ascend910"]
-    ring = jobs.RING_LABEL[0]
+    ring = job_objects.RING_LABEL[0]
     assert made["metadata"]["labels"][ring] == manifest["metadata"]["labels"][ring]
