@@ -333,14 +333,14 @@ def test_bf16_validation_runs_the_bn_folded_model_of_the_weights_it_validates(di
 def test_init_from_keeps_the_backbone_and_reinitialises_another_classifier(digits, tmp_path):
     from hrnet import configs, weights
     from hrnet.model import build_model
-    from hrnet.train.loop import _init_from
+    from hrnet.train.start import init_from
 
     cfg = configs.load(TINY_CONFIG)
     source = build_model(cfg, num_classes=7, input_size=(32, 32))
     weights.save_weights(source, str(tmp_path / "weights"))
     target = build_model(cfg, num_classes=10, input_size=(32, 32))
     before = {k: np.array(v.numpy()) for k, v in weights.model_weights(target)}
-    _init_from(target, str(tmp_path), 10)  # a folder holding `weights`, as import-weights writes
+    init_from(target, str(tmp_path), 10)  # a folder holding `weights`, as import-weights writes
     src = dict(weights.model_weights(source))
     for key, var in weights.model_weights(target):
         if key.startswith("classifier/"):
@@ -348,7 +348,7 @@ def test_init_from_keeps_the_backbone_and_reinitialises_another_classifier(digit
         else:
             np.testing.assert_array_equal(var.numpy(), src[key].numpy())
     same = build_model(cfg, num_classes=7, input_size=(32, 32))
-    _init_from(same, str(tmp_path / "weights"), 7)
+    init_from(same, str(tmp_path / "weights"), 7)
     np.testing.assert_array_equal(same.get_layer("classifier").kernel.numpy(),
                                   source.get_layer("classifier").kernel.numpy())
 

@@ -170,7 +170,7 @@ def test_init_from_takes_a_pytorch_checkpoint_and_uris(tmp_path, s3_env):
     import torch
 
     from hrnet import storage
-    from hrnet.train.loop import _init_from
+    from hrnet.train.start import init_from
 
     pth = _timm_reference("hrnet_w18_small", 2, tmp_path)
     state = torch.load(pth, weights_only=True)["state_dict"]
@@ -181,13 +181,13 @@ def test_init_from_takes_a_pytorch_checkpoint_and_uris(tmp_path, s3_env):
     conv1 = state["conv1.weight"].numpy().transpose(2, 3, 1, 0)
     for source in (str(tmp_path / "official.pth"), s3_env.uri("models/official.pth")):
         model = build_model("w18_small_v1", num_classes=5)
-        _init_from(model, source, 5)
+        init_from(model, source, 5)
         np.testing.assert_allclose(model.get_layer("conv1").kernel.numpy(), conv1)
         assert model.get_layer("classifier").kernel.shape == (2048, 5)
     assert hrnet_main(["import-weights", "--model", "hrnet_w18_small", "--torch-checkpoint", str(pth),
                        "--output", str(tmp_path / "imported")]) == 0
     storage.upload(str(tmp_path / "imported"), s3_env.uri("models/imported"))
     model = build_model("w18_small_v1", num_classes=1000)
-    _init_from(model, s3_env.uri("models/imported"), 1000)
+    init_from(model, s3_env.uri("models/imported"), 1000)
     np.testing.assert_allclose(model.get_layer("classifier").kernel.numpy(),
                                state["classifier.weight"].numpy().T)

@@ -6,6 +6,7 @@ a copy of their manifest. Every command that takes ``--data`` accepts such a fol
 as the records themselves, so a step's pod receives a few kilobytes from KFP and fetches
 only the shards it reads: training the train split, evaluation the validation split.
 """
+import fcntl
 import json
 import os
 from typing import Any, Dict, Optional, Sequence
@@ -74,3 +75,20 @@ def stage(data: str, splits: Optional[Sequence[str]] = None, verify: bool = True
         return wanted is None or rel in (MANIFEST, schema.LABELS_FILE) or ("/" not in rel and rel.startswith(wanted))
 
     return storage.local_input(uri, verify=verify, include=include)
+
+
+def stage_shared(data: str, splits: Sequence[str], verify: bool) -> str:
+    """stage() for the ranks of one machine, which share the cache: they take turns (a file
+    lock); the first downloads and the others find the copy. ``verify``: re-hash it (rank
+    0; the others check sizes: ImageNet is 150 GB)."""
+    uri = resolve(data)
+    if not storage.is_remote(uri):
+        return storage.local_input(uri)
+    lock_path = storage.cache_path(uri).rstrip("/") + ".lock"
+    os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return stage(uri, splits, verify=verify)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -23,9 +23,11 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 from hrnet import run_folder, storage
+from hrnet.data import reference
 from hrnet.errors import HrnetError
 from hrnet.train.config import TrainConfig, check_resumable, from_args, load_saved
 from hrnet.train.config import add_arguments as _config_arguments
+from hrnet.train.start import restore_or_init
 from hrnet.train.step import Window, barrier, loop_steps, make_train_loop
 
 log = logging.getLogger(__name__)
@@ -81,29 +83,6 @@ def _fmt_duration(seconds: float) -> str:
     return "%d:%02d:%02d" % (seconds // 3600, seconds % 3600 // 60, seconds % 60)
 
 
-def _stage_data(data: str, chief: bool, splits) -> str:
-    """The data set's ``splits`` as a local folder (``data``: records, or a reference to
-    them). Remote data: the ranks of one machine share the cache, so they take turns (a
-    file lock); the first downloads and the others find the copy. Only rank 0 re-hashes
-    it, the others check sizes (ImageNet is 150 GB)."""
-    import fcntl
-
-    from hrnet.data import reference
-
-    uri = reference.resolve(data)
-    if not storage.is_remote(uri):
-        return storage.local_input(uri)
-
-    lock_path = storage.cache_path(uri).rstrip("/") + ".lock"
-    os.makedirs(os.path.dirname(lock_path), exist_ok=True)
-    with open(lock_path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            return reference.stage(uri, splits, verify=chief)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 # ----------------------------------------------------------------------------- training
 
 def train(config, force: bool = False) -> Dict[str, Any]:
@@ -145,7 +124,7 @@ def _train(cfg: TrainConfig, backend, out_dir: str, write_dir: str) -> Dict[str,
     from hrnet import configs
     from hrnet.manifest import MANIFEST, read_manifest
 
-    data_dir = _stage_data(cfg.data, backend.is_chief, _splits(cfg))
+    data_dir = reference.stage_shared(cfg.data, _splits(cfg), verify=backend.is_chief)
     info = _data_info(cfg, data_dir)
     if not info.counts.get("train"):
         raise HrnetError("%s has no training records" % cfg.data)
@@ -245,7 +224,7 @@ class _Run:
         """Resume from the latest checkpoint (or initialise), set every rank to the chief's
         weights, and forget what a killed run logged after its last checkpoint. Returns the
         checkpoint resumed from."""
-        latest = _restore_or_init(self.checkpoint, self.out_dir, self.cfg)
+        latest = restore_or_init(self.checkpoint, self.out_dir, self.cfg)
         if self.chief:
             # Only now that the folder is known to hold this run (or nothing): a refused resume
             # must leave a foreign checkpoint folder exactly as it was.
@@ -457,63 +436,6 @@ class _Run:
             "keras": ".".join(str(v) for v in compat.KERAS_VERSION),
             "out": cfg.out,
         }
-
-
-def _restore_or_init(checkpoint, out_dir: str, cfg: TrainConfig) -> Optional[str]:
-    """Resume from the latest checkpoint in ``out_dir``; without one, start from
-    ``cfg.init_from`` (or from scratch). Returns the checkpoint resumed from."""
-    import tensorflow as tf
-
-    from hrnet import compat
-
-    latest = tf.train.latest_checkpoint(out_dir)
-    if latest:
-        status = checkpoint.restore(latest)
-        try:
-            status.assert_existing_objects_matched()
-        except (AssertionError, ValueError) as e:
-            status.expect_partial()  # no flood of "unrestored value" warnings on the way out
-            raise HrnetError(
-                "cannot resume from %s: it does not match this run's model and optimizer (%s). Was it written "
-                "under another Keras version (this is Keras %s) or with another --model/--precision? Use a new "
-                "--out; a finished run's portable weights can seed it with --init-from"
-                % (latest, str(e).splitlines()[0][:120], ".".join(str(v) for v in compat.KERAS_VERSION))) from None
-        log.info("resuming from %s (step %d)", os.path.basename(latest), int(checkpoint.step.numpy()))
-    elif cfg.init_from:
-        _init_from(checkpoint.model, cfg.init_from, cfg.num_classes)
-    return latest
-
-
-TORCH_SUFFIXES = (".pth", ".pt", ".pth.tar")
-
-
-def _init_from(model, source: str, num_classes: int) -> None:
-    """Start from other weights: ``hrnet import-weights`` output, a checkpoint folder, or an
-    official / timm PyTorch checkpoint (imported on the fly), each a local path or an s3:// /
-    minio:// URI; a classifier of another class count is left freshly initialised."""
-    from hrnet import weights
-
-    if source.endswith(TORCH_SUFFIXES):
-        with tempfile.TemporaryDirectory(prefix="hrnet-init-") as tmp:
-            path = source
-            if storage.is_remote(source):
-                path = os.path.join(tmp, os.path.basename(source))
-                with open(path, "wb") as f:
-                    f.write(storage.read_bytes(source))  # verified against the object's sha256
-            values = weights.torch_to_keras(weights.torch_state_dict(path), model)
-        prefix = source
-    else:
-        prefix = storage.local_input(source) if storage.is_remote(source) else source
-        if os.path.isdir(prefix):
-            prefix = os.path.join(prefix, run_folder.WEIGHTS)
-        values = weights.read_weights(prefix)
-    kernel = values.get(weights.CLASSIFIER + "/kernel")
-    skip = kernel is not None and int(kernel.shape[-1]) != num_classes
-    if skip:
-        values = {k: v for k, v in values.items() if not k.startswith(weights.CLASSIFIER + "/")}
-    n = weights.assign_weights(model, values, skip_classifier=skip, source=prefix)
-    log.info("initialised %d tensors from %s%s", n, prefix,
-             " (classifier re-initialised for %d classes)" % num_classes if skip else "")
 
 
 # ----------------------------------------------------------------------------- CLI
