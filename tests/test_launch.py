@@ -217,7 +217,7 @@ def test_single_npu_needs_no_rank_table(capfd, child):
 
 
 def test_npu_rank_table_from_the_pod_annotation(capfd, child):
-    from test_ranktable import ANNOTATION_VALUE, FakeApiServer
+    from pod_api import ANNOTATION_VALUE, FakeApiServer
 
     env = _npu_env(HOSTNAME="train-0", POD_NAMESPACE="kubeflow", KUBERNETES_SERVICE_HOST="10.96.0.1",
                    ASCEND_VISIBLE_DEVICES="4,5")

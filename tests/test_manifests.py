@@ -4,16 +4,15 @@ HCCL rank table, the Volcano Job), checked with the real tools (kubectl, kuberne
 both come with the `test` extra, so a missing one fails here rather than skipping)."""
 import json
 import re
-import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
 import yaml
+from helpers import tool
 
 from components import images
 from hrnet import cli
@@ -29,15 +28,6 @@ KUBERNETES_VERSIONS = ("1.27", kubernetes_validate.latest_version())
 CORE_GROUPS = ("v1", "apps/v1", "batch/v1", "rbac.authorization.k8s.io/v1", "networking.k8s.io/v1")
 ASCEND = "huawei.com/Ascend910"
 RANK_TABLE_DIR = "/user/serverid/devindex/config"
-
-
-def tool(name: str) -> str:
-    """A CLI the tests run: beside this Python (the test extra installs kubectl there), else on PATH."""
-    beside = Path(sys.executable).parent / name
-    found = str(beside) if beside.exists() else shutil.which(name)
-    if not found:
-        pytest.fail(f"{name} is missing: `make setup` installs it (pyproject.toml, extra test)")
-    return found
 
 
 def kubectl(*args: str) -> subprocess.CompletedProcess:

@@ -9,8 +9,7 @@ import sys
 import time
 
 import pytest
-from helpers import TINY_CONFIG, write_images
-from test_storage import make_output
+from helpers import TINY_CONFIG, make_output, write_images
 
 from hrnet import cli, storage
 from hrnet.manifest import read_manifest, write_manifest

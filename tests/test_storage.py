@@ -11,6 +11,7 @@ import time
 import traceback
 
 import pytest
+from helpers import make_output, tree
 from s3server import ACCESS_KEY, SECRET_KEY, MotoProcess, apply_env, env_for
 
 from hrnet import storage
@@ -24,36 +25,6 @@ from hrnet.storage import objects
 def s3_server(both_servers):
     """Every test here runs against SeaweedFS and against moto."""
     return both_servers
-
-
-def make_output(root, shards=3, size=3000, kind="tfrecords", big=0, seed=0, labels="tench"):
-    """A small output folder like convert's: shards, labels.txt, manifest.json last."""
-    os.makedirs(root, exist_ok=True)
-    rng = __import__("random").Random(seed)
-    names = [f"train-{i:05d}-of-{shards:05d}" for i in range(shards)]
-    for i, name in enumerate(names):
-        with open(os.path.join(root, name), "wb") as f:
-            f.write(rng.randbytes(size + i * 17))
-    if big:
-        names.append("big.bin")
-        with open(os.path.join(root, "big.bin"), "wb") as f:
-            f.write(rng.randbytes(big))
-    with open(os.path.join(root, "labels.txt"), "w") as f:
-        f.write(f"0\tn01440764\t{labels}\n1\tn01443537\tgoldfish\n")
-    write_manifest(root, {"kind": kind, "num_classes": 2, "created": f"seed {seed}",  # equal seeds, equal bytes
-                          "shards": [file_entry(os.path.join(root, n), root) for n in names]})
-    return root
-
-
-def tree(root):
-    """{relative path: sha256} of every file under root."""
-    out = {}
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            path = os.path.join(dirpath, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
-    return out
 
 
 # ---------------------------------------------------------------- settings and URIs (no server)

@@ -10,8 +10,8 @@ import shutil
 import time
 
 import pytest
+from helpers import make_output, tree
 from s3server import TcpProxy
-from test_storage import make_output, tree
 
 from hrnet import storage
 from hrnet.errors import IncompleteError
