@@ -4,6 +4,7 @@ PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 PYTEST  := $(BIN)/python -m pytest --durations=10
+XDIST   ?= -n 2 --dist loadfile
 EXTRAS  ?= cpu,legacy-keras,kfp,k8s,demo,onnx,test,torch
 # The demo needs only TensorFlow (CPU), kfp and scikit-learn's digits: 1.9 GB instead of 8.5.
 DEMO_VENV   ?= .venv-demo
@@ -34,15 +35,18 @@ lint: setup
 	$(BIN)/ruff check hrnet components pipelines tests benchmarks
 	$(BIN)/vermin -q --no-tips --violations -t=3.9- hrnet
 
-# Everything under Keras 3 (TF 2.21), then the model and training tests again under
-# legacy Keras 2 (tf-keras), which stands in for the Ascend image's TF 2.6 / Keras 2.
-# The infra tests need every tool present (kubectl, kubernetes-validate and hadolint come
-# with the test extra; the Ascend image's older kfp lives in its own venv).
+# Everything under Keras 3 (TF 2.21), then what differs between Keras versions (model build,
+# weight import, training, resume, export: the keras2 mark) again under legacy Keras 2
+# (tf-keras), which stands in for the Ascend image's TF 2.6 / Keras 2. The infra tests need
+# every tool present (kubectl, kubernetes-validate and hadolint come with the test extra; the
+# Ascend image's older kfp lives in its own venv). Two pytest-xdist workers, a test module
+# each (its module fixtures made once): most of a training test is one core importing and
+# tracing, so two of them share the 2 cores of CI well.
 test-keras3: setup $(KFP_ASCEND_VENV)/.installed
-	HRNET_REQUIRE_INFRA_TOOLS=1 HRNET_KFP_ASCEND_PYTHON=$(abspath $(KFP_ASCEND_VENV))/bin/python $(PYTEST) -q -m "not containers"
+	HRNET_REQUIRE_INFRA_TOOLS=1 HRNET_KFP_ASCEND_PYTHON=$(abspath $(KFP_ASCEND_VENV))/bin/python $(PYTEST) -q -m "not containers" $(XDIST)
 
 test-keras2: setup
-	TF_USE_LEGACY_KERAS=1 $(PYTEST) -q -m keras2
+	TF_USE_LEGACY_KERAS=1 $(PYTEST) -q -m keras2 $(XDIST)
 
 # The steps in their images (tests/test_containers.py): a Docker engine (started here, and
 # stopped after, when none runs), the registry-free bases, the cpu image and the Ascend stand-in.

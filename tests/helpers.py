@@ -5,7 +5,10 @@ import os
 import pathlib
 import random
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from typing import Callable, Dict, Optional, Sequence
 
 import pytest
@@ -40,6 +43,22 @@ def write_jpeg_tree(root, per_split: Dict[str, Sequence[int]], image: Optional[C
             for i in range(n):
                 Image.fromarray(image(rng, c)).save(os.path.join(folder, file_name.format(i)), quality=quality)
     return str(root)
+
+
+def tinted_image(rng, label: int, size: int = 40):
+    """A noisy texture tinted by the class, as JPEG-able uint8 RGB (not square: 40x48)."""
+    import numpy as np
+
+    tint = np.array([(label * 40) % 256, (label * 90) % 256, (255 - label * 40) % 256])
+    noise = rng.integers(0, 256, size=(size, size + 8, 3))
+    return ((noise + 2 * tint) / 3).astype(np.uint8)
+
+
+# The tiny run (conftest's tiny_run): 6 classes; validation in 3 shards of uneven size, 23
+# images that no batch size below divides, so that the eval stream's file order and its last
+# partial batch both matter.
+TINY_RUN_CLASSES = 6
+TINY_RUN_VALIDATION = [4, 3, 5, 3, 4, 4]
 
 
 def write_images(root, classes: int = 3, train: int = 8, validation: int = 2) -> str:
@@ -85,3 +104,27 @@ def tool(name: str) -> str:
     if not found:
         pytest.fail(f"{name} is missing: `make setup` installs it (pyproject.toml, extra test)")
     return found
+
+
+def kill_when(command, ready: Callable[[], bool], log_path, env=None, timeout: float = 300.0,
+              group: bool = False) -> None:
+    """Start ``command`` (its output into ``log_path``) and SIGKILL it as soon as ``ready()``
+    holds, while it still runs: a pod lost mid-run. Fails with the log's tail when the
+    process ends first or ``ready`` does not come within ``timeout`` seconds. ``group``: the
+    process leads a session of its own, and the kill takes its children with it."""
+    log_path = pathlib.Path(log_path)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=group)
+        try:
+            deadline = time.monotonic() + timeout
+            while not ready():
+                assert proc.poll() is None, log_path.read_text()[-3000:]
+                assert time.monotonic() < deadline, f"not ready within {timeout} s: " + log_path.read_text()[-3000:]
+                time.sleep(0.02)
+            assert proc.poll() is None, "it ended before the kill: " + log_path.read_text()[-3000:]
+        finally:
+            if group:
+                os.killpg(proc.pid, signal.SIGKILL)
+            else:
+                proc.kill()
+            proc.wait()

@@ -10,8 +10,6 @@ from helpers import TINY_CONFIG, write_images
 
 from hrnet import cli
 
-pytestmark = pytest.mark.keras2
-
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):

@@ -6,25 +6,21 @@ import pytest
 from PIL import Image
 
 from hrnet.cli import main as cli_main
-from hrnet.data.demo import split_indices, write_demo_data
+from hrnet.data.demo import split_indices
 from hrnet.errors import HrnetError
 from hrnet.manifest import read_manifest
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    manifest = write_demo_data(str(root / "images"))
-    return str(root / "images"), manifest
+def demo(digits):
+    """(the image tree, what write_demo_data returned) of conftest's digits."""
+    return str(digits.jpeg), digits.jpeg_manifest
 
 
 @pytest.fixture(scope="module")
-def records(demo, tmp_path_factory):
-    from hrnet.data.convert import convert_dataset
-
-    out = str(tmp_path_factory.mktemp("records") / "digits")
-    manifest = convert_dataset(demo[0], out, train_shards=3, validation_shards=2, workers=1, progress=False)
-    return out, manifest
+def records(digits):
+    """(the records, what convert_dataset returned) of conftest's digits."""
+    return str(digits.records), digits.records_manifest
 
 
 def test_demo_data_is_the_digits_split_per_class(demo):

@@ -1,9 +1,9 @@
 """hrnet evaluate and hrnet export on a checkpoint made by ``hrnet.train.loop.train``.
 
-The data: 6 classes of real JPEGs (random textures tinted per class), validation split in
-3 shards of uneven size so that the eval stream's file order and its last partial batch
-both matter. The checkpoint: a tiny HRNet trained for two steps (what it predicts does not
-matter; that evaluate and export reproduce it exactly does).
+On conftest's tiny_run: 6 classes of real JPEGs (random textures tinted per class),
+validation split in 3 shards of uneven size so that the eval stream's file order and its
+last partial batch both matter; a tiny HRNet trained for two steps (what it predicts does
+not matter; that evaluate and export reproduce it exactly does).
 """
 import io
 import json
@@ -11,34 +11,9 @@ import os
 
 import numpy as np
 import pytest
-from helpers import TINY_CONFIG, write_jpeg_tree
+from helpers import TINY_RUN_CLASSES, TINY_RUN_VALIDATION
 
-pytestmark = pytest.mark.keras2
-
-CLASSES = 6
-VAL_PER_CLASS = [4, 3, 5, 3, 4, 4]  # 23 images: no batch size below divides it
-
-
-def _image(rng, label, size=40):
-    """A noisy texture tinted by the class, as JPEG-able uint8 RGB (not square: 40x48)."""
-    tint = np.array([(label * 40) % 256, (label * 90) % 256, (255 - label * 40) % 256])
-    noise = rng.integers(0, 256, size=(size, size + 8, 3))
-    return ((noise + 2 * tint) / 3).astype(np.uint8)
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    from hrnet.data.convert import convert_dataset
-    from hrnet.train.loop import train
-
-    root = tmp_path_factory.mktemp("evalexport")
-    write_jpeg_tree(root / "tree", {"train": [6] * CLASSES, "validation": VAL_PER_CLASS}, image=_image,
-                    class_name="class_{}", file_name="img{}.jpg")
-    convert_dataset(str(root / "tree"), str(root / "records"), train_shards=1, validation_shards=3, workers=1,
-                    progress=False)
-    train({"data": str(root / "records"), "out": str(root / "ckpt"), "model": TINY_CONFIG,
-           "image_size": 32, "batch_size": 8, "train_steps": 2, "lr": 0.05, "log_every": 1, "seed": 0})
-    return root
+CLASSES = TINY_RUN_CLASSES
 
 
 def _validation_jpegs(root):
@@ -50,20 +25,20 @@ def _validation_jpegs(root):
     return out
 
 
-def test_evaluate_counts_every_validation_record_once_and_matches_per_image_predictions(setup, tmp_path):
+def test_evaluate_counts_every_validation_record_once_and_matches_per_image_predictions(tiny_run, tmp_path):
     import tensorflow as tf
 
     from hrnet.data import preprocess_for_eval
     from hrnet.evaluate import evaluate, load_checkpoint_model
 
-    metrics = evaluate(str(setup / "records"), str(setup / "ckpt"), out=str(tmp_path / "eval"), batch_size=4)
-    assert metrics["count"] == sum(VAL_PER_CLASS) == 23
-    assert [metrics["per_class"][str(c)]["count"] for c in range(CLASSES)] == VAL_PER_CLASS
+    metrics = evaluate(str(tiny_run / "records"), str(tiny_run / "ckpt"), out=str(tmp_path / "eval"), batch_size=4)
+    assert metrics["count"] == sum(TINY_RUN_VALIDATION) == 23
+    assert [metrics["per_class"][str(c)]["count"] for c in range(CLASSES)] == TINY_RUN_VALIDATION
     assert [metrics["per_class"][str(c)]["name"] for c in range(CLASSES)] == ["class_%d" % c for c in range(CLASSES)]
 
     # Reference: each image on its own, from its JPEG bytes, through the same eval preprocessing.
-    model, _, _ = load_checkpoint_model(str(setup / "ckpt"))
-    samples = _validation_jpegs(setup)
+    model, _, _ = load_checkpoint_model(str(tiny_run / "ckpt"))
+    samples = _validation_jpegs(tiny_run)
     images = tf.stack([preprocess_for_eval(tf.constant(data), 32) for data, _ in samples])
     ranked = np.argsort(-model(images, training=False).numpy(), axis=1)  # inference mode: per-image results
     labels = np.array([label for _, label in samples])
@@ -79,26 +54,27 @@ def test_evaluate_counts_every_validation_record_once_and_matches_per_image_pred
     assert manifest["kind"] == "evaluation" and manifest["step"] == 2
 
 
-def test_evaluate_refuses_mismatched_or_incomplete_inputs(setup, tmp_path):
+def test_evaluate_refuses_mismatched_or_incomplete_inputs(tiny_run, tmp_path):
     import shutil
 
     from hrnet.errors import HrnetError, IncompleteError
     from hrnet.evaluate import evaluate
 
     partial = tmp_path / "partial"
-    shutil.copytree(setup / "ckpt", partial)
+    shutil.copytree(tiny_run / "ckpt", partial)
     os.remove(partial / "manifest.json")  # a run that never finished
     with pytest.raises(IncompleteError, match="incomplete"):
-        evaluate(str(setup / "records"), str(partial))
-    other = json.loads((setup / "ckpt" / "manifest.json").read_text())
+        evaluate(str(tiny_run / "records"), str(partial))
+    other = json.loads((tiny_run / "ckpt" / "manifest.json").read_text())
     other["num_classes"] = 10
-    shutil.copytree(setup / "ckpt", tmp_path / "ten")
+    shutil.copytree(tiny_run / "ckpt", tmp_path / "ten")
     (tmp_path / "ten" / "manifest.json").write_text(json.dumps(other))
     with pytest.raises(HrnetError, match="trained on 10 classes, but the data set .* has 6"):
-        evaluate(str(setup / "records"), str(tmp_path / "ten"))
+        evaluate(str(tiny_run / "records"), str(tmp_path / "ten"))
 
 
-def test_exported_saved_model_reproduces_the_model_on_real_jpeg_bytes(setup, tmp_path):
+@pytest.mark.keras2  # training, checkpoint and export under the Ascend image's Keras 2
+def test_exported_saved_model_reproduces_the_model_on_real_jpeg_bytes(tiny_run, tmp_path):
     import tensorflow as tf
     from PIL import Image
 
@@ -106,17 +82,17 @@ def test_exported_saved_model_reproduces_the_model_on_real_jpeg_bytes(setup, tmp
     from hrnet.evaluate import load_checkpoint_model
     from hrnet.export import export_model
 
-    manifest = export_model(str(setup / "ckpt"), str(tmp_path / "export"), onnx=False)
+    manifest = export_model(str(tiny_run / "ckpt"), str(tmp_path / "export"), onnx=False)
     assert manifest["kind"] == "export" and manifest["image_size"] == 32 and manifest["num_classes"] == CLASSES
     on_disk = json.loads((tmp_path / "export" / "manifest.json").read_text())
     assert {e["path"] for e in on_disk["files"]} >= {"saved_model/saved_model.pb", "frozen/hrnet.pb",
                                                      "frozen/nodes.json", "frozen/atc.sh"}
-    model, _, _ = load_checkpoint_model(str(setup / "ckpt"))
+    model, _, _ = load_checkpoint_model(str(tiny_run / "ckpt"))
     loaded = tf.saved_model.load(str(tmp_path / "export" / "saved_model"))
     assert set(loaded.signatures) == {"serving_default", "classify_bytes"}
 
     # Real JPEG bytes (and one PNG) of different sizes -> top-5 ids, names, probabilities.
-    samples = [data for data, _ in _validation_jpegs(setup)[:6]]
+    samples = [data for data, _ in _validation_jpegs(tiny_run)[:6]]
     png = io.BytesIO()
     Image.open(io.BytesIO(samples[0])).resize((64, 50)).save(png, format="PNG")
     samples.append(png.getvalue())
@@ -158,22 +134,22 @@ def test_exported_saved_model_reproduces_the_model_on_real_jpeg_bytes(setup, tmp
     assert '--out_nodes="%s"' % nodes["outputs"][0] in atc
 
 
-def test_onnx_export_matches_when_tf2onnx_is_installed(setup, tmp_path):
+def test_onnx_export_matches_when_tf2onnx_is_installed(tiny_run, tmp_path):
     pytest.importorskip("tf2onnx")
     ort = pytest.importorskip("onnxruntime")
     from hrnet.evaluate import load_checkpoint_model
     from hrnet.export import export_model
 
-    manifest = export_model(str(setup / "ckpt"), str(tmp_path / "export"))
+    manifest = export_model(str(tiny_run / "ckpt"), str(tmp_path / "export"))
     assert "onnx" in manifest, manifest.get("onnx_skipped")
     session = ort.InferenceSession(str(tmp_path / "export" / "model.onnx"), providers=["CPUExecutionProvider"])
     batch = np.random.default_rng(2).normal(size=(2, 32, 32, 3)).astype(np.float32)
     (logits,) = session.run(None, {session.get_inputs()[0].name: batch})
-    model, _, _ = load_checkpoint_model(str(setup / "ckpt"))
+    model, _, _ = load_checkpoint_model(str(tiny_run / "ckpt"))
     np.testing.assert_allclose(logits, model(batch, training=False).numpy(), atol=1e-4)
 
 
-def test_imported_weights_are_evaluated_directly_on_slim_style_records(setup, tmp_path, capsys):
+def test_imported_weights_are_evaluated_directly_on_slim_style_records(tiny_run, tmp_path, capsys):
     """The first thing a user does: `hrnet import-weights`, then `hrnet evaluate --weights` on
     records laid out as slim writes them (labels 1..N, no manifest.json), no training step.
     The weights here are the checkpoint's, written as import-weights writes them."""
@@ -184,7 +160,7 @@ def test_imported_weights_are_evaluated_directly_on_slim_style_records(setup, tm
     from hrnet.evaluate import evaluate, load_checkpoint_model
     from hrnet.manifest import file_entry, write_manifest
 
-    model, ckpt, _ = load_checkpoint_model(str(setup / "ckpt"))
+    model, ckpt, _ = load_checkpoint_model(str(tiny_run / "ckpt"))
     imported = tmp_path / "imported"
     imported.mkdir()
     weights.save_weights(model, str(imported / "weights"))
@@ -194,13 +170,13 @@ def test_imported_weights_are_evaluated_directly_on_slim_style_records(setup, tm
         "files": [file_entry(str(imported / f), str(imported)) for f in sorted(os.listdir(imported))
                   if f.startswith("weights.")]})
     slim = tmp_path / "slim"
-    convert_dataset(str(setup / "tree"), str(slim), validation_shards=3, workers=1, progress=False, label_offset=1)
+    convert_dataset(str(tiny_run / "tree"), str(slim), validation_shards=3, workers=1, progress=False, label_offset=1)
     for name in os.listdir(slim):  # slim's records have no manifest and none of our bookkeeping
         if not name.startswith(("train-", "validation-")):
             path = slim / name
             shutil.rmtree(path) if path.is_dir() else os.remove(path)
 
-    ours = evaluate(str(setup / "records"), str(setup / "ckpt"), batch_size=5)
+    ours = evaluate(str(tiny_run / "records"), str(tiny_run / "ckpt"), batch_size=5)
     theirs = evaluate(str(slim), str(imported), batch_size=5, label_offset=1)
     assert (theirs["count"], theirs["top1"], theirs["top5"]) == (ours["count"], ours["top1"], ours["top5"])
     # Class names come from the synset and text each slim record carries (there is no labels.txt).
@@ -215,5 +191,5 @@ def test_imported_weights_are_evaluated_directly_on_slim_style_records(setup, tm
     assert "give --label-offset" in capsys.readouterr().err
     # A wrong --out is refused before the evaluation, and nothing is left behind there.
     assert cli.main(["evaluate", "--data", str(slim), "--weights", str(imported), "--label-offset", "1",
-                     "--out", str(setup / "ckpt")]) == 2
+                     "--out", str(tiny_run / "ckpt")]) == 2
     assert "already holds a checkpoint output" in capsys.readouterr().err

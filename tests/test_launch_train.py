@@ -12,8 +12,6 @@ import numpy as np
 import pytest
 from two_workers import BATCH, IMAGES, STEPS, WRAPPER, build_dataset, flat, max_diff, train_args, weights_of
 
-pytestmark = pytest.mark.keras2
-
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
@@ -74,4 +72,4 @@ def test_two_cpu_workers_train_in_sync_and_match_one_process(dataset, tmp_path):
     # And what rank 0 saved in the checkpoint folder is what it held.
     from hrnet import weights
 
-    assert max_diff(weights.readweights_of(str(two / "ckpt" / "weights")), rank0) == 0.0
+    assert max_diff(weights.read_weights(str(two / "ckpt" / "weights")), rank0) == 0.0

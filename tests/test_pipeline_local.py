@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import kill_when
 
 from pipelines.__main__ import DEMO, run_local
 
@@ -177,10 +178,8 @@ def test_a_retried_train_step_resumes_with_no_checkpoint_uri(demo_run, tmp_path)
     checkpoints are mirrored beside its artifact, so the retry resumes instead of starting
     over. The first attempt is killed (its whole process group, as a lost pod) once a
     checkpoint is mirrored."""
-    import signal
     import subprocess
     import sys
-    import time
 
     (dataset,) = glob.glob(os.path.join(demo_run["run_dir"], "convert*", "dataset"))
     model = str(tmp_path / "train" / "model")
@@ -189,15 +188,7 @@ def test_a_retried_train_step_resumes_with_no_checkpoint_uri(demo_run, tmp_path)
     args = json.dumps(dict(dataset=dataset, model=model, config=config, devices=1, checkpoint_uri=""))
     mirror = tmp_path / "train" / "checkpoints"
     command = [sys.executable, "-c", _TRAIN_TASK, args]
-    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not (mirror / "checkpoint").exists():
-            assert first.poll() is None and time.monotonic() < deadline, "no checkpoint mirrored in time"
-            time.sleep(0.1)
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
+    kill_when(command, (mirror / "checkpoint").exists, tmp_path / "first-try.log", group=True)
     assert not (mirror / "manifest.json").exists()
     retry = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert retry.returncode == 0, retry.stdout[-3000:] + retry.stderr[-3000:]

@@ -18,10 +18,9 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
-from helpers import TINY_CONFIG, write_images
+from helpers import TINY_CONFIG, kill_when, write_images
 
 from hrnet import storage
 
@@ -61,21 +60,9 @@ def test_train_killed_resumes_from_the_bucket(s3_env, tmp_path):
     train = [sys.executable, "-m", "hrnet", "train", "--data", data, "--out", run, "--model", TINY_CONFIG,
              "--image-size", "32", "--batch-size", "8", "--train-steps", str(STEPS),
              "--checkpoint-every", "5", "--keep-checkpoints", "2", "--log-every", "5", "--seed", "3"]
-    log_path = tmp_path / "first-run.log"
-    with open(log_path, "w") as log:
-        first = subprocess.Popen(train, env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 300
-            # Until the bucket holds a later checkpoint, and no longer the first one: the
-            # mirror keeps what the checkpoint manager keeps (2), not every one saved.
-            while not mirrored_past(run, 15):
-                assert first.poll() is None, log_path.read_text()[-3000:]
-                assert time.monotonic() < deadline, "no checkpoint mirrored in time"
-                time.sleep(0.1)
-            assert first.poll() is None  # still training: the kill interrupts it
-        finally:
-            first.kill()
-            first.wait()
+    # Killed once the bucket holds a later checkpoint, and no longer the first one: the mirror
+    # keeps what the checkpoint manager keeps (2), not every one saved.
+    kill_when(train, lambda: mirrored_past(run, 15), tmp_path / "first-run.log", env=dict(os.environ))
     assert not storage.exists(run + "/manifest.json")
     with pytest.raises(storage.IncompleteError, match="incomplete"):
         storage.local_input(run)  # an unfinished run is not a checkpoint set that evaluate would take

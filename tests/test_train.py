@@ -10,29 +10,12 @@ import os
 import pathlib
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
-from helpers import SMALL_CONFIG, TINY_CONFIG
-
-pytestmark = pytest.mark.keras2
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    """The demo digits as TFRecords (1438 train, 359 validation, 10 classes) and the configs."""
-    from hrnet.data.convert import convert_dataset
-    from hrnet.data.demo import write_demo_data
-
-    root = tmp_path_factory.mktemp("digits")
-    write_demo_data(str(root / "jpeg"))
-    convert_dataset(str(root / "jpeg"), str(root / "records"), train_shards=2, validation_shards=2, workers=1,
-                    progress=False)
-    return root
+from helpers import SMALL_CONFIG, TINY_CONFIG, kill_when
 
 
 def read_history(out, validation=False):
@@ -50,7 +33,7 @@ def test_learns_the_digits(digits, tmp_path):
 
     out = str(tmp_path / "run")
     manifest = train({
-        "data": str(digits / "records"), "out": out, "model": SMALL_CONFIG, "image_size": 32,
+        "data": str(digits.records), "out": out, "model": SMALL_CONFIG, "image_size": 32,
         "batch_size": 32, "train_steps": 150, "lr": 0.1, "schedule": "cosine", "warmup_epochs": 0.3,
         # Digits must not be mirrored; a 32 px digit survives crops down to a third of its area.
         "flip": False, "area_range": [0.35, 1.0], "log_every": 15, "checkpoint_every": 100, "seed": 0,
@@ -67,7 +50,7 @@ def test_learns_the_digits(digits, tmp_path):
     names = set(os.listdir(out))
     assert {"train_config.yaml", "labels.txt", "history.jsonl", "manifest.json", "weights.index", "checkpoint",
             "ckpt-100.index", "ckpt-150.index", "logs"} <= names
-    with open(os.path.join(out, "labels.txt")) as a, open(digits / "records" / "labels.txt") as b:
+    with open(os.path.join(out, "labels.txt")) as a, open(digits.records / "labels.txt") as b:
         assert a.read() == b.read()
     # TensorBoard scalars, readable by TF's own event reader.
     events = [os.path.join(out, "logs", f) for f in os.listdir(os.path.join(out, "logs"))]
@@ -75,96 +58,59 @@ def test_learns_the_digits(digits, tmp_path):
     assert {"train/loss", "train/top1", "train/lr", "train/images_per_sec"} <= tags
 
     # It generalizes: validation accuracy far above chance.
-    metrics = evaluate(str(digits / "records"), out)
+    metrics = evaluate(str(digits.records), out)
     assert metrics["count"] == 359 and metrics["top1"] > 0.8, metrics
 
 
 def _train_command(digits, out, steps):
     # 10 steps per epoch (80 images per epoch, batch 8): the lr drops x0.1 at steps 10 and 30.
-    return [sys.executable, "-m", "hrnet", "train", "--data", str(digits / "records"), "--out", str(out),
+    return [sys.executable, "-m", "hrnet", "train", "--data", str(digits.records), "--out", str(out),
             "--model", TINY_CONFIG, "--image-size", "32", "--batch-size", "8",
             "--nb-train-samples", "80", "--train-steps", str(steps), "--lr", "0.05", "--lr-decay-epochs", "1", "3",
             "--checkpoint-every", "5", "--keep-checkpoints", "2", "--log-every", "1", "--seed", "1"]
 
 
-def test_sigkill_then_the_same_command_resumes_at_the_right_step_and_lr(digits, tmp_path):
+def test_a_run_killed_twice_resumes_each_time_with_the_loss_of_every_step_of_an_uninterrupted_one(digits, tmp_path):
+    """Exact resume: the input position is derived from the step, so a run SIGKILLed at two
+    points and resumed each time by the same command logs the same loss at every step as one
+    never killed; the step, the optimizer's own step counter and the lr come back from the
+    checkpoint, and a finished run started again does nothing."""
     from hrnet.train.config import load_saved
 
-    out = tmp_path / "run"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_DETERMINISTIC_OPS="1")
+    whole = tmp_path / "whole"
+    done = subprocess.run(_train_command(digits, whole, 45), env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "killed"
     command = _train_command(digits, out, 45)
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    with open(tmp_path / "first.log", "w") as log:
-        first = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 240
-            while not (out / "checkpoint").exists():
-                assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, "no checkpoint in time"
-                time.sleep(0.05)
-        finally:
-            first.send_signal(signal.SIGKILL)
-            first.wait()
-    assert not (out / "manifest.json").exists()  # killed: the folder is incomplete
-    killed_at = max(h["step"] for h in read_history(out))
-    assert killed_at < 45
-
-    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    output = second.stdout + second.stderr
-    assert "resuming from ckpt-" in output, output[-3000:]
+    for i, step in enumerate((10, 20)):
+        kill_when(command, (out / f"ckpt-{step}.index").exists, tmp_path / f"killed-{i}.log", env=env, timeout=240)
+        assert not (out / "manifest.json").exists()  # killed: the folder is incomplete
+        assert max(h["step"] for h in read_history(out)) < 45
+    last = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    output = last.stdout + last.stderr
+    assert last.returncode == 0 and "resuming from ckpt-" in output, output[-3000:]
     resumed_at = int(output.split("resuming from ckpt-")[1].split(" ")[0])
-    assert 5 <= resumed_at < 45 and resumed_at % 5 == 0
+    assert 15 <= resumed_at < 45 and resumed_at % 5 == 0  # ckpt-15 where the kill beat the pointer's update
 
     manifest = json.loads((out / "manifest.json").read_text())
     # The step and the optimizer's own step counter both came back from the checkpoint.
     assert manifest["step"] == 45 and manifest["optimizer_iterations"] == 45
-    history = read_history(out)
-    assert [h["step"] for h in history] == list(range(1, 46))  # the killed run's tail was not kept twice
+    expected, got = read_history(whole), read_history(out)
+    assert [h["step"] for h in got] == list(range(1, 46))  # the killed runs' tails were not kept twice
+    assert [h["loss"] for h in got] == pytest.approx([h["loss"] for h in expected], rel=1e-5, abs=1e-6)
+    assert [h["top1"] for h in got] == [h["top1"] for h in expected]
     schedule = load_saved(str(out)).lr_schedule()
-    assert [h["lr"] for h in history] == pytest.approx([schedule(s - 1) for s in range(1, 46)])
-    assert history[-1]["lr"] == pytest.approx(0.05 * 0.01)
+    assert [h["lr"] for h in got] == pytest.approx([schedule(s - 1) for s in range(1, 46)])
+    assert got[-1]["lr"] == pytest.approx(0.05 * 0.01)
+    # TensorBoard: each step once, though three processes wrote the curve.
+    assert _event_steps(out / "logs", "train/loss") == list(range(1, 46))
     # Only the last two checkpoints are kept.
     assert sorted(f for f in os.listdir(out) if f.endswith(".index") and f.startswith("ckpt")) == \
         ["ckpt-40.index", "ckpt-45.index"]
     # A finished run started again does nothing.
     again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert again.returncode == 0 and "complete" in again.stdout + again.stderr
-
-
-def _kill_after_checkpoint(command, env, out, step, log_path):
-    """Start ``command`` and SIGKILL it as soon as checkpoint ``step`` is on disk."""
-    with open(log_path, "w") as log:
-        run = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 240
-            while not (out / f"ckpt-{step}.index").exists():
-                assert run.poll() is None, pathlib.Path(log_path).read_text()[-3000:]
-                assert time.monotonic() < deadline, "no checkpoint in time"
-                time.sleep(0.02)
-        finally:
-            run.send_signal(signal.SIGKILL)
-            run.wait()
-
-
-def test_a_run_killed_twice_has_the_loss_of_every_step_of_an_uninterrupted_one(digits, tmp_path):
-    """Exact resume: the input position is derived from the step, so a run SIGKILLed at two
-    points and resumed each time logs the same loss at every step as one never killed."""
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_DETERMINISTIC_OPS="1")
-    whole = tmp_path / "whole"
-    done = subprocess.run(_train_command(digits, whole, 30), env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
-    killed = tmp_path / "killed"
-    command = _train_command(digits, killed, 30)
-    for i, step in enumerate((10, 20)):
-        _kill_after_checkpoint(command, env, killed, step, tmp_path / f"killed-{i}.log")
-    last = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert last.returncode == 0 and "resuming from ckpt-" in last.stdout + last.stderr, last.stderr[-3000:]
-    expected, got = read_history(whole), read_history(killed)
-    assert [h["step"] for h in got] == list(range(1, 31))
-    assert [h["loss"] for h in got] == pytest.approx([h["loss"] for h in expected], rel=1e-5, abs=1e-6)
-    assert [h["top1"] for h in got] == [h["top1"] for h in expected]
-    # TensorBoard: each step once, though three processes wrote the curve.
-    assert _event_steps(killed / "logs", "train/loss") == list(range(1, 31))
 
 
 def _event_steps(logs, tag):
@@ -185,7 +131,7 @@ def test_a_diverging_run_stops_with_a_clear_error_and_keeps_the_last_good_checkp
     from hrnet import cli
 
     out = tmp_path / "run"
-    code = cli.main(["train", "--data", str(digits / "records"), "--out", str(out), "--model",
+    code = cli.main(["train", "--data", str(digits.records), "--out", str(out), "--model",
                      TINY_CONFIG, "--image-size", "32", "--batch-size", "8", "--train-steps", "20",
                      "--lr", "1e30", "--checkpoint-every", "1", "--log-every", "1", "--seed", "1"])
     err = capsys.readouterr().err
@@ -210,7 +156,7 @@ def test_several_steps_per_loop_train_exactly_as_one_and_stop_at_every_event(dig
     def run(name, steps_per_loop):
         # 6 steps per epoch (48 images, batch 8): validations at 6, 12 and 14 (the end).
         out = tmp_path / name
-        manifest = train({"data": str(digits / "records"), "out": str(out), "model": TINY_CONFIG, "image_size": 32,
+        manifest = train({"data": str(digits.records), "out": str(out), "model": TINY_CONFIG, "image_size": 32,
                           "batch_size": 8, "nb_train_samples": 48, "train_steps": 14, "eval_every": 1,
                           "lr": 0.05, "log_every": 4, "checkpoint_every": 5, "keep_checkpoints": 10,
                           "steps_per_loop": steps_per_loop, "seed": 3})
@@ -232,7 +178,7 @@ def test_a_loop_of_several_steps_stops_at_the_step_that_diverged(digits, tmp_pat
 
     def diverged_at(steps_per_loop):
         with pytest.raises(NonFiniteLossError) as e:
-            train({"data": str(digits / "records"), "out": str(tmp_path / str(steps_per_loop)), "model": TINY_CONFIG,
+            train({"data": str(digits.records), "out": str(tmp_path / str(steps_per_loop)), "model": TINY_CONFIG,
                    "image_size": 32, "batch_size": 8, "train_steps": 40, "lr": 1e30, "log_every": 100,
                    "checkpoint_every": 100, "eval_every": 0, "steps_per_loop": steps_per_loop, "seed": 1})
         return int(re.search(r" at step (\d+) ", str(e.value)).group(1))
@@ -241,6 +187,7 @@ def test_a_loop_of_several_steps_stops_at_the_step_that_diverged(digits, tmp_pat
     assert 1 <= step < 40 and diverged_at(16) == step
 
 
+@pytest.mark.keras2  # training, resume, evaluate and export under the Ascend image's Keras 2
 def test_validation_every_epoch_keeps_the_best_weights_which_evaluate_and_export_reproduce(digits, tmp_path):
     """Three epochs on the digits, then two more on records whose training labels are
     shifted by one (digit d labelled d+1, validation unchanged): validation falls, so the
@@ -257,14 +204,14 @@ def test_validation_every_epoch_keeps_the_best_weights_which_evaluate_and_export
     for split in ("train", "validation"):
         for c in range(10):
             target = (c + 1) % 10 if split == "train" else c
-            shutil.copytree(digits / "jpeg" / split / str(c), shifted / split / str(target))
+            shutil.copytree(digits.jpeg / split / str(c), shifted / split / str(target))
     convert_dataset(str(shifted), str(tmp_path / "shifted-records"), train_shards=2, validation_shards=2,
                     workers=1, progress=False)
     out = str(tmp_path / "run")
     run = {"out": out, "model": TINY_CONFIG, "image_size": 32, "batch_size": 16,
            "nb_train_samples": 320, "lr": 0.1, "lr_decay": 1.0, "flip": False, "area_range": [0.35, 1.0],
            "log_every": 10, "checkpoint_every": 100, "seed": 0}  # 20 steps per epoch; every epoch validated
-    train(dict(run, data=str(digits / "records"), epochs=3))
+    train(dict(run, data=str(digits.records), epochs=3))
     manifest = train(dict(run, data=str(tmp_path / "shifted-records"), epochs=5))  # resumes at step 60
 
     validations = read_history(out, validation=True)
@@ -278,7 +225,7 @@ def test_validation_every_epoch_keeps_the_best_weights_which_evaluate_and_export
 
     # The same protocol (and batch size) on the saved weights gives what validation recorded.
     for which, expected in (("best", best), ("last", last)):
-        metrics = evaluate(str(digits / "records"), out, batch_size=16, weights=which)
+        metrics = evaluate(str(digits.records), out, batch_size=16, weights=which)
         assert (metrics["weights"], metrics["step"]) == (which, expected["step"])
         assert metrics["top1"] == expected["val_top1"] and metrics["top5"] == expected["val_top5"]
     assert _event_steps(pathlib.Path(out) / "logs", "validation/top1") == [20, 40, 60, 80, 100]
@@ -286,7 +233,7 @@ def test_validation_every_epoch_keeps_the_best_weights_which_evaluate_and_export
     exported = export_model(out, str(tmp_path / "export"), onnx=False)  # the best weights, by default
     assert (exported["weights"], exported["step"]) == ("best", best["step"])
     serve = tf.saved_model.load(str(tmp_path / "export" / "saved_model")).signatures["serving_default"]
-    info = data.dataset_info(str(digits / "records"), splits=("validation",))
+    info = data.dataset_info(str(digits.records), splits=("validation",))
     hits = sum(int(np.sum(np.argmax(serve(images=images)["logits"].numpy(), axis=1) == labels.numpy()))
                for images, labels in data.eval_dataset(info, batch_size=16, image_size=32))
     assert hits / 359 == best["val_top1"]
@@ -308,13 +255,13 @@ def test_bf16_validation_runs_the_bn_folded_model_of_the_weights_it_validates(di
 
     out = str(tmp_path / "run")  # 6 steps per epoch: validations at 6 and 12
     with caplog.at_level(logging.INFO, logger="hrnet.train.loop"):
-        manifest = train({"data": str(digits / "records"), "out": out, "model": TINY_CONFIG, "image_size": 32,
+        manifest = train({"data": str(digits.records), "out": out, "model": TINY_CONFIG, "image_size": 32,
                           "batch_size": 8, "nb_train_samples": 48, "train_steps": 12, "eval_every": 1,
                           "lr": 0.05, "log_every": 6, "checkpoint_every": 6, "precision": "bf16", "seed": 2})
     assert sum("BN folded" in r.getMessage() for r in caplog.records) == 1
     validations = {v["step"]: v for v in read_history(out, validation=True)}
     assert sorted(validations) == [6, 12]
-    info = data.dataset_info(str(digits / "records"), splits=("validation",))
+    info = data.dataset_info(str(digits.records), splits=("validation",))
     set_mixed_precision("mixed_bfloat16")
     try:
         model, ckpt, _ = load_checkpoint_model(out, which="last")
@@ -414,6 +361,7 @@ train = SimpleNamespace(optimizer=SimpleNamespace(NpuLossScaleOptimizer=_loss_sc
 '''
 
 
+@pytest.mark.keras2  # the Ascend image runs Keras 2
 def test_npu_backend_drives_the_adapter_api(digits, tmp_path, monkeypatch):
     """What this proves: the seam calls npu_device's documented API in the right order
     with the right arguments and trains through it. What it cannot: the adapter, HCCL
@@ -434,7 +382,7 @@ def test_npu_backend_drives_the_adapter_api(digits, tmp_path, monkeypatch):
 
     model = build_model(configs.load(TINY_CONFIG), num_classes=10, input_size=(32, 32))
     out = str(tmp_path / "run")
-    manifest = train({"data": str(digits / "records"), "out": out, "model": TINY_CONFIG,
+    manifest = train({"data": str(digits.records), "out": out, "model": TINY_CONFIG,
                       "image_size": 32, "device": "npu", "batch_size": 4, "train_steps": 5, "log_every": 2,
                       "seed": 1})
     calls = npu_device.CALLS

@@ -108,7 +108,9 @@ def _timm_reference(name, seed, out):
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("timm_name,ours", [("hrnet_w18_small", "w18_small_v1"), ("hrnet_w18", "w18")])
+@pytest.mark.parametrize("timm_name,ours", [
+    pytest.param("hrnet_w18_small", "w18_small_v1", marks=pytest.mark.keras2),  # import under Keras 2 too
+    ("hrnet_w18", "w18")])
 def test_import_timm_checkpoint_reproduces_logits(tmp_path, timm_name, ours):
     pth = _timm_reference(timm_name, 0, tmp_path)
     out = tmp_path / "tf"
