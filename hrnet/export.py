@@ -129,8 +129,6 @@ def export_model(checkpoint: str, out: str, atc_batch_size: int = 1, soc_version
                  onnx: bool = True, force: bool = False, weights: str = "best") -> Dict[str, Any]:
     """Export the checkpoint at ``checkpoint`` into ``out``; returns the manifest.
     ``weights``: the run's "best" (by validation top-1, when it validated) or "last"."""
-    import tensorflow as tf
-
     from hrnet.compat import set_mixed_precision
     from hrnet.manifest import file_entry, write_manifest
     from hrnet.run_folder import load_checkpoint_model
@@ -143,30 +141,8 @@ def export_model(checkpoint: str, out: str, atc_batch_size: int = 1, soc_version
     size = ckpt["image_size"]
     names = _class_names(ckpt_dir, ckpt["num_classes"])
     with storage.local_output(out, kind="export", force=force) as out_dir:
-        saved_dir = os.path.join(out_dir, "saved_model")
-        if os.path.exists(saved_dir):
-            shutil.rmtree(saved_dir)  # a re-run replaces an earlier (possibly partial) export
-        module = build_serving_module(model, size, names)
-        tf.saved_model.save(module, saved_dir, signatures={
-            "serving_default": module.serve_images.get_concrete_function(),
-            "classify_bytes": module.classify_bytes.get_concrete_function(),
-        })
-        log.info("SavedModel written to %s", saved_dir)
-
-        frozen_dir = os.path.join(out_dir, "frozen")
-        frozen = _freeze(model, size, atc_batch_size, frozen_dir)
-        om_name = "hrnet_%s" % ckpt["model"].replace("/", "_").replace(".yaml", "")
-        frozen["atc"] = atc_command(frozen, om_name, soc_version)
-        frozen["preprocessing"] = "RGB NHWC float32, (x / 255 - mean) / std, mean %s std %s" % (
-            list(_mean_std()[0]), list(_mean_std()[1]))
-        with open(os.path.join(frozen_dir, "nodes.json"), "w") as f:
-            json.dump(frozen, f, indent=2)
-            f.write("\n")
-        with open(os.path.join(frozen_dir, "atc.sh"), "w") as f:
-            f.write("#!/bin/sh\n# Ascend offline model from the frozen graph (run where CANN's atc is installed).\n")
-            f.write('cd "$(dirname "$0")"\n' + frozen["atc"] + "\n")
-        log.info("frozen graph %s: inputs %s, outputs %s", os.path.join(frozen_dir, FROZEN_NAME), frozen["inputs"],
-                 frozen["outputs"])
+        _write_saved_model(model, size, names, os.path.join(out_dir, "saved_model"))
+        frozen = _write_frozen(model, ckpt["model"], size, atc_batch_size, soc_version, os.path.join(out_dir, "frozen"))
 
         onnx_info = _onnx(model, size, os.path.join(out_dir, "model.onnx")) if onnx else {"skipped": "not asked for"}
         files = []
@@ -200,6 +176,41 @@ def export_model(checkpoint: str, out: str, atc_batch_size: int = 1, soc_version
             manifest["onnx_skipped"] = onnx_info["skipped"]
         write_manifest(out_dir, manifest)
     return manifest
+
+
+def _write_saved_model(model, size: int, names, saved_dir: str) -> None:
+    """The SavedModel with its two serving signatures; a re-run replaces an earlier
+    (possibly partial) one."""
+    import tensorflow as tf
+
+    if os.path.exists(saved_dir):
+        shutil.rmtree(saved_dir)
+    module = build_serving_module(model, size, names)
+    tf.saved_model.save(module, saved_dir, signatures={
+        "serving_default": module.serve_images.get_concrete_function(),
+        "classify_bytes": module.classify_bytes.get_concrete_function(),
+    })
+    log.info("SavedModel written to %s", saved_dir)
+
+
+def _write_frozen(model, model_name: str, size: int, atc_batch_size: int, soc_version: str,
+                  frozen_dir: str) -> Dict[str, Any]:
+    """The frozen graph for Ascend's ATC, what it takes and gives (nodes.json) and the atc
+    command that makes the offline model (atc.sh); returns what nodes.json holds."""
+    frozen = _freeze(model, size, atc_batch_size, frozen_dir)
+    om_name = "hrnet_%s" % model_name.replace("/", "_").replace(".yaml", "")
+    frozen["atc"] = atc_command(frozen, om_name, soc_version)
+    frozen["preprocessing"] = "RGB NHWC float32, (x / 255 - mean) / std, mean %s std %s" % (
+        list(_mean_std()[0]), list(_mean_std()[1]))
+    with open(os.path.join(frozen_dir, "nodes.json"), "w") as f:
+        json.dump(frozen, f, indent=2)
+        f.write("\n")
+    with open(os.path.join(frozen_dir, "atc.sh"), "w") as f:
+        f.write("#!/bin/sh\n# Ascend offline model from the frozen graph (run where CANN's atc is installed).\n")
+        f.write('cd "$(dirname "$0")"\n' + frozen["atc"] + "\n")
+    log.info("frozen graph %s: inputs %s, outputs %s", os.path.join(frozen_dir, FROZEN_NAME), frozen["inputs"],
+             frozen["outputs"])
+    return frozen
 
 
 def _mean_std():

@@ -2,13 +2,11 @@
 import io
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
+from helpers import kill_when
 from PIL import Image
 
 from hrnet import storage
@@ -363,15 +361,10 @@ def test_sigkill_then_rerun_equals_a_clean_run(tmp_path):
     killed = str(tmp_path / "killed")
     code = ("import sys; from hrnet.data.convert import convert_dataset; "
             f"convert_dataset(sys.argv[1], sys.argv[2], workers=2, progress=False, **{options!r})")
-    proc = subprocess.Popen([sys.executable, "-c", code, root, killed], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.isdir(killed) and len(shards_of(killed, "train")) >= 2:
-            break
-        time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)  # the pod is gone: the worker processes with it
-    proc.wait()
+    # The pod is gone: the worker processes with it.
+    kill_when([sys.executable, "-c", code, root, killed],
+              lambda: os.path.isdir(killed) and len(shards_of(killed, "train")) >= 2, tmp_path / "killed.log",
+              timeout=120, group=True)
     kept = {n: os.stat(os.path.join(killed, n)).st_ino for n in shards_of(killed, "train")}
     assert 2 <= len(kept) < 24, "the kill did not land part-way (%d shards)" % len(kept)
     assert not os.path.exists(os.path.join(killed, "manifest.json"))

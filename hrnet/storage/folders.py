@@ -10,7 +10,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from hrnet.fileio import PARTIAL_SUFFIX, atomic_write, file_digest, replacing  # PARTIAL_SUFFIX: never uploaded
 from hrnet.manifest import MANIFEST
@@ -86,6 +86,41 @@ def _is_pointer(rel: str) -> bool:
     return rel.rsplit("/", 1)[-1] in POINTER_FILES
 
 
+def _check_local_manifest(files: Dict[str, str], local: Dict[str, Any], local_dir: str, strict: bool) -> None:
+    """Local files must match the manifest they are published with (``local``: each file's
+    size and sha256); ``strict``: every file it lists must be there."""
+    if MANIFEST not in files:
+        return
+    with open(files[MANIFEST], "rb") as f:
+        entries = parse_manifest(f.read(), local_dir)
+    for rel, (size, sha) in entries.items():
+        if rel not in local:
+            if strict:
+                raise IntegrityError(f"{MANIFEST} lists {rel}, which is not in {local_dir}")
+        elif local[rel][:2] != (size, sha):
+            raise IntegrityError(f"{files[rel]} does not match its {MANIFEST} entry ({size} bytes, sha256 {sha}): "
+                                 "it changed or is corrupt")
+
+
+def _ours_to_delete(s: S3Settings, uri: str, remote: Dict[str, Any], files: Dict[str, str],
+                    known: Set[str]) -> List[str]:
+    """The objects under ``uri`` that are not in the folder any more and that this output
+    wrote: what its previous manifest listed, and what this process uploaded there or
+    downloaded from there (``known``). Anything else under the prefix was put there by
+    someone else and is left alone."""
+    bucket, prefix = split_uri(uri)
+    gone = [rel for rel in remote if rel not in files and rel != MANIFEST]
+    ours = set(known)
+    if gone and MANIFEST in remote:
+        previous = objects.get_bytes(s, bucket, object_key(prefix, MANIFEST), uri + "/" + MANIFEST)
+        ours |= set(parse_manifest(previous, uri))
+    kept = [rel for rel in gone if rel not in ours]
+    if kept:
+        log.warning("%s: leaving %d object(s) this output did not write (%s%s)", uri, len(kept),
+                    ", ".join(kept[:3]), ", ..." if len(kept) > 3 else "")
+    return [rel for rel in gone if rel in ours]
+
+
 def upload_dir(s: S3Settings, local_dir: str, uri: str, delete: bool, strict: bool,
                 progress: Optional[bool]) -> TransferStats:
     bucket, prefix = split_uri(uri)
@@ -96,19 +131,8 @@ def upload_dir(s: S3Settings, local_dir: str, uri: str, delete: bool, strict: bo
     remote = objects.list_objects(s, bucket, prefix, uri)
     stats = TransferStats(files=len(files))
 
-    # Local files must match the manifest they are published with.
-    entries = {}
-    if MANIFEST in files:
-        with open(files[MANIFEST], "rb") as f:
-            entries = parse_manifest(f.read(), local_dir)
     local = dict(zip(files, objects.parallel(s, [lambda p=p: objects.local_sha256(p) for p in files.values()])))
-    for rel, (size, sha) in entries.items():
-        if rel not in local:
-            if strict:
-                raise IntegrityError(f"{MANIFEST} lists {rel}, which is not in {local_dir}")
-        elif local[rel][:2] != (size, sha):
-            raise IntegrityError(f"{files[rel]} does not match its {MANIFEST} entry ({size} bytes, sha256 {sha}): "
-                                 "it changed or is corrupt")
+    _check_local_manifest(files, local, local_dir, strict)
 
     def unchanged(rel):
         obj = remote.get(rel)
@@ -120,21 +144,7 @@ def upload_dir(s: S3Settings, local_dir: str, uri: str, delete: bool, strict: bo
     todo = [rel for rel in names if not same[rel]]
     known = objects.known(s, bucket, prefix)
     known.update(rel for rel in names if same[rel])
-    stale = []
-    if delete:
-        gone = [rel for rel in remote if rel not in files and rel != MANIFEST]
-        # Only what this output wrote may go: what its previous manifest listed, and what
-        # this process uploaded there or downloaded from there. Anything else under the
-        # prefix was put there by someone else and is left alone.
-        ours = set(known)
-        if gone and MANIFEST in remote:
-            previous = objects.get_bytes(s, bucket, object_key(prefix, MANIFEST), uri + "/" + MANIFEST)
-            ours |= set(parse_manifest(previous, uri))
-        stale = [rel for rel in gone if rel in ours]
-        kept = [rel for rel in gone if rel not in ours]
-        if kept:
-            log.warning("%s: leaving %d object(s) this output did not write (%s%s)", uri, len(kept),
-                        ", ".join(kept[:3]), ", ..." if len(kept) > 3 else "")
+    stale = _ours_to_delete(s, uri, remote, files, known) if delete else []
     manifest_same = MANIFEST in files and unchanged(MANIFEST)
     stats.skipped = len(names) - len(todo) + int(manifest_same)
     if not todo and not stale and (manifest_same or (MANIFEST not in files and MANIFEST not in remote)):
@@ -175,6 +185,17 @@ def _safe_join(local_dir: str, rel: str, uri: str) -> str:
     return os.path.join(local_dir, *parts)
 
 
+def _check_remote_manifest(manifest: Optional[bytes], remote: Dict[str, Obj], uri: str) -> Dict[str, Any]:
+    """The entries of the manifest at ``uri``, each checked to name an object of its size."""
+    entries = parse_manifest(manifest, uri) if manifest is not None else {}
+    for rel, (size, _) in entries.items():
+        if rel not in remote:
+            raise IntegrityError(f"{uri}/{MANIFEST} lists {rel}, but there is no such object")
+        if remote[rel].size != size:
+            raise IntegrityError(f"{uri}/{rel} is {remote[rel].size} bytes, but its {MANIFEST} entry says {size}")
+    return entries
+
+
 def download_dir(s: S3Settings, uri: str, local_dir: str, delete: bool, progress: Optional[bool],
                   remote: Optional[Dict[str, Obj]] = None, manifest: Optional[bytes] = None,
                   include: Optional[Callable[[str], bool]] = None) -> TransferStats:
@@ -186,12 +207,7 @@ def download_dir(s: S3Settings, uri: str, local_dir: str, delete: bool, progress
         remote = objects.list_objects(s, bucket, prefix, uri)
     if manifest is None and MANIFEST in remote:
         manifest = objects.get_bytes(s, bucket, object_key(prefix, MANIFEST), uri + "/" + MANIFEST)
-    entries = parse_manifest(manifest, uri) if manifest is not None else {}
-    for rel, (size, _) in entries.items():
-        if rel not in remote:
-            raise IntegrityError(f"{uri}/{MANIFEST} lists {rel}, but there is no such object")
-        if remote[rel].size != size:
-            raise IntegrityError(f"{uri}/{rel} is {remote[rel].size} bytes, but its {MANIFEST} entry says {size}")
+    entries = _check_remote_manifest(manifest, remote, uri)
     os.makedirs(local_dir, exist_ok=True)
     # The local copy is about to change: until it is whole again it has no manifest.
     with contextlib.suppress(FileNotFoundError):
@@ -219,8 +235,8 @@ def download_dir(s: S3Settings, uri: str, local_dir: str, delete: bool, progress
     if todo:
         part = ""
         if include:
-            shown = ", ".join(todo[:4]) + (", ..." if len(todo) > 4 else "")
-            part = f" ({shown}: this step reads {len(names)} of {len(remote) - int(MANIFEST in remote)})"
+            part = " ({}{}: this step reads {} of {})".format(", ".join(todo[:4]), ", ..." if len(todo) > 4 else "",
+                                                               len(names), len(remote) - int(MANIFEST in remote))
         log.info("downloading %d of %d files%s (%.1f MiB) from %s to %s", len(todo), len(names), part, total / MIB,
                  uri, local_dir)
     bar = objects.Progress(f"download {uri}", total, progress)

@@ -2,9 +2,9 @@
 
     hrnet train --data DIR --out DIR --model w18 [--epochs 100 | --train-steps N] ...
 
-The step itself is hrnet.train.step's. The lr is a pure function of the
-step (hrnet.train.schedules) and the step is part of the checkpoint, so a resumed run
-continues the schedule exactly where it stopped.
+The step itself is hrnet.train.step's. The lr is a pure function of the step
+(hrnet.train.schedules) and the step is part of the checkpoint, so a resumed run continues
+the schedule exactly where it stopped.
 
 The output folder is a run folder (hrnet.run_folder), its manifest.json written last.
 Running the same command again resumes from the latest checkpoint; a finished run is
@@ -31,6 +31,7 @@ from hrnet.train.start import restore_or_init
 from hrnet.train.step import Window, barrier, loop_steps, make_train_loop
 
 log = logging.getLogger(__name__)
+
 
 class NonFiniteLossError(HrnetError):
     """The loss became NaN or Inf and loss scaling could not absorb it."""
