@@ -174,7 +174,8 @@ def test_several_steps_per_loop_train_exactly_as_one_and_stop_at_every_event(dig
 
 
 def test_a_loop_of_several_steps_stops_at_the_step_that_diverged(digits, tmp_path):
-    from hrnet.train.loop import NonFiniteLossError, train
+    from hrnet.train.loop import train
+    from hrnet.train.run import NonFiniteLossError
 
     def diverged_at(steps_per_loop):
         with pytest.raises(NonFiniteLossError) as e:

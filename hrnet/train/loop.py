@@ -2,89 +2,27 @@
 
     hrnet train --data DIR --out DIR --model w18 [--epochs 100 | --train-steps N] ...
 
-The step itself is hrnet.train.step's. The lr is a pure function of the step
-(hrnet.train.schedules) and the step is part of the checkpoint, so a resumed run continues
-the schedule exactly where it stopped.
+The step itself is hrnet.train.step's, the run hrnet.train.run's. The lr is a pure function
+of the step (hrnet.train.schedules) and the step is part of the checkpoint, so a resumed run
+continues the schedule exactly where it stopped.
 
 The output folder is a run folder (hrnet.run_folder), its manifest.json written last.
 Running the same command again resumes from the latest checkpoint; a finished run is
-left as it is.
+left as it is. This module does not import TensorFlow (``hrnet train --help`` starts
+without it): the devices are set up first, then hrnet.train.run is imported.
 """
-import json
 import logging
-import math
 import os
-import random
 import shutil
 import tempfile
-import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
-import numpy as np
-
-from hrnet import run_folder, storage
-from hrnet.data import reference
-from hrnet.errors import HrnetError
-from hrnet.train.config import TrainConfig, check_resumable, from_args, load_saved
+from hrnet import storage
+from hrnet.train.config import TrainConfig, from_args
 from hrnet.train.config import add_arguments as _config_arguments
-from hrnet.train.start import restore_or_init
-from hrnet.train.step import Window, barrier, loop_steps, make_train_loop
 
 log = logging.getLogger(__name__)
 
-
-class NonFiniteLossError(HrnetError):
-    """The loss became NaN or Inf and loss scaling could not absorb it."""
-
-
-# ----------------------------------------------------------------------------- data seam
-
-def _splits(cfg: TrainConfig):
-    """The splits a run reads: validation too unless it was switched off."""
-    return ("train",) if cfg.eval_every == 0 else ("train", "validation")
-
-
-def _data_info(cfg: TrainConfig, data_dir: str):
-    """hrnet.data.DatasetInfo: classes, label offset, counts and files per split."""
-    from hrnet import data
-
-    return data.dataset_info(data_dir, num_classes=cfg.num_classes, label_offset=cfg.label_offset,
-                             verify=cfg.verify_data, splits=_splits(cfg))
-
-
-def _train_input(cfg: TrainConfig, info, batch_size: int, worker_index: int, num_workers: int,
-                 start_record: int = 0):
-    """This worker's share of the training stream, batched per device (hrnet.data), from
-    ``start_record`` on (what the steps before a resume consumed)."""
-    from hrnet import data
-
-    return data.train_dataset(
-        info, batch_size=batch_size, image_size=cfg.image_size, worker_index=worker_index,
-        num_workers=num_workers, label_offset=cfg.label_offset, num_classes=cfg.num_classes,
-        augment=cfg.augment(), seed=cfg.seed,
-        start_record=start_record,
-    )
-
-
-# ----------------------------------------------------------------------------- helpers
-
-def set_seed(seed: Optional[int]) -> None:
-    """Seed Python, numpy and TF (Keras 3 initializers draw from Python's random)."""
-    if seed is None:
-        return
-    import tensorflow as tf
-
-    random.seed(seed)
-    np.random.seed(seed)
-    tf.random.set_seed(seed)
-
-
-def _fmt_duration(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    return "%d:%02d:%02d" % (seconds // 3600, seconds % 3600 // 60, seconds % 60)
-
-
-# ----------------------------------------------------------------------------- training
 
 def train(config, force: bool = False) -> Dict[str, Any]:
     """Train (or resume) as ``config`` says; returns the checkpoint manifest.
@@ -100,11 +38,12 @@ def train(config, force: bool = False) -> Dict[str, Any]:
     from hrnet.runtime import devices
 
     backend = devices.setup(cfg.device, cfg.precision, cfg.precision_mode, cfg.mirrored)
+    from hrnet.train.run import run_training
     if backend.is_chief:
         with storage.local_output(cfg.out, kind="checkpoint", force=force) as out_dir:
             if storage.is_remote(cfg.out):
                 storage.restore(cfg.out, out_dir)  # a pod restarted elsewhere resumes from the bucket
-            return _train(cfg, backend, out_dir, out_dir)
+            return run_training(cfg, backend, out_dir, out_dir)
     # Other ranks read the checkpoint to resume from (a private copy when it is remote) and
     # take part in every save, since reading mirrored variables is a collective op under
     # MultiWorkerMirroredStrategy, but they write into a scratch folder and publish nothing.
@@ -114,329 +53,9 @@ def train(config, force: bool = False) -> Dict[str, Any]:
         if storage.is_remote(cfg.out):
             read_dir = os.path.join(scratch, "restored")
             storage.restore(cfg.out, read_dir)
-        return _train(cfg, backend, read_dir, os.path.join(scratch, "checkpoints"))
+        return run_training(cfg, backend, read_dir, os.path.join(scratch, "checkpoints"))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _train(cfg: TrainConfig, backend, out_dir: str, write_dir: str) -> Dict[str, Any]:
-    """The run itself. out_dir: the local checkpoint folder (rank 0 writes it, every rank
-    resumes from it); write_dir: where this rank's checkpoints go (out_dir on rank 0)."""
-    from hrnet import configs
-    from hrnet.manifest import MANIFEST, read_manifest
-
-    data_dir = reference.stage_shared(cfg.data, _splits(cfg), verify=backend.is_chief)
-    info = _data_info(cfg, data_dir)
-    if not info.counts.get("train"):
-        raise HrnetError("%s has no training records" % cfg.data)
-    saved = load_saved(out_dir)
-    if cfg.seed is None and saved is not None and saved.seed is not None:
-        cfg = cfg.replace(seed=saved.seed)  # the input order of a resumed run is the one it started with
-    cfg = cfg.resolve(info.num_classes, info.label_offset, info.counts["train"], backend.num_replicas,
-                      info.counts.get("validation", 0))
-    if not cfg.model.endswith((".yaml", ".yml")):
-        cfg = cfg.replace(model=configs.canonical_name(cfg.model))
-    if saved is not None:
-        check_resumable(saved, cfg)
-
-    set_seed(cfg.seed)
-    run = _Run(cfg, backend, configs.load(cfg.model), info, out_dir, write_dir)
-    latest = run.restore(data_dir)
-    if run.start_step >= cfg.train_steps and os.path.exists(os.path.join(out_dir, MANIFEST)):
-        log.info("%s is complete (step %d of %d); nothing to do", cfg.out, run.start_step, cfg.train_steps)
-        return read_manifest(out_dir, kind="checkpoint")
-    if run.chief and os.path.exists(os.path.join(out_dir, MANIFEST)):
-        os.remove(os.path.join(out_dir, MANIFEST))  # more steps asked for: incomplete again
-    step = run.loop()
-    if step > run.start_step or latest is None:  # the same decision on every rank (saves are collective)
-        run.save(step)
-    if step in run.val_steps and step not in run.validated:
-        run.validate(step)
-    manifest = run.outputs(step)
-    barrier(backend.strategy)  # no worker leaves (and tears down the cluster) while another still saves
-    if run.chief:
-        run_folder.publish(out_dir, cfg.out, manifest)
-    return manifest
-
-
-class _Run:
-    """One run's model, optimizer and checkpoints, and what its validations found, with the
-    parts of a run as methods: restore, the loop, validate, save, the outputs."""
-
-    def __init__(self, cfg: TrainConfig, backend, model_config: Dict[str, Any], info, out_dir: str,
-                 write_dir: str):
-        import tensorflow as tf
-
-        from hrnet import compat
-        from hrnet.model import build_model
-
-        self.cfg, self.backend, self.info = cfg, backend, info
-        self.model_config = model_config
-        self.out_dir, self.write_dir = out_dir, write_dir
-        self.chief = backend.is_chief
-        self.schedule = cfg.lr_schedule()
-        with backend.strategy.scope():
-            self.model = build_model(model_config, num_classes=cfg.num_classes,
-                                     input_size=(cfg.image_size, cfg.image_size))
-            self.step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step",
-                                        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-            # The lr is read from the step at every update (a zero-argument callable is a valid
-            # learning_rate in Keras 2 and 3), so it is never stored and cannot go stale on resume.
-            optimizer = compat.make_sgd(lambda: self.schedule(self.step_var), momentum=cfg.momentum,
-                                        nesterov=cfg.nesterov)
-            self.optimizer = backend.wrap_optimizer(optimizer)
-            compat.build_optimizer(self.optimizer, self.model.trainable_variables)
-        self.checkpoint = tf.train.Checkpoint(step=self.step_var, model=self.model, optimizer=self.optimizer)
-        self.manager = tf.train.CheckpointManager(
-            self.checkpoint, directory=write_dir, max_to_keep=cfg.keep_checkpoints,
-            checkpoint_name=run_folder.CHECKPOINT_NAME)
-        self.history_path = os.path.join(out_dir, run_folder.HISTORY)
-        self.val_steps = set(cfg.validation_steps())
-        self.start_step = 0
-        self.started = time.time()
-        self.best: Optional[Dict[str, Any]] = None
-        self.last_val: Dict[str, Any] = {}
-        self.last_log: Dict[str, Any] = {}
-        self.validated: set = set()
-        self.writer = None
-        self._predict = None
-        self._folded = None
-
-    def _validation_model(self):
-        """The model validation runs: under mixed_bfloat16 a copy with BN folded into the
-        convs (hrnet.model.fold_batch_norm; HRNet-W18 infers 4x faster on AMX), built at the
-        first validation and folded again from the training weights at each later one, else
-        the model itself (in float32 TF folds BN by itself; float16 and the NPU keep theirs).
-        The copy is built outside the strategy: each rank folds its own copy of the same
-        weights."""
-        from hrnet import compat
-        from hrnet.model import fold_batch_norm
-
-        if self._folded is not None:
-            return fold_batch_norm(self.model, self.model_config, into=self._folded)
-        if compat.keras.mixed_precision.global_policy().name != "mixed_bfloat16":
-            return self.model
-        log.info("validating under mixed_bfloat16 with BN folded into the convs")
-        self._folded = fold_batch_norm(self.model, self.model_config)
-        return self._folded
-
-    # ---- restore-or-init ------------------------------------------------------------
-    def restore(self, data_dir: str) -> Optional[str]:
-        """Resume from the latest checkpoint (or initialise), set every rank to the chief's
-        weights, and forget what a killed run logged after its last checkpoint. Returns the
-        checkpoint resumed from."""
-        latest = restore_or_init(self.checkpoint, self.out_dir, self.cfg)
-        if self.chief:
-            # Only now that the folder is known to hold this run (or nothing): a refused resume
-            # must leave a foreign checkpoint folder exactly as it was.
-            self.cfg.save(self.out_dir)
-            run_folder.write_labels(self.out_dir, data_dir, self.info)
-        # Read before the first collective op, so that no rank sees a line the chief writes later.
-        val_history = [h for h in run_folder.read_history(self.history_path) if "val_top1" in h]
-        self.backend.broadcast_variables(self.model.variables)
-        self.start_step = int(self.step_var.numpy())
-        val_history = [h for h in val_history if h["step"] <= self.start_step]  # not the killed run's tail
-        if self.chief:
-            run_folder.truncate_history(self.history_path, self.start_step)
-            run_folder.truncate_events(os.path.join(self.out_dir, run_folder.LOGS), self.start_step)
-        self.validated = {h["step"] for h in val_history}
-        self.last_val = max(val_history, key=lambda h: h["step"], default={})
-        self.best = run_folder.read_best(self.out_dir, self.start_step) if self.val_steps else None
-        return latest
-
-    def _input(self):
-        """The training stream from the records the steps so far consumed on: a resumed run
-        sees the batches an uninterrupted one would have seen."""
-        cfg, strategy = self.cfg, self.backend.strategy
-        if strategy.num_replicas_in_sync > 1:
-            # One input pipeline per worker, batched per replica, sharded by worker.
-            return strategy.distribute_datasets_from_function(lambda ctx: _train_input(
-                cfg, self.info, ctx.get_per_replica_batch_size(cfg.global_batch_size), ctx.input_pipeline_id,
-                ctx.num_input_pipelines, self.start_step * (cfg.global_batch_size // ctx.num_input_pipelines)))
-        return _train_input(cfg, self.info, cfg.batch_size, self.backend.worker_index, self.backend.num_workers,
-                            self.start_step * cfg.batch_size)
-
-    # ---- the loop -------------------------------------------------------------------
-    def loop(self) -> int:
-        """The steps from start_step to train_steps, with progress lines, checkpoints and
-        validations on their schedule; returns the step reached."""
-        import tensorflow as tf
-
-        from hrnet.model import count_params
-
-        cfg, backend = self.cfg, self.backend
-        iterator = iter(self._input())
-        train_loop = make_train_loop(cfg, backend, self.model, self.optimizer, self.step_var)
-        self.writer = tf.summary.create_file_writer(os.path.join(self.out_dir, run_folder.LOGS)) if self.chief else None
-        log.info("training %s (%s params, %d classes) at %dx%d on %d images/epoch: %d steps of %d images "
-                 "(%.2f epochs), lr %.4g %s, %s, %s", self.model_config["name"], f"{count_params(self.model):,}",
-                 cfg.num_classes, cfg.image_size, cfg.image_size, cfg.nb_train_samples, cfg.train_steps,
-                 cfg.global_batch_size, cfg.epochs, cfg.lr, cfg.schedule, cfg.precision, backend.describe())
-        step = self.start_step
-        window = Window()
-        self.started = time.time()
-        if step in self.val_steps and step not in self.validated and step < cfg.train_steps:
-            self.validate(step)  # the killed run saved this step's checkpoint but did not finish validating it
-        loop_size = None
-        while step < cfg.train_steps:
-            n = loop_steps(step, cfg, self.val_steps)
-            if n != loop_size:
-                backend.set_loop_size(n)
-                loop_size = n
-            t0 = time.time()
-            try:
-                loss_t, correct_t, bad_t, done_t = train_loop(iterator, tf.constant(n, tf.int32))
-            except tf.errors.DataLossError as e:
-                raise self._corrupt_data(step + 1, step + n, e) from None
-            loss, done = float(loss_t), int(done_t)
-            first = step == self.start_step  # its time includes tracing
-            step += done
-            if not math.isfinite(loss) or float(bad_t) > 0:
-                self.stop(step, "the loss became %s" % (loss if not math.isfinite(loss) else "non-finite (L2 term or "
-                                                                                          "gradients)"))
-            window.add(loss, float(correct_t), time.time() - t0, done, timed=not first)
-            if step % cfg.log_every == 0 or step == cfg.train_steps:
-                self._progress(step, window)
-            # A validated step is a checkpointed one: a resumed run never has to redo the steps
-            # before a validation to know what it found.
-            if (step % cfg.checkpoint_every == 0 or step in self.val_steps) and step < cfg.train_steps:
-                self.save(step)
-                if step in self.val_steps:
-                    self.validate(step)
-        return step
-
-    def _corrupt_data(self, first_step: int, last_step: int, error) -> HrnetError:
-        from hrnet import data
-
-        first = error.message.splitlines()[0]
-        log.error("corrupt training data (%s); looking for the record", first[:200])
-        where = data.locate_corrupt_record(self.info.files["train"])
-        steps = "step %d" % first_step if first_step == last_step else "steps %d-%d" % (first_step, last_step)
-        return HrnetError("corrupt training data at %s: %s; convert the data set again (or fetch it again)"
-                          % (steps, where or "TF reported a corrupt record (%s)" % first))
-
-    # ---- the metrics window ---------------------------------------------------------
-    def _progress(self, step: int, window: Window) -> None:
-        """The progress line of the steps since the last one, into the log, history.jsonl and
-        TensorBoard."""
-        from hrnet import compat
-
-        cfg = self.cfg
-        self.last_log, per_step = window.close(step, cfg, float(self.schedule(step - 1)))
-        if self.backend.loss_scaling:
-            self.last_log["loss_scale"] = compat.loss_scale_value(self.optimizer)
-        line = self.last_log
-        log.info("step %d/%d epoch %.2f loss %.4f top1 %.4f%s lr %.5g images/s %.1f eta %s",
-                 step, cfg.train_steps, line["epoch"], line["loss"], line["top1"],
-                 " val-top1 %.4f" % self.last_val["val_top1"] if self.last_val else "", line["lr"],
-                 line["images_per_sec"], _fmt_duration(per_step * (cfg.train_steps - step)))
-        if self.chief:
-            with open(self.history_path, "a") as f:
-                f.write(json.dumps(line) + "\n")
-            run_folder.write_scalars(self.writer, step, line, run_folder.TRAIN_SCALARS)
-
-    def validate(self, step: int) -> None:
-        """Top-1 / top-5 on the whole validation split; the best weights so far kept as BEST.
-        Every rank validates on the same batches (the same collective reads of mirrored
-        variables, so the same decisions); only the chief writes what it found."""
-        from hrnet import data, weights
-        from hrnet.evaluate import tally, top_k_predictor
-
-        cfg = self.cfg
-        count = self.info.counts["validation"]
-        log.info("validating at step %d on %d images", step, count)
-        model = self._validation_model()
-        if self._predict is None:  # one tf.function for every validation: traced once
-            self._predict = top_k_predictor(model, cfg.image_size, cfg.num_classes)
-        batches = data.eval_dataset(self.info, batch_size=cfg.batch_size, image_size=cfg.image_size)
-        result = tally(self._predict, batches, cfg.num_classes, count, "%s (validation)" % cfg.data, cfg.batch_size)
-        self.last_val = {"step": step, "epoch": round(step / cfg.steps_per_epoch, 4), "val_top1": result.top1,
-                         "val_top5": result.top5, "val_count": result.count}
-        best = self.best
-        improved = best is None or result.top1 > best["val_top1"]
-        if improved:
-            # Every rank: reading mirrored variables is collective.
-            weights.save_weights(self.model, os.path.join(self.write_dir, run_folder.BEST))
-            best = self.best = dict(self.last_val, weights=run_folder.BEST)
-        if self.chief:
-            if improved:
-                storage.write_text(os.path.join(self.out_dir, run_folder.BEST_INFO), json.dumps(best, indent=2) + "\n")
-            with open(self.history_path, "a") as f:
-                f.write(json.dumps(self.last_val) + "\n")
-            run_folder.write_scalars(self.writer, step, self.last_val, run_folder.VALIDATION_SCALARS)
-        self.validated.add(step)
-        log.info("validation at step %d (epoch %.2f): top-1 %.4f, top-5 %.4f%s", step, self.last_val["epoch"],
-                 result.top1, result.top5, " (the best so far)" if improved else
-                 "; the best is %.4f at step %d" % (best["val_top1"], best["step"]))
-
-    def stop(self, step: int, what: str) -> None:
-        import tensorflow as tf
-
-        kept = tf.train.latest_checkpoint(self.out_dir)
-        raise NonFiniteLossError(
-            "%s at step %d (lr %.4g)%s; the run stopped, the last good checkpoint %s is kept. "
-            "Lower --lr, add --warmup-epochs, or use --precision fp32"
-            % (what, step, self.schedule(step - 1),
-               " and dynamic loss scaling could not absorb it" if self.backend.loss_scaling else "",
-               os.path.basename(kept) if kept else "(none yet)"))
-
-    # ---- save-and-mirror ------------------------------------------------------------
-    def save(self, step: int) -> None:
-        from hrnet import compat
-
-        # A finite loss does not prove finite weights (an update can overflow them): check
-        # before a checkpoint can replace a good one.
-        if not all(np.all(np.isfinite(compat.tf_variable(v).numpy())) for v in self.model.variables):
-            self.stop(step, "the weights became NaN or Inf")
-        self.manager.save(checkpoint_number=step)
-        if self.chief:
-            # delete: the bucket keeps the checkpoints the manager keeps, not every one ever saved.
-            try:
-                storage.mirror(self.out_dir, self.cfg.out, delete=True)
-            except (storage.TransferError, storage.EndpointUnreachableError) as e:
-                # The store is down for longer than the retries: training goes on and the next
-                # save catches up; the final mirror (after the manifest) must succeed.
-                log.warning("checkpoint %d not mirrored to %s yet: %s", step, self.cfg.out, e)
-
-    # ---- outputs: portable weights, then (by _publish) the manifest, last --------------
-    def outputs(self, step: int) -> Dict[str, Any]:
-        """Write the portable weights; returns the manifest that describes the run."""
-        import tensorflow as tf
-
-        from hrnet import compat, weights
-        from hrnet.model import count_params
-
-        cfg = self.cfg
-        weights.save_weights(self.model, os.path.join(self.write_dir, run_folder.WEIGHTS))
-        return {
-            "kind": "checkpoint",
-            "model": self.model_config["name"],
-            # The model's config itself, so that evaluate / export rebuild it anywhere (also
-            # when it came from a YAML file that only the training machine has).
-            "model_config": self.model_config,
-            "num_classes": cfg.num_classes,
-            "label_offset": cfg.label_offset,
-            "image_size": cfg.image_size,
-            "step": step,
-            "train_steps": cfg.train_steps,
-            "epochs": cfg.epochs,
-            "optimizer_iterations": int(compat.tf_variable(self.optimizer.iterations).numpy()),
-            "precision": cfg.precision,
-            "device": cfg.device,
-            "num_replicas": self.backend.num_replicas,
-            "global_batch_size": cfg.global_batch_size,
-            "params": count_params(self.model),
-            "weights": run_folder.WEIGHTS,
-            "checkpoint": os.path.basename(self.manager.latest_checkpoint),
-            "final": self.last_log,
-            # The weights with the best validation top-1 (evaluate / export use them by default).
-            "best": self.best,
-            "validation": self.last_val or None,
-            "seconds": round(time.time() - self.started, 1),
-            "tensorflow": tf.__version__,
-            "keras": ".".join(str(v) for v in compat.KERAS_VERSION),
-            "out": cfg.out,
-        }
 
 
 # ----------------------------------------------------------------------------- CLI
