@@ -136,3 +136,32 @@ def test_an_unreadable_class_folder_is_named_not_called_empty(tmp_path, capsys, 
     monkeypatch.setattr(convert.os, "access", lambda p, mode: p != locked and real_access(p, mode))
     code, line = run(capsys, "convert", "--src", tmp_path / "images", "--out", tmp_path / "out", "--no-progress")
     assert code == 2 and "cannot read the class folder" in line and "class1" in line and "permission" in line, line
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["train", "--lr-decay", "-5"], "lr_decay must be > 0"),  # trained at a negative lr before
+    (["convert", "--workers", "-2"], "workers must be at least 1"),
+    (["convert", "--train-shards", "0"], "train_shards must be at least 1"),
+    (["convert", "--quality", "500"], "quality must be 1 to 100"),
+    (["launch", "--grace-period", "-5", "--", "true"], "--grace-period must be 0 or more"),
+])
+def test_values_that_cannot_run_are_refused(records, tmp_path, capsys, argv, words):
+    if argv[0] == "train":
+        argv = train_args(records, tmp_path / "out", *argv[1:])
+    elif argv[0] == "convert":
+        argv = ["convert", "--src", records / "images", "--out", tmp_path / "out", "--no-progress", *argv[1:]]
+    code, line = run(capsys, *argv)
+    assert code == 2 and words in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_train_split_that_is_a_file_is_refused(tmp_path, capsys):
+    """It was taken for no train split at all: the data set silently had validation only."""
+    import shutil
+
+    src = tmp_path / "tree"
+    write_images(str(src))
+    shutil.rmtree(src / "train")
+    (src / "train").write_text("not a folder")
+    code, line = run(capsys, "convert", "--src", src, "--out", tmp_path / "out", "--no-progress")
+    assert code == 2 and "train is a file, not a folder of class folders" in line, line

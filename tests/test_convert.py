@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import kill_when
+from helpers import kill_when, write_jpeg_tree
 from PIL import Image
 
 from hrnet import storage
@@ -445,3 +445,31 @@ def test_real_world_files_16_bit_png_gif_tiff_hidden_files_and_unreadable_classe
     (root / "train" / "c" / "x.jpg").write_bytes(b"not a jpeg at all")
     with pytest.raises(HrnetError, match=r"no readable image: c \(every file was skipped, e\.g\. .*x\.jpg"):
         convert_dataset(str(root), str(tmp_path / "lost"), workers=1, progress=False)
+
+
+def test_a_decompression_bomb_is_a_counted_skip(tmp_path):
+    """A JPEG whose header claims 65500x65500 pixels (4.3 gigapixels) is skipped with its
+    reason, like any unreadable file, instead of ending the conversion."""
+    root = tmp_path / "src"
+    write_jpeg_tree(root, {"train": [2, 2], "validation": [1, 1]})
+    bomb = root / "train" / "class0" / "0.jpg"
+    data = bytearray(bomb.read_bytes())
+    sof = next(i for i in range(2, len(data) - 1) if data[i] == 0xFF and data[i + 1] in (0xC0, 0xC2))
+    data[sof + 5:sof + 9] = (65500).to_bytes(2, "big") * 2  # height, width
+    bomb.write_bytes(bytes(data))
+    manifest = convert_dataset(str(root), str(tmp_path / "out"), workers=1, progress=False)
+    assert manifest["counts"] == {"train": 3, "validation": 2}
+    (skip,) = manifest["skipped"]
+    assert skip["path"] == os.path.join("train", "class0", "0.jpg") and "decompression bomb" in skip["reason"], skip
+
+
+def test_a_symlink_loop_in_a_class_folder_is_read_once_and_reported(tmp_path):
+    """A link inside a class folder back to the folder (train/class1/loop -> .) would list
+    its images once per turn of the loop; it is not followed, and the skip says why."""
+    root = tmp_path / "src"
+    write_jpeg_tree(root, {"train": [2, 3], "validation": [1, 1]})
+    os.symlink(".", root / "train" / "class1" / "loop")
+    manifest = convert_dataset(str(root), str(tmp_path / "out"), workers=1, progress=False)
+    assert manifest["counts_per_class"]["train"] == {"class0": 2, "class1": 3}
+    (skip,) = manifest["skipped"]
+    assert skip["path"] == os.path.join("train", "class1", "loop") and "loop" in skip["reason"], skip

@@ -197,6 +197,16 @@ def _check_every_class_kept(manifest: Dict[str, Any]) -> None:
                                      f", e.g. {why}" if why else "", "them" if len(lost) > 1 else "it"))
 
 
+def _check_options(train_shards: Optional[int], validation_shards: Optional[int], workers: Optional[int],
+                   quality: int) -> None:
+    for name, value in (("train_shards", train_shards), ("validation_shards", validation_shards),
+                        ("workers", workers)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    if not 1 <= quality <= 100:
+        raise ValueError(f"quality must be 1 to 100 (JPEG quality of re-encoded images), got {quality}")
+
+
 def _begin(out_dir: str, fingerprint: str, src: str) -> None:
     """Mark ``out_dir`` as this conversion's, and drop a killed run's half-written shards."""
     os.makedirs(os.path.join(out_dir, STATE_DIR), exist_ok=True)
@@ -241,6 +251,7 @@ def convert_dataset(src: str, out: str, *, train_shards: Optional[int] = None,
     XML boxes (matched by file name). ``label_offset`` 1 stores slim's 1..N labels.
     Re-running on the same ``out`` resumes (finished shards are kept).
     """
+    _check_options(train_shards, validation_shards, workers, quality)
     storage.output_target(out)  # a bare bucket is refused before the input is read
     local = {k: storage.local_input(v) if v is not None and storage.is_remote(v) else v
              for k, v in dict(train_dir=train_dir, validation_dir=validation_dir, val_labels=val_labels,

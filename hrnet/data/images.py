@@ -119,6 +119,9 @@ def read_image(path: str, quality: int = 95, verify: bool = False) -> Tuple[byte
     try:
         image = Image.open(io.BytesIO(data))
         fmt, mode, (width, height) = image.format, image.mode, image.size
+    except Image.DecompressionBombError as e:
+        # A header can claim any size; decoding it would take that much memory.
+        raise BadImage(f"a possible decompression bomb, not decoded ({_why(e)})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise BadImage(f"not a readable image ({_why(e)})") from None
     orientation = _orientation(image)

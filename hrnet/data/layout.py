@@ -43,8 +43,18 @@ def _raise(error: OSError) -> None:
 
 
 def _walk_files(folder: str) -> List[str]:
+    """Every file under ``folder``, following links to folders (a tree of links is a common
+    way to assemble a data set), but not a link to a folder already read: a loop would list
+    its files once per turn. Such a link is listed itself, as a file the plan skips."""
     found = []
+    seen = {os.path.realpath(folder)}
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True, onerror=_raise):
+        for name in sorted(dirnames):
+            real = os.path.realpath(os.path.join(dirpath, name))
+            if real in seen:
+                dirnames.remove(name)
+                found.append(os.path.join(dirpath, name))
+            seen.add(real)
         dirnames.sort()
         found.extend(os.path.join(dirpath, f) for f in sorted(filenames))
     return found
@@ -186,6 +196,10 @@ def _split_dirs(src: str, roots: List[str], train_dir: Optional[str],
                 validation_dir: Optional[str]) -> Tuple[Optional[str], Optional[str]]:
     """The train and validation folders: as given, else found in one of the layouts."""
     if train_dir is None and validation_dir is None:
+        for path in (os.path.join(r, name) for r in roots for name in ("train",) + VALIDATION_DIRS):
+            if os.path.exists(path) and not os.path.isdir(path):
+                raise HrnetError(f"{path} is a file, not a folder of class folders: move it away or pass "
+                                 "--train-dir / --validation-dir")
         root = next((r for r in roots if os.path.isdir(os.path.join(r, "train"))
                      or any(os.path.isdir(os.path.join(r, v)) for v in VALIDATION_DIRS)), None)
         if root is None:
@@ -203,6 +217,8 @@ def _split_dirs(src: str, roots: List[str], train_dir: Optional[str],
 def _skip_reason(path: str, split_dir: str) -> str:
     """Why a file of a split that is not one of its images is skipped."""
     ext = os.path.splitext(path)[1].lower()
+    if os.path.isdir(path):
+        return "a link to a folder already read (a loop, or a second way to the same images): not followed"
     if os.path.dirname(path) == split_dir and _is_image_name(path):
         return "not inside a class folder"
     if os.path.basename(path).startswith("."):

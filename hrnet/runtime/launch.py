@@ -313,6 +313,8 @@ def launch(nproc: int, command: Sequence[str], device: str = "cpu", env: Optiona
     (``api_client``, ``configuration``, ``hccn_conf``, ``interval``).
     """
     check_devices(nproc, "--nproc")
+    if not grace_period >= 0:
+        raise HrnetError(f"--grace-period must be 0 or more seconds, got {grace_period}")
     argv = resolve_command(command)
     workdir = log_dir or tempfile.mkdtemp(prefix="hrnet-launch-")
     if log_dir:

@@ -180,6 +180,8 @@ class TrainConfig:
             raise ValueError("epochs must be > 0, got %s" % self.epochs)
         if self.lr is not None and self.lr <= 0:
             raise ValueError("lr must be > 0, got %s" % self.lr)
+        if self.lr_decay <= 0:
+            raise ValueError("lr_decay must be > 0 (the lr's multiplier at each decay epoch), got %s" % self.lr_decay)
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError("label_smoothing must be in [0, 1), got %s" % self.label_smoothing)
         if self.weight_decay < 0 or self.warmup_epochs < 0 or not 0 <= self.momentum < 1:
