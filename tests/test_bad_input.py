@@ -165,3 +165,19 @@ def test_a_train_split_that_is_a_file_is_refused(tmp_path, capsys):
     (src / "train").write_text("not a folder")
     code, line = run(capsys, "convert", "--src", src, "--out", tmp_path / "out", "--no-progress")
     assert code == 2 and "train is a file, not a folder of class folders" in line, line
+
+
+def test_files_of_the_wrong_kind_are_named_in_one_line(records, tmp_path, capsys):
+    """Each was a traceback: --config naming a folder, --model naming a YAML file that is not
+    valid YAML, and an --out that is an existing file (every writing command)."""
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("stages: [\n")
+    code, line = run(capsys, *train_args(records, tmp_path / "out", "--config", tmp_path))
+    assert code == 2 and "is a folder, not a train config file" in line, line
+    code, line = run(capsys, "info", "--model", broken)
+    assert code == 2 and "broken.yaml is not valid YAML at line 2" in line, line
+    a_file = tmp_path / "a-file"
+    a_file.write_text("someone's notes")
+    code, line = run(capsys, "convert", "--src", records / "images", "--out", a_file, "--no-progress")
+    assert code == 2 and "a-file is a file, not a folder" in line, line
+    assert a_file.read_text() == "someone's notes"

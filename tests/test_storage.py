@@ -29,6 +29,19 @@ def s3_server(both_servers):
 
 # ---------------------------------------------------------------- settings and URIs (no server)
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_numbers_from_the_environment_must_be_finite(value, monkeypatch):
+    """HRNET_LEASE_TTL=nan made the lease thread renew in a busy loop (NaN passes every
+    comparison) and inf overflowed its timer: both are refused where they are read."""
+    from hrnet.storage import lease
+
+    with pytest.raises(storage.ConfigError, match="HRNET_S3_READ_TIMEOUT must be a finite number"):
+        storage.settings_from_env({"HRNET_S3_READ_TIMEOUT": value})
+    monkeypatch.setenv("HRNET_LEASE_TTL", value)
+    with pytest.raises(storage.ConfigError, match="HRNET_LEASE_TTL must be a finite number"):
+        lease._lease_ttl()
+
+
 def test_settings_from_env_endpoint_forms_tls_and_credentials():
     s = storage.settings_from_env({"S3_ENDPOINT": "http://minio.kubeflow:9000", "AWS_ACCESS_KEY_ID": "ak12",
                                    "AWS_SECRET_ACCESS_KEY": "sk-very-secret"})

@@ -47,8 +47,17 @@ def load(name: str) -> Dict[str, Any]:
         path = name
     else:
         path = os.path.join(_HERE, canonical_name(name) + ".yaml")
-    with open(path) as f:
-        cfg = yaml.safe_load(f)
+    try:
+        with open(path) as f:
+            cfg = yaml.safe_load(f)
+    except IsADirectoryError:
+        raise ValueError("%s is a folder, not a model config file (YAML)" % path) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = " at line %d" % (mark.line + 1) if mark else ""
+        raise ValueError("%s is not valid YAML%s: %s" % (path, where, getattr(e, "problem", None) or e)) from None
+    if not isinstance(cfg, dict):
+        raise ValueError("%s: a model config must be a mapping (stem, stages, head_channels, ...)" % path)
     _validate(cfg, path)
     return cfg
 

@@ -161,6 +161,8 @@ def claim_output(uri: str, kind: str, mark: bool = True) -> None:
     if not is_remote(target):
         if not mark and not os.path.exists(target):
             return
+        if os.path.exists(target) and not os.path.isdir(target):
+            raise OwnershipError(f"{uri} is a file, not a folder: give a new folder for the {kind} output")
         os.makedirs(target, exist_ok=True)
         names = [n for n in os.listdir(target) if n not in CONTROL_FILES]
         owner = lease.read_json_file(os.path.join(target, OWNER_FILE))

@@ -5,6 +5,7 @@ fixed order (``S3_ENDPOINT``, ``AWS_ENDPOINT_URL_S3``...), an endpoint URL decid
 URL holding credentials is refused without echoing them; a dependency such as
 pydantic-settings would add pydantic to the Ascend image and still need these rules written out.
 """
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -69,6 +70,8 @@ def env_number(env, name: str, default, kind=float, minimum=None):
         value = kind(raw)
     except ValueError:
         raise ConfigError(f"{name} must be a number, not {raw!r}") from None
+    if not math.isfinite(value):  # NaN passes every comparison; inf overflows the timers that use it
+        raise ConfigError(f"{name} must be a finite number, not {raw}")
     if minimum is not None and value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, not {raw}")
     return value

@@ -127,6 +127,8 @@ class TrainConfig:
     def from_yaml(cls, path: str) -> "TrainConfig":
         if not os.path.exists(path):
             raise FileNotFoundError("no such train config file: %s" % path)
+        if os.path.isdir(path):
+            raise ValueError("%s is a folder, not a train config file (YAML)" % path)
         try:
             with open(path) as f:
                 values = yaml.safe_load(f) or {}
