@@ -263,6 +263,8 @@ def parallel(s: S3Settings, tasks: List[Callable[[], Any]]) -> List[Any]:
     with ThreadPoolExecutor(max_workers=min(s.workers, len(tasks))) as pool:
         futures = {pool.submit(task): i for i, task in enumerate(tasks)}
         for future in as_completed(futures):
+            if future.cancelled():  # after the first failure: not a failure of its own
+                continue
             try:
                 results[futures[future]] = future.result()
             except BaseException as exc:
@@ -270,7 +272,7 @@ def parallel(s: S3Settings, tasks: List[Callable[[], Any]]) -> List[Any]:
                 for other in futures:
                     other.cancel()
     if errors:
-        for exc in errors[1:]:
-            log.error("also failed: %s", exc)
+        if len(errors) > 1:  # the ones already running when the first failed: one line, not one each
+            log.error("%d more transfer(s) failed at the same time, e.g. %s", len(errors) - 1, errors[1])
         raise errors[0]
     return results
