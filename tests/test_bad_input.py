@@ -97,6 +97,35 @@ def test_a_byte_flip_is_found_by_verify_data_and_by_the_reader(records, tmp_path
     assert code == 2 and "corrupt training data" in line and "train-00001-of-00002: record" in line, line
 
 
+def _edit_num_classes(m):
+    m["num_classes"] = 2
+
+
+def _edit_train_count(m):
+    m["counts"]["train"] = 100000
+
+
+def _drop_a_shard(m):  # and the count with it: the manifest agrees with itself
+    m["counts"]["train"] -= m["shards"]["train"].pop()["records"]
+
+
+@pytest.mark.parametrize("edit, words", [
+    (_edit_num_classes, "says num_classes 2, but there are 3 classes"),  # label 2 was an all-zero target
+    (_edit_train_count, "counts 100000 train records, but its shards hold 24"),  # the schedule followed it
+    (_drop_a_shard, "holds train shards that manifest.json does not list (train-00001-of-00002)"),  # half read
+])
+def test_an_edited_manifest_is_refused_before_step_1(records, tmp_path, capsys, edit, words):
+    import json
+
+    data = copy_records(records, tmp_path)
+    manifest = json.loads((data / "manifest.json").read_text())
+    edit(manifest)
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    code, line = run(capsys, *train_args(tmp_path, tmp_path / "out"))
+    assert code == 2 and words in line, line
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_unfinished_conversion_is_not_taken_for_slim_records(records, tmp_path, capsys):
     data = copy_records(records, tmp_path)
     os.remove(data / "manifest.json")

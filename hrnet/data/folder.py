@@ -74,6 +74,7 @@ def dataset_info(data_dir: str, num_classes: Optional[int] = None, label_offset:
                                     ("label_offset", label_offset, manifest["label_offset"])):
             if given is not None and given != stored:
                 raise HrnetError(f"{name}={given} given, but {os.path.join(data_dir, MANIFEST)} says {stored}")
+        _check_manifest(data_dir, local, manifest, splits)
         files = {}
         for split, shards in manifest["shards"].items():
             if splits is not None and split not in splits:
@@ -112,6 +113,31 @@ def dataset_info(data_dir: str, num_classes: Optional[int] = None, label_offset:
     counts = {split: sum(count_records(f) for f in fs) if count else 0 for split, fs in files.items() if fs}
     return DatasetInfo(local, num_classes, label_offset, names, texts, counts,
                        {s: f for s, f in files.items() if f})
+
+
+def _check_manifest(data_dir: str, local: str, manifest: Dict[str, Any], splits: Optional[Sequence[str]]) -> None:
+    """The manifest agrees with itself and with the folder. Its shards carry checksums, it
+    does not: an edited class count would train against all-zero targets, an edited record
+    count would scale the schedule, and a shard left out of it would silently not be read."""
+    where = os.path.join(data_dir, MANIFEST)
+    changed = "it was changed after the conversion; convert the data set again (or fetch it again)"
+    classes, rows = manifest.get("classes"), _label_rows(local)
+    for what, n in (("classes", len(classes) if classes is not None else None),
+                    (schema.LABELS_FILE + " rows", len(rows) if rows else None)):
+        if n is not None and n != manifest["num_classes"]:
+            raise HrnetError(f"{where} says num_classes {manifest['num_classes']}, but there are {n} {what}: {changed}")
+    for split, shards in manifest["shards"].items():
+        if splits is not None and split not in splits:
+            continue
+        listed = sum(shard.get("records", 0) for shard in shards)
+        if all("records" in shard for shard in shards) and manifest["counts"].get(split) != listed:
+            raise HrnetError(f"{where} counts {manifest['counts'].get(split)} {split} records, but its shards hold "
+                             f"{listed}: {changed}")
+        unlisted = sorted({os.path.basename(f) for f in schema.shard_files(local, split)}
+                          - {shard["path"] for shard in shards})
+        if unlisted:
+            raise HrnetError(f"{data_dir} holds {split} shards that {MANIFEST} does not list "
+                             f"({', '.join(unlisted[:3])}): {changed}")
 
 
 def _check_shard(data_dir: str, path: str, shard: Dict[str, Any], verify: bool) -> None:
