@@ -2,6 +2,7 @@
 import io
 import json
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -445,6 +446,12 @@ def test_real_world_files_16_bit_png_gif_tiff_hidden_files_and_unreadable_classe
     (root / "train" / "c" / "x.jpg").write_bytes(b"not a jpeg at all")
     with pytest.raises(HrnetError, match=r"no readable image: c \(every file was skipped, e\.g\. .*x\.jpg"):
         convert_dataset(str(root), str(tmp_path / "lost"), workers=1, progress=False)
+    # The refused output is left as it was found (here: not there), so the fixed tree converts
+    # there (it was refused as "an unfinished conversion of a different input").
+    assert not (tmp_path / "lost").exists()
+    shutil.copy(root / "train" / "a" / "ok.jpg", root / "train" / "c" / "ok.jpg")
+    fixed = convert_dataset(str(root), str(tmp_path / "lost"), workers=1, progress=False)
+    assert fixed["counts_per_class"]["train"]["c"] == 1
 
 
 def test_a_decompression_bomb_is_a_counted_skip(tmp_path):

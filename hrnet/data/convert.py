@@ -18,6 +18,7 @@ What makes it safe to run on a cluster:
 - unreadable files are skipped, counted and listed in manifest.json (``strict`` makes
   them fatal); manifest.json is written last.
 """
+import contextlib
 import hashlib
 import json
 import logging
@@ -216,6 +217,14 @@ def _begin(out_dir: str, fingerprint: str, src: str) -> None:
             os.remove(os.path.join(out_dir, name))
 
 
+def _unmake(out_dir: str, shards: List[str]) -> None:
+    """Remove what this conversion wrote in ``out_dir``: its shards, labels file and state."""
+    for name in shards + [schema.LABELS_FILE]:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out_dir, name))
+    shutil.rmtree(os.path.join(out_dir, STATE_DIR), ignore_errors=True)
+
+
 def _shard_work(plan: Plan, out_dir: str, fingerprint: str, strict: bool, verify: bool,
                 quality: int) -> Tuple[List[Task], List[Dict[str, Any]], int, int]:
     """(shards to write, states of the shards a killed run finished, their images, all images)."""
@@ -282,7 +291,13 @@ def convert_dataset(src: str, out: str, *, train_shards: Optional[int] = None,
         manifest = _manifest(plan, states, src, out_dir, fingerprint, dict(
             train_shards=plan.shards.get("train"), validation_shards=plan.shards.get("validation"),
             quality=quality, verify=verify, seed=seed, bbox_dir=bool(bbox_dir)))
-        _check_every_class_kept(manifest)
+        try:
+            _check_every_class_kept(manifest)
+        except HrnetError:
+            # Its own shards go, so that the fixed tree converts here: a conversion of it would
+            # be refused as "an unfinished conversion of a different input".
+            _unmake(out_dir, [state["path"] for state in states])
+            raise
         write_manifest(out_dir, manifest)
         manifest = read_manifest(out_dir)
         shutil.rmtree(os.path.join(out_dir, STATE_DIR), ignore_errors=True)
