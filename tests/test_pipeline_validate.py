@@ -45,6 +45,7 @@ def test_devices_3_fails_the_first_step_and_the_run_is_recorded(runs_dir, capfd)
     (dict(source_uri=""), "give exactly one data source"),
     (dict(tfrecords_uri="s3://bucket/records"), "give exactly one data source"),
     (dict(source_uri="", tfrecords_uri="/no/such/records"), "tfrecords_uri '/no/such/records' is neither"),
+    (dict(source_uri="gs://bkt/x"), "source_uri 'gs://bkt/x' is neither an s3:// / minio:// URI nor a path"),
     (dict(precision="fp8"), "precision must be one of fp32, mixed_fp16, bf16"),
     (dict(image_size=100), "image_size must be a positive multiple of 32"),
     (dict(device="npu", precision="bf16"), "Ascend 910 has no bf16"),

@@ -68,6 +68,10 @@ def check_pipeline_parameters(source_uri: str, tfrecords_uri: str, devices: int,
         raise ValueError("give exactly one data source: source_uri (an image tree to convert) or tfrecords_uri "
                          "(TFRecords made by `hrnet convert` or slim); "
                          f"got source_uri={source_uri!r} tfrecords_uri={tfrecords_uri!r}")
+    if "://" in source_uri and not is_remote(source_uri):
+        # A path is checked where it is mounted (the convert step's /data); a URI of another
+        # store is refused now, not by the convert step's stack trace.
+        raise ValueError(f"source_uri {source_uri!r} is neither an s3:// / minio:// URI nor a path")
     if tfrecords_uri and not is_remote(tfrecords_uri) and not os.path.isdir(tfrecords_uri):
         # KFP imports the records as an artifact: in a cluster that takes an object-store URI.
         raise ValueError(f"tfrecords_uri {tfrecords_uri!r} is neither an s3:// / minio:// URI nor a folder here")
