@@ -151,7 +151,9 @@ class SeaweedProcess:
             [weed, "mini", "-dir=" + os.path.join(self.dir, "data"), "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
              "-master.telemetry=false", "-s3.config=" + config, f"-s3.port={self.port}",
              f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
-             "-webdav=false", "-admin.ui=false"],
+             # The catalog servers listen on fixed ports by default: a second server (another
+             # pytest-xdist worker) would fail to start.
+             "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0"],
             stdout=self.log, stderr=subprocess.STDOUT, cwd=self.dir)
         try:
             server = S3Server(f"http://127.0.0.1:{self.port}", ACCESS_KEY, SECRET_KEY)
