@@ -3,6 +3,7 @@ overwritten, and two writers cannot work on one output. Against SeaweedFS and mo
 the `hrnet` commands a user runs (in-process through hrnet.cli.main, so each case is one
 exit code and one line)."""
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -36,6 +37,12 @@ def objects(s3_env):
     client = s3_env.client()
     return {o.object_name: client.get_object(s3_env.bucket, o.object_name).read()
             for o in client.list_objects(s3_env.bucket, recursive=True)}
+
+
+def objects_under(s3_env, prefix, control=False):
+    """The names under ``prefix``; the control files (owner marker, lease) only with ``control``."""
+    names = [n[len(prefix) + 1:] for n in objects(s3_env) if n.startswith(prefix + "/")]
+    return [n for n in names if control or n not in storage.CONTROL_FILES]
 
 
 def hrnet(capsys, *argv):
@@ -106,6 +113,50 @@ def test_a_republish_deletes_only_what_the_output_wrote(s3_env, tmp_path):
 def test_caches_of_a_prefix_and_its_child_never_nest(s3_env):
     parent, child = storage.cache_path(s3_env.uri("a")), storage.cache_path(s3_env.uri("a/x"))
     assert not child.startswith(parent + os.sep) and os.path.dirname(parent) == os.path.dirname(child)
+
+
+def test_a_reader_on_the_writers_machine_never_touches_what_the_writer_has_not_published(s3_env):
+    """evaluate --checkpoint s3://.../run7 while `hrnet train --out s3://.../run7` runs on the
+    same machine: the reader's download deleted what the trainer had written but not yet
+    mirrored (a published history cut by 170 steps, an events file gone). A reader copies
+    into a folder of its own."""
+    uri = s3_env.uri("run7")
+    with storage.local_output(uri, kind="checkpoint") as out:
+        make_output(out, kind="checkpoint", shards=2, seed=1)  # a finished run, published
+    with storage.local_output(uri, kind="checkpoint") as out:  # resumed for more steps
+        os.remove(os.path.join(out, "manifest.json"))
+        with open(os.path.join(out, "history.jsonl"), "w") as f:
+            f.write('{"step": 301}\n')
+        read = storage.local_input(uri)  # the published run, for evaluate
+        assert read != out and sorted(os.listdir(read)) == sorted(objects_under(s3_env, "run7"))
+        with open(os.path.join(out, "history.jsonl")) as f:
+            assert f.read() == '{"step": 301}\n'
+        make_output(out, kind="checkpoint", shards=2, seed=2)
+    assert "run7/history.jsonl" in objects(s3_env)
+
+
+def test_the_store_outvotes_a_cache(s3_env, caplog):
+    """A wiped output starts fresh (it was resumed from the cache, or the cache's copy was
+    uploaded again), and a plain bucket of images read again has lost what was deleted."""
+    uri = s3_env.uri("run1")
+    with storage.local_output(uri, kind="checkpoint") as out:
+        make_output(out, kind="checkpoint", shards=2, seed=1)
+    client = s3_env.client()
+    for name in objects_under(s3_env, "run1", control=True):
+        client.remove_object(s3_env.bucket, "run1/" + name)
+    with caplog.at_level(logging.INFO, logger="hrnet.storage"):
+        with storage.local_output(uri, kind="checkpoint") as out:
+            assert [n for n in os.listdir(out) if n not in storage.CONTROL_FILES] == []
+            make_output(out, kind="checkpoint", shards=1, seed=3)
+    assert any("holds nothing" in r.getMessage() and "starting" in r.getMessage() for r in caplog.records)
+    assert sorted(objects_under(s3_env, "run1")) == ["labels.txt", "manifest.json", "train-00000-of-00001"]
+
+    images = s3_env.uri("images")
+    for name in ("a.jpg", "b.jpg"):
+        storage.write_bytes(images + "/" + name, b"jpeg bytes " + name.encode())
+    assert sorted(os.listdir(storage.fetch(images))) == ["a.jpg", "b.jpg"]
+    client.remove_object(s3_env.bucket, "images/b.jpg")
+    assert sorted(os.listdir(storage.fetch(images))) == ["a.jpg"]
 
 
 # ------------------------------------------------------------------ one output, one kind

@@ -182,9 +182,7 @@ def _local_source(src: str) -> str:
     try:
         return storage.local_input(src)
     except IncompleteError:
-        local = storage.cache_path(src)
-        storage.restore(src, local)
-        return local
+        return storage.fetch(src)
 
 
 def _check_every_class_kept(manifest: Dict[str, Any]) -> None:

@@ -84,7 +84,7 @@ def stage_shared(data: str, splits: Sequence[str], verify: bool) -> str:
     uri = resolve(data)
     if not storage.is_remote(uri):
         return storage.local_input(uri)
-    lock_path = storage.cache_path(uri).rstrip("/") + ".lock"
+    lock_path = storage.cache_path(uri, reader=True).rstrip("/") + ".lock"
     os.makedirs(os.path.dirname(lock_path), exist_ok=True)
     with open(lock_path, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -109,7 +109,7 @@ from hrnet.storage.folders import (
     write_text,
 )
 from hrnet.storage.lease import LEASE_TTL, Lease, add_force_argument
-from hrnet.storage.publish import claim_output, local_input, local_output, mirror, restore
+from hrnet.storage.publish import claim_output, fetch, local_input, local_output, mirror, restore
 from hrnet.storage.settings import S3Settings, settings_from_env
 from hrnet.storage.uris import (
     CONTROL_FILES,
@@ -130,7 +130,7 @@ __all__ = [
     "TransferStats", "download", "exists", "list_files", "read_bytes", "read_text", "sync", "upload", "write_bytes",
     "write_text",
     "LEASE_TTL", "Lease", "add_force_argument",
-    "claim_output", "local_input", "local_output", "mirror", "restore",
+    "claim_output", "fetch", "local_input", "local_output", "mirror", "restore",
     "S3Settings", "settings_from_env",
     "CONTROL_FILES", "LEASE_FILE", "OWNER_FILE", "REMOTE_SCHEMES", "cache_path", "is_remote", "output_target",
     "sibling", "split_uri",

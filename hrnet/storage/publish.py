@@ -37,7 +37,7 @@ def local_input(uri: str, cache_dir: Optional[str] = None, verify: bool = True,
                 include: Optional[Callable[[str], bool]] = None) -> str:
     """A local folder holding the complete output at ``uri`` (its manifest.json present).
 
-    A remote ``uri`` is copied to ``cache_path(uri, cache_dir)``; a copy already there is
+    A remote ``uri`` is copied to ``cache_path(uri, cache_dir, reader=True)``; a copy already there is
     reused when it matches the remote manifest.json and its files verify against it
     (sizes, and sha256 unless ``verify`` is False). ``include(relative path)`` limits the
     copy to the files a step reads (one split of a data set); the manifest always comes."""
@@ -45,7 +45,7 @@ def local_input(uri: str, cache_dir: Optional[str] = None, verify: bool = True,
         return local_path(uri)
     s = settings_from_env()
     bucket, prefix = split_uri(uri)
-    dest = cache_path(uri, cache_dir)
+    dest = cache_path(uri, cache_dir, reader=True)
     remote = objects.list_objects(s, bucket, prefix, uri)
     if MANIFEST not in remote:
         if not remote:
@@ -206,6 +206,8 @@ def local_output(uri: str, kind: Optional[str] = None, cache_dir: Optional[str] 
     """
     target = output_target(uri)
     created = not is_remote(target) and not os.path.exists(target)
+    if is_remote(target):  # before claim_output puts the owner's mark there
+        _forget_what_the_store_lost(target, cache_path(target, cache_dir))
     if kind is not None:
         claim_output(target, kind)
     if not is_remote(target):
@@ -239,6 +241,36 @@ def local_output(uri: str, kind: Optional[str] = None, cache_dir: Optional[str] 
             log.warning("%s has no %s: readers will treat %s as incomplete", dest, MANIFEST, uri)
         held.check()
         folders.upload_dir(s, dest, target, delete=True, strict=True, progress=None)
+
+
+def _forget_what_the_store_lost(uri: str, dest: str) -> None:
+    """The store is the truth: where it holds nothing under ``uri`` (not even an owner's mark),
+    the writer's copy of an earlier output there is dropped, so that the step starts fresh
+    instead of resuming from (or publishing again) what was deleted. An output that is only
+    unfinished keeps its copy: its owner's mark is in the store."""
+    if not os.path.isdir(dest) or not os.listdir(dest):
+        return
+    bucket, prefix = split_uri(uri)
+    if objects.list_objects(settings_from_env(), bucket, prefix, uri, control=True):
+        return
+    log.info("%s holds nothing (deleted?): starting it afresh, without the local copy of its earlier content in %s",
+             uri, dest)
+    shutil.rmtree(dest)
+
+
+def fetch(uri: str, cache_dir: Optional[str] = None) -> str:
+    """A local copy of whatever is at ``uri`` now (a plain bucket of files, without a
+    manifest): files deleted there are deleted from the copy, which is the readers' own."""
+    if not is_remote(uri):
+        return local_path(uri)
+    s = settings_from_env()
+    bucket, prefix = split_uri(uri)
+    remote = objects.list_objects(s, bucket, prefix, uri)
+    if not remote:
+        raise ObjectNotFoundError(f"{uri} does not exist (there are no objects under it)")
+    dest = cache_path(uri, cache_dir, reader=True)
+    folders.download_dir(s, uri, dest, delete=True, progress=None, remote=remote)
+    return dest
 
 
 def mirror(local_dir: str, uri: str, delete: bool = False) -> TransferStats:
