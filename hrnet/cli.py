@@ -9,6 +9,7 @@ import errno
 import importlib
 import logging
 import os
+import signal
 import sys
 from typing import List, Optional
 
@@ -30,6 +31,20 @@ COMMANDS = {
 
 class CliError(Exception):
     """An error the user can fix; printed as one line, without a traceback."""
+
+
+class Stopped(BaseException):
+    """SIGTERM (Kubernetes stopping the pod, a cancelled run): raised in the main thread so
+    that every ``with`` block on the way out runs, the output's lease released with them.
+    A BaseException, so that no ``except Exception`` on the way swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum: int, frame) -> None:
+    raise Stopped(signum)
 
 
 def build_parser(command: str) -> argparse.ArgumentParser:
@@ -63,12 +78,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     # TF's C++ start-up chatter (oneDNN, missing CUDA) buries our own messages.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _stop)
     try:
         parser = build_parser(argv[0])
         args = parser.parse_args(argv[1:])
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except Stopped as e:
+        print("hrnet %s: stopped by %s; its lease released, what it finished kept" % (
+            argv[0], signal.Signals(e.signum).name), file=sys.stderr)
+        return 128 + e.signum
     except Exception as e:
         message = user_error(e)
         if message is None:

@@ -107,11 +107,12 @@ def tool(name: str) -> str:
 
 
 def kill_when(command, ready: Callable[[], bool], log_path, env=None, timeout: float = 300.0,
-              group: bool = False) -> None:
-    """Start ``command`` (its output into ``log_path``) and SIGKILL it as soon as ``ready()``
-    holds, while it still runs: a pod lost mid-run. Fails with the log's tail when the
-    process ends first or ``ready`` does not come within ``timeout`` seconds. ``group``: the
-    process leads a session of its own, and the kill takes its children with it."""
+              group: bool = False, signum: int = signal.SIGKILL) -> int:
+    """Start ``command`` (its output into ``log_path``) and SIGKILL it (or send ``signum``)
+    as soon as ``ready()`` holds, while it still runs: a pod lost mid-run. Fails with the
+    log's tail when the process ends first or ``ready`` does not come within ``timeout``
+    seconds. ``group``: the process leads a session of its own, and the kill takes its
+    children with it. Returns its exit code."""
     log_path = pathlib.Path(log_path)
     with open(log_path, "w") as log:
         proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=group)
@@ -124,7 +125,12 @@ def kill_when(command, ready: Callable[[], bool], log_path, env=None, timeout: f
             assert proc.poll() is None, "it ended before the kill: " + log_path.read_text()[-3000:]
         finally:
             if group:
-                os.killpg(proc.pid, signal.SIGKILL)
+                os.killpg(proc.pid, signum)
             else:
+                proc.send_signal(signum)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
                 proc.kill()
-            proc.wait()
+                raise
+    return proc.returncode

@@ -9,8 +9,9 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
-from helpers import TINY_CONFIG, make_output, write_images
+from helpers import TINY_CONFIG, kill_when, make_output, write_images
 
 from hrnet import cli, storage
 from hrnet.manifest import read_manifest, write_manifest
@@ -186,6 +187,33 @@ def test_a_second_writer_is_refused_until_the_first_is_done(s3_env, tmp_path, mo
                     pass
         with storage.local_output(where, kind="checkpoint"):  # released: the next writer gets it
             pass
+
+
+def test_sigterm_releases_the_lease_and_says_so(s3_env, tmp_path):
+    """Kubernetes stops a pod with SIGTERM: the step exited -15 without a word and left its
+    lease to expire (a retry was refused for two minutes). Now it releases it and says so in
+    one line, and the next run takes the output at once."""
+    import signal
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        os.makedirs(tmp_path / "src" / "train" / str(c))
+        for i in range(400):  # PNGs are decoded and re-encoded: a conversion of some seconds
+            Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(
+                tmp_path / "src" / "train" / str(c) / f"{i}.png")
+    out = s3_env.uri("records")
+    command = [sys.executable, "-m", "hrnet", "convert", "--src", str(tmp_path / "src"), "--out", out,
+               "--workers", "1", "--no-progress"]
+    code = kill_when(command, lambda: storage.exists(out + "/" + storage.LEASE_FILE), tmp_path / "convert.log",
+                     signum=signal.SIGTERM)
+    log_text = (tmp_path / "convert.log").read_text()
+    assert code == 128 + signal.SIGTERM, log_text[-3000:]
+    assert "hrnet convert: stopped by SIGTERM; its lease released" in log_text and "Traceback" not in log_text
+    assert not storage.exists(out + "/" + storage.LEASE_FILE)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_a_crashed_writers_lease_expires_and_force_takes_it(s3_env, monkeypatch):
