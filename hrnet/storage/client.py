@@ -135,20 +135,23 @@ def _translate(s: S3Settings, what: str, exc: Exception) -> Exception:
 
 
 def _give_up(s: S3Settings, what: str, exc: Exception, attempts: int, elapsed: float) -> StorageError:
+    """The error a transfer ends with once its retries are spent, redacted."""
     tried = f"after {attempts} attempt{'' if attempts == 1 else 's'} in {elapsed:.1f}s"
     if isinstance(exc, _CONNECT_ERRORS):
-        return EndpointUnreachableError(s.redact(
+        kind, text = EndpointUnreachableError, (
             f"{what}: cannot reach the object store at {s.url} ({_describe(s, exc)}) {tried}: check S3_ENDPOINT "
-            "(or AWS_ENDPOINT_URL / MINIO_ENDPOINT), S3_USE_TLS and the network"))
-    if isinstance(exc, Mismatch):
-        return IntegrityError(s.redact(f"{what}: {exc} ({tried})"))
-    if s.access_key is None:
+            "(or AWS_ENDPOINT_URL / MINIO_ENDPOINT), S3_USE_TLS and the network")
+    elif isinstance(exc, Mismatch):
+        kind, text = IntegrityError, f"{what}: {exc} ({tried})"
+    elif s.access_key is None:
         # Some stores (SeaweedFS) answer an unsigned request with a server error, not 403.
-        return AccessDeniedError(s.redact(
+        kind, text = AccessDeniedError, (
             f"{what}: {s.url} answered {_describe(s, exc)} to an anonymous request {tried}: no credentials are set; "
-            "put them in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or MINIO_ACCESS_KEY / MINIO_SECRET_KEY)"))
-    return TransferError(s.redact(f"{what}: still failing {tried}: {_describe(s, exc)}; run it again to resume "
-                                  "(what landed is kept and skipped)"))
+            "put them in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or MINIO_ACCESS_KEY / MINIO_SECRET_KEY)")
+    else:
+        kind, text = TransferError, (f"{what}: still failing {tried}: {_describe(s, exc)}; run it again to resume "
+                                     "(what landed is kept and skipped)")
+    return kind(s.redact(text))
 
 
 def with_retries(s: S3Settings, what: str, fn: Callable[[], Any]) -> Any:
