@@ -49,8 +49,13 @@ def read_manifest(directory: str, kind: Optional[str] = None) -> Dict[str, Any]:
         raise IncompleteError(
             "%s has no %s: it is incomplete (still being written, or its writer died)" % (directory, MANIFEST)
         )
-    with open(path) as f:
-        manifest = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise HrnetError("%s is not a valid manifest (%s): the output is damaged; make it again" % (path, e)) from None
+    if not isinstance(manifest, dict):
+        raise HrnetError("%s is not a valid manifest (not a JSON object): the output is damaged; make it again" % path)
     if kind is not None and manifest.get("kind") != kind:
         raise IncompleteError("%s holds a %r, not a %r" % (directory, manifest.get("kind"), kind))
     return manifest

@@ -210,3 +210,12 @@ def test_files_of_the_wrong_kind_are_named_in_one_line(records, tmp_path, capsys
     code, line = run(capsys, "convert", "--src", records / "images", "--out", a_file, "--no-progress")
     assert code == 2 and "a-file is a file, not a folder" in line, line
     assert a_file.read_text() == "someone's notes"
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", "\xff\xfe"])
+def test_an_invalid_manifest_is_named(records, tmp_path, capsys, text):
+    """It was reported as a bare JSON error, without the file."""
+    data = copy_records(records, tmp_path)
+    (data / "manifest.json").write_bytes(text.encode("latin-1"))
+    code, line = run(capsys, *train_args(tmp_path, tmp_path / "out"))
+    assert code == 2 and str(data / "manifest.json") + " is not a valid manifest" in line, line
