@@ -480,3 +480,17 @@ def test_a_symlink_loop_in_a_class_folder_is_read_once_and_reported(tmp_path):
     assert manifest["counts_per_class"]["train"] == {"class0": 2, "class1": 3}
     (skip,) = manifest["skipped"]
     assert skip["path"] == os.path.join("train", "class1", "loop") and "loop" in skip["reason"], skip
+
+
+def test_a_file_name_that_is_not_utf8_is_a_named_skip(tmp_path):
+    """Such a name ended the conversion with a bare codec error that named no file."""
+    root = tmp_path / "src"
+    write_jpeg_tree(root, {"train": [2, 2], "validation": [1, 1]})
+    shutil.copy(root / "train" / "class0" / "0.jpg", os.fsdecode(bytes(root / "train" / "class0") + b"/caf\xe9.jpg"))
+    manifest = convert_dataset(str(root), str(tmp_path / "out"), workers=1, progress=False)
+    assert manifest["counts"] == {"train": 4, "validation": 2}
+    (skip,) = manifest["skipped"]
+    assert skip["path"] == os.path.join("train", "class0", "caf\\xe9.jpg") and "not valid UTF-8" in skip["reason"]
+    os.rename(root / "train" / "class1", os.fsdecode(bytes(root / "train") + b"/cl\xe4ss1"))
+    with pytest.raises(HrnetError, match=r"class folder .*cl\\xe4ss1: its name is not valid UTF-8"):
+        convert_dataset(str(root), str(tmp_path / "out2"), workers=1, progress=False)

@@ -35,7 +35,23 @@ DEVKIT_META = os.path.join("ILSVRC2012_devkit_t12", "data", "meta.mat")
 
 
 def _is_image_name(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS) and not os.path.basename(name).startswith(".")
+    return (name.lower().endswith(IMAGE_EXTENSIONS) and not os.path.basename(name).startswith(".")
+            and _utf8(name))
+
+
+def _utf8(name: str) -> bool:
+    """Whether a name the file system gave is valid UTF-8 (else Python holds its bytes as
+    surrogates, which no record or manifest can store)."""
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def printable(path: str) -> str:
+    """``path`` as text, its bytes that are not UTF-8 as \\xNN escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _raise(error: OSError) -> None:
@@ -66,6 +82,9 @@ def _scan_class_folders(split_dir: str) -> Tuple[Dict[str, List[str]], List[str]
     for entry in sorted(os.listdir(split_dir)):
         full = os.path.join(split_dir, entry)
         if os.path.isdir(full):
+            if not _utf8(entry):
+                raise HrnetError(f"the class folder {printable(full)}: its name is not valid UTF-8 (a record stores "
+                                 "it): rename it")
             if not os.access(full, os.R_OK | os.X_OK):
                 raise HrnetError(f"cannot read the class folder {full}: permission denied (check its owner and mode, "
                                  "and the user this runs as)")
@@ -217,6 +236,8 @@ def _split_dirs(src: str, roots: List[str], train_dir: Optional[str],
 def _skip_reason(path: str, split_dir: str) -> str:
     """Why a file of a split that is not one of its images is skipped."""
     ext = os.path.splitext(path)[1].lower()
+    if not _utf8(path):
+        return "its name is not valid UTF-8 (a record stores the file name): rename it"
     if os.path.isdir(path):
         return "a link to a folder already read (a loop, or a second way to the same images): not followed"
     if os.path.dirname(path) == split_dir and _is_image_name(path):
@@ -279,8 +300,8 @@ def make_plan(src: str, *, train_dir: Optional[str] = None, validation_dir: Opti
         if split_dir is not None:
             per_split[split], class_sets[split], others = _split_items(split, split_dir, src, roots, val_labels,
                                                                        devkit)
-            skipped += [{"split": split, "path": os.path.relpath(p, src), "reason": _skip_reason(p, split_dir)}
-                        for p in others]
+            skipped += [{"split": split, "path": printable(os.path.relpath(p, src)),
+                         "reason": _skip_reason(p, split_dir)} for p in others]
     classes = class_sets.get("train") or class_sets["validation"]
     unknown = sorted(set(class_sets.get("validation", [])) - set(classes))
     if unknown:
