@@ -7,6 +7,7 @@ Steps take URIs for their inputs and outputs and work on local paths:
         ...
     storage.mirror(local_dir, uri)               # push new/changed files (checkpoints)
     storage.restore(uri, local_dir)              # pull what a previous pod left
+    src_dir = storage.fetch(uri)                 # a plain bucket of files, as it is now
 
 For local paths ``local_input`` / ``local_output`` return the path itself and ``mirror`` /
 ``restore`` are no-ops when both sides are the same folder. Besides these:
@@ -25,6 +26,10 @@ Guarantees:
   then uploads the files, then TF's ``checkpoint`` pointer, then manifest.json last.
   ``local_input`` refuses a prefix without manifest.json (``IncompleteError``) and reuses
   its local cache when the cache verifies against the manifest.
+- The store is the truth: readers (``local_input``, ``fetch``) copy into a cache folder of
+  their own, apart from the writers' working copies (``local_output``), so a read never
+  deletes what a writer on the same machine has not published; files deleted in the store
+  leave the readers' copies; an output emptied in the store starts afresh.
 - Transient failures (connection errors, timeouts, HTTP 5xx, SlowDown / throttling) are
   retried with exponential backoff, bounded by a number of attempts and a total time;
   then the transfer fails with a ``StorageError``; a re-run skips what already landed.
