@@ -47,19 +47,30 @@ def load(name: str) -> Dict[str, Any]:
         path = name
     else:
         path = os.path.join(_HERE, canonical_name(name) + ".yaml")
-    try:
-        with open(path) as f:
-            cfg = yaml.safe_load(f)
-    except IsADirectoryError:
-        raise ValueError("%s is a folder, not a model config file (YAML)" % path) from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = " at line %d" % (mark.line + 1) if mark else ""
-        raise ValueError("%s is not valid YAML%s: %s" % (path, where, getattr(e, "problem", None) or e)) from None
-    if not isinstance(cfg, dict):
-        raise ValueError("%s: a model config must be a mapping (stem, stages, head_channels, ...)" % path)
+    cfg = read_yaml_mapping(path, "model config", "stem, stages, head_channels, ...")
     _validate(cfg, path)
     return cfg
+
+
+def read_yaml_mapping(path: str, what: str, keys: str) -> Dict[str, Any]:
+    """The mapping in the YAML file ``path`` (a ``what``, with ``keys``); ValueError naming
+    the file, and the line, for what is not one. An empty file is an empty mapping."""
+    if not os.path.exists(path):
+        raise FileNotFoundError("no such %s file: %s" % (what, path))
+    if os.path.isdir(path):
+        raise ValueError("%s is a folder, not a %s file (YAML)" % (path, what))
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = " at line %d, column %d" % (mark.line + 1, mark.column + 1) if mark else ""
+        raise ValueError("%s is not valid YAML%s: %s" % (path, where, getattr(e, "problem", None) or e)) from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError("%s: a %s must be a mapping (%s)" % (path, what, keys))
+    return values
 
 
 def _validate(cfg: Dict[str, Any], path: str) -> None:

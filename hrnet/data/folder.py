@@ -74,7 +74,8 @@ def dataset_info(data_dir: str, num_classes: Optional[int] = None, label_offset:
                                     ("label_offset", label_offset, manifest["label_offset"])):
             if given is not None and given != stored:
                 raise HrnetError(f"{name}={given} given, but {os.path.join(data_dir, MANIFEST)} says {stored}")
-        _check_manifest(data_dir, local, manifest, splits)
+        rows = _label_rows(local)
+        _check_manifest(data_dir, local, manifest, rows, splits)
         files = {}
         for split, shards in manifest["shards"].items():
             if splits is not None and split not in splits:
@@ -85,7 +86,6 @@ def dataset_info(data_dir: str, num_classes: Optional[int] = None, label_offset:
                 raise HrnetError("{} lists shards that are missing: {}".format(MANIFEST, ", ".join(missing[:3])))
             for path, shard in zip(files[split], shards):
                 _check_shard(data_dir, path, shard, verify)
-        rows = _label_rows(local)
         names = [r[1] for r in rows] if rows else list(manifest["classes"])
         texts = [r[2] for r in rows] if rows else list(names)
         return DatasetInfo(local, manifest["num_classes"], manifest["label_offset"], names, texts,
@@ -115,13 +115,14 @@ def dataset_info(data_dir: str, num_classes: Optional[int] = None, label_offset:
                        {s: f for s, f in files.items() if f})
 
 
-def _check_manifest(data_dir: str, local: str, manifest: Dict[str, Any], splits: Optional[Sequence[str]]) -> None:
+def _check_manifest(data_dir: str, local: str, manifest: Dict[str, Any], rows: List[List[str]],
+                    splits: Optional[Sequence[str]]) -> None:
     """The manifest agrees with itself and with the folder. Its shards carry checksums, it
     does not: an edited class count would train against all-zero targets, an edited record
     count would scale the schedule, and a shard left out of it would silently not be read."""
     where = os.path.join(data_dir, MANIFEST)
     changed = "it was changed after the conversion; convert the data set again (or fetch it again)"
-    classes, rows = manifest.get("classes"), _label_rows(local)
+    classes = manifest.get("classes")
     for what, n in (("classes", len(classes) if classes is not None else None),
                     (schema.LABELS_FILE + " rows", len(rows) if rows else None)):
         if n is not None and n != manifest["num_classes"]:

@@ -49,7 +49,7 @@ def _utf8(name: str) -> bool:
         return False
 
 
-def printable(path: str) -> str:
+def _printable(path: str) -> str:
     """``path`` as text, its bytes that are not UTF-8 as \\xNN escapes."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
@@ -83,7 +83,7 @@ def _scan_class_folders(split_dir: str) -> Tuple[Dict[str, List[str]], List[str]
         full = os.path.join(split_dir, entry)
         if os.path.isdir(full):
             if not _utf8(entry):
-                raise HrnetError(f"the class folder {printable(full)}: its name is not valid UTF-8 (a record stores "
+                raise HrnetError(f"the class folder {_printable(full)}: its name is not valid UTF-8 (a record stores "
                                  "it): rename it")
             if not os.access(full, os.R_OK | os.X_OK):
                 raise HrnetError(f"cannot read the class folder {full}: permission denied (check its owner and mode, "
@@ -300,7 +300,7 @@ def make_plan(src: str, *, train_dir: Optional[str] = None, validation_dir: Opti
         if split_dir is not None:
             per_split[split], class_sets[split], others = _split_items(split, split_dir, src, roots, val_labels,
                                                                        devkit)
-            skipped += [{"split": split, "path": printable(os.path.relpath(p, src)),
+            skipped += [{"split": split, "path": _printable(os.path.relpath(p, src)),
                          "reason": _skip_reason(p, split_dir)} for p in others]
     classes = class_sets.get("train") or class_sets["validation"]
     unknown = sorted(set(class_sets.get("validation", [])) - set(classes))

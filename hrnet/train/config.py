@@ -125,19 +125,7 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str) -> "TrainConfig":
-        if not os.path.exists(path):
-            raise FileNotFoundError("no such train config file: %s" % path)
-        if os.path.isdir(path):
-            raise ValueError("%s is a folder, not a train config file (YAML)" % path)
-        try:
-            with open(path) as f:
-                values = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = " at line %d, column %d" % (mark.line + 1, mark.column + 1) if mark else ""
-            raise ValueError("%s is not valid YAML%s: %s" % (path, where, getattr(e, "problem", None) or e)) from None
-        if not isinstance(values, dict):
-            raise ValueError("%s: a train config must be a mapping of keys to values" % path)
+        values = configs.read_yaml_mapping(path, "train config", "TrainConfig keys to values")
         return cls.from_dict(values, where=path)
 
     def to_dict(self) -> Dict[str, Any]:
