@@ -216,6 +216,26 @@ def test_sigterm_releases_the_lease_and_says_so(s3_env, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+def test_a_stop_between_the_lease_put_and_its_read_back_leaves_no_lease(s3_env, monkeypatch):
+    """The SIGTERM test above failed in CI once: the signal landed inside Lease.__enter__,
+    after its PUT, and ``with`` runs no __exit__ for an __enter__ that raised."""
+    uri = s3_env.uri("run")
+    read = storage.Lease._read_remote
+    calls = []
+
+    def stopped_on_the_read_back(self):
+        calls.append(1)
+        if len(calls) == 2:  # the first read looks for a holder, the second checks the PUT
+            raise cli.Stopped(15)
+        return read(self)
+
+    monkeypatch.setattr(storage.Lease, "_read_remote", stopped_on_the_read_back)
+    with pytest.raises(cli.Stopped):
+        with storage.Lease(uri):
+            pass
+    assert len(calls) >= 2 and not storage.exists(uri + "/" + storage.LEASE_FILE)
+
+
 def test_a_crashed_writers_lease_expires_and_force_takes_it(s3_env, monkeypatch):
     uri = s3_env.uri("run")
     body = {"host": "node-7", "pid": 4242, "run_id": "", "token": "theirs", "expires": time.time() + 600}

@@ -94,6 +94,7 @@ class Lease:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._etag = ""
+        self._wrote = False  # a PUT of this lease was sent: release must look for it
 
     # -- local
     def _acquire_local(self) -> None:
@@ -118,9 +119,9 @@ class Lease:
                 if os.fstat(fd).st_ino == os.stat(path).st_ino:
                     break
             os.close(fd)
+        self._fd, self._wrote = fd, True
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps(dict(_writer(), token=self.token)).encode())
-        self._fd = fd
 
     # -- remote
     def _body(self, ttl: float) -> bytes:
@@ -183,6 +184,7 @@ class Lease:
             raise self._held(body)
         if body is not None and self.force:
             log.warning("--force: taking the lease of %s from %s", self.uri, _holder(body))
+        self._wrote = True
         won = self._put_remote(ttl, {"If-None-Match": "*"} if body is None else ({"If-Match": etag} if etag else {}))
         now, _ = self._read_remote()
         if not won or now is None or now.get("token") != self.token:
@@ -214,10 +216,17 @@ class Lease:
 
     # -- both
     def __enter__(self) -> "Lease":
-        if is_remote(self.uri):
-            self._acquire_remote()
-        else:
-            self._acquire_local()
+        try:
+            if is_remote(self.uri):
+                self._acquire_remote()
+            else:
+                self._acquire_local()
+        except BaseException:
+            # A SIGTERM (cli.Stopped) between the PUT and its read-back left the lease
+            # behind for its TTL: ``with`` runs no __exit__ for an __enter__ that raised.
+            if self._wrote:
+                self.__exit__(None, None, None)
+            raise
         return self
 
     def check(self) -> None:
