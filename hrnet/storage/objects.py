@@ -19,7 +19,7 @@ from hrnet.fileio import PARTIAL_SUFFIX, file_digest
 from hrnet.storage.client import get_client, with_retries
 from hrnet.storage.errors import BucketNotFoundError, ChangedError, Mismatch, ObjectNotFoundError
 from hrnet.storage.settings import MIB, S3Settings
-from hrnet.storage.uris import CONTROL_FILES
+from hrnet.storage.uris import is_control
 
 log = logging.getLogger("hrnet.storage")
 
@@ -70,7 +70,7 @@ class Obj:
 
 def list_objects(s: S3Settings, bucket: str, prefix: str, uri: str, control: bool = False) -> Dict[str, Obj]:
     """Objects under ``prefix/`` by path relative to the prefix (the owner and lease
-    objects only with ``control``)."""
+    objects, and lease claims, only with ``control``)."""
     base = prefix + "/" if prefix else ""
     client = get_client(s)
 
@@ -81,7 +81,7 @@ def list_objects(s: S3Settings, bucket: str, prefix: str, uri: str, control: boo
             if obj.is_dir or name.endswith("/") or not name.startswith(base):
                 continue
             rel = name[len(base):]
-            if rel in CONTROL_FILES and not control:
+            if not control and is_control(rel):
                 continue
             found[rel] = Obj(int(obj.size or 0), (obj.etag or "").strip('"'))
         return found

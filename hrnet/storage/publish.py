@@ -22,6 +22,7 @@ from hrnet.storage.uris import (
     CONTROL_FILES,
     OWNER_FILE,
     cache_path,
+    is_control,
     is_remote,
     join,
     local_path,
@@ -175,7 +176,7 @@ def claim_output(uri: str, kind: str, mark: bool = True) -> None:
     bucket, prefix = split_uri(target)
     objects.check_bucket(s, bucket, uri)
     found = objects.list_objects(s, bucket, prefix, uri, control=True)
-    names = [rel for rel in found if rel not in CONTROL_FILES]
+    names = [rel for rel in found if not is_control(rel)]
 
     def remote_json(name):
         if name not in found:

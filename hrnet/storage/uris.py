@@ -15,7 +15,15 @@ REMOTE_SCHEMES = ("s3://", "minio://")
 OWNER_FILE = ".hrnet-output.json"
 LEASE_FILE = ".hrnet-lease.json"
 CONTROL_FILES = (OWNER_FILE, LEASE_FILE)
+# Where writers claim the lease on stores that ignore conditional writes (storage/lease.py):
+# objects that live a few requests each.
+LEASE_CLAIMS = ".hrnet-lease-claims"
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+
+
+def is_control(rel: str) -> bool:
+    """Whether a path relative to an output's top is bookkeeping rather than its data."""
+    return rel in CONTROL_FILES or rel.startswith(LEASE_CLAIMS + "/")
 
 
 def is_remote(uri: str) -> bool:

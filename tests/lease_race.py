@@ -1,0 +1,34 @@
+"""One side of the lease races in tests/test_ownership.py, run as its own process (two
+processes on one host are two writers; two threads of one process are not).
+
+    python tests/lease_race.py URI RACES START INTERVAL
+
+For race i it waits until START + i * INTERVAL (wall clock, shared by both sides), then
+tries to take the lease of URI/race-i, and keeps what it won until every race is over.
+Prints one JSON line: the race numbers this side won.
+"""
+import json
+import sys
+import time
+
+from hrnet import storage
+
+
+def main(uri: str, races: int, start: float, interval: float) -> None:
+    won, held = [], []
+    for i in range(races):
+        time.sleep(max(0.0, start + i * interval - time.time()))
+        lease = storage.Lease(f"{uri}/race-{i}")
+        try:
+            lease.__enter__()
+        except storage.LeaseHeldError:
+            continue
+        won.append(i)
+        held.append(lease)
+    for lease in held:
+        lease.__exit__(None, None, None)
+    print(json.dumps(won))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]))
