@@ -324,8 +324,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except (UsageError, ValueError, FileNotFoundError) as e:
+    except (UsageError, ValueError) as e:
         print(f"python -m pipelines {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file that cannot be read or written: -o on a read-only file system
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"python -m pipelines {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
         # kfp.local raises RuntimeError naming the failed task; its log is above.

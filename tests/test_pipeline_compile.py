@@ -282,6 +282,19 @@ def test_unknown_target_is_refused(tmp_path):
         compile_pipeline("tpu", str(tmp_path / "x.yaml"))
 
 
+def test_an_output_that_cannot_be_written_is_one_line(tmp_path, capsys):
+    """-o on a read-only file system (sysfs refuses new files even to root) or under a file
+    was a PermissionError traceback."""
+    from pipelines.__main__ import main
+
+    (tmp_path / "a-file").write_text("x")
+    for output in ("/sys/hrnet.yaml", str(tmp_path / "a-file" / "hrnet.yaml")):
+        assert main(["compile", "--target", "cpu", "-o", output]) == 2
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and output in lines[0] and "Traceback" not in err, err
+
+
 @pytest.mark.parametrize("target", images.TARGETS)
 def test_the_multi_node_launcher_asks_for_no_accelerator_and_is_named_after_the_run(compiled, target):
     ir, _, _ = compiled[target]
