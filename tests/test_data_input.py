@@ -212,6 +212,20 @@ def test_train_preprocessing_flip_and_normalization():
     assert data.preprocess_for_train(encoded, tf.constant([0, 1], tf.int64), 32, dtype="float16").dtype == tf.float16
 
 
+def test_a_grayscale_jpeg_kept_as_it_is_comes_out_rgb():
+    """The converter keeps a grayscale JPEG's bytes, as slim does: both pipelines must make
+    three equal channels of it."""
+    gray = smooth_image(48, 40, 2)[:, :, 0]
+    encoded = tf.constant(encode(gray, quality=95))
+    pixels = [data.preprocess_for_eval(encoded, 32).numpy(),
+              data.preprocess_for_train(encoded, tf.constant([0, 1], tf.int64), 32).numpy()]
+    for image in pixels:
+        assert image.shape == (32, 32, 3)
+        raw = image * np.array(data.STDDEV_RGB) + np.array(data.MEAN_RGB)  # back to 0..1, channel by channel
+        np.testing.assert_allclose(raw[..., 0], raw[..., 1], atol=1e-5)
+        np.testing.assert_allclose(raw[..., 0], raw[..., 2], atol=1e-5)
+
+
 # ------------------------------------------------------------------ coverage and sharding
 
 @pytest.mark.parametrize("shards", [3, 4])

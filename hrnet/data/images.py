@@ -1,9 +1,11 @@
-"""One source image -> the RGB JPEG bytes a record stores, and its boxes.
+"""One source image -> the JPEG bytes a record stores, and its boxes.
 
-An RGB JPEG without EXIF rotation is stored byte for byte (its size read from the header,
-PIL reading only the markers on open); PNGs, CMYK, grayscale and EXIF-rotated images are
-decoded and re-encoded as RGB JPEG. Files that cannot become a record raise BadImage with
-the reason, which the converter counts and lists.
+An RGB or grayscale JPEG without EXIF rotation is stored byte for byte, as slim's converter
+stores it (its size read from the header, PIL reading only the markers on open; readers
+decode with channels=3, so a grayscale one becomes RGB there, and slim's schema calls every
+record RGB); PNGs, CMYK and EXIF-rotated images are decoded and re-encoded as RGB JPEG.
+Files that cannot become a record raise BadImage with the reason, which the converter counts
+and lists.
 """
 import io
 import re
@@ -11,6 +13,11 @@ import xml.etree.ElementTree as ET
 from typing import List, Optional, Sequence, Tuple
 
 Box = Tuple[float, float, float, float]
+
+
+# JPEG pixel modes stored as they are: re-encoding a grayscale one as RGB made it 45% larger
+# and lossier, where slim keeps its bytes.
+KEPT_MODES = ("RGB", "L")
 
 
 class BadImage(Exception):
@@ -103,9 +110,9 @@ def _orientation(image) -> int:
 
 
 def read_image(path: str, quality: int = 95, verify: bool = False) -> Tuple[bytes, int, int, Optional[str]]:
-    """(RGB JPEG bytes, height, width, why it was re-encoded or None) of one file.
+    """(JPEG bytes, height, width, why it was re-encoded or None) of one file.
 
-    An RGB JPEG without EXIF rotation comes back byte for byte; its size is read from the
+    An RGB or grayscale JPEG without EXIF rotation comes back byte for byte; its size is read from the
     header, and it is decoded only to check a file that does not end in an EOI marker
     (truncated) or when ``verify``. Everything else is decoded, turned upright and RGB,
     and encoded as JPEG. Raises BadImage with the reason for files that cannot be read.
@@ -125,7 +132,7 @@ def read_image(path: str, quality: int = 95, verify: bool = False) -> Tuple[byte
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise BadImage(f"not a readable image ({_why(e)})") from None
     orientation = _orientation(image)
-    if fmt in ("JPEG", "MPO") and mode == "RGB" and orientation == 1:
+    if fmt in ("JPEG", "MPO") and mode in KEPT_MODES and orientation == 1:
         if verify or not _has_end_marker(data):
             try:
                 image.load()
