@@ -14,6 +14,8 @@ import os
 from typing import Optional
 
 from hrnet.runtime.cluster import (  # noqa: F401
+    CACHE_DIR,
+    CACHE_VOLUME,
     OBJECT_STORE_CLIENT_LABEL,
     OBJECT_STORE_ENV,
     OBJECT_STORE_SECRET,

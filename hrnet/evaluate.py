@@ -15,7 +15,8 @@ import time
 from typing import Any, Dict, List, Optional
 
 from hrnet import storage
-from hrnet.data.reference import stage
+from hrnet.data.reference import stage_or_stream
+from hrnet.data.stream import DATA_CACHE_GB, GB
 from hrnet.errors import HrnetError
 from hrnet.run_folder import WEIGHT_CHOICES, load_checkpoint_model, read_model_manifest
 
@@ -54,12 +55,31 @@ class Tally:
         return self.top5_hits / self.count if self.count else 0.0
 
 
+def _named_failures(dataset):
+    """``dataset``'s batches; where a streamed shard could not be fetched, that failure (TF
+    reports only that its input ended in an error)."""
+    import tensorflow as tf
+
+    from hrnet.data import stream
+
+    iterator = iter(dataset)
+    while True:
+        try:
+            yield next(iterator)
+        except StopIteration:
+            return
+        except tf.errors.OpError:
+            if stream.failure() is not None:
+                raise stream.failure() from None
+            raise
+
+
 def tally(predict, dataset, num_classes: int, expected: int, what: str, batch_size: int) -> Tally:
     """Run ``predict`` (images -> top-k classes) over ``dataset`` (batches of images and
     0-based labels, each record once); checks every label and the record count."""
     result = Tally(num_classes)
     total_batches = -(-expected // batch_size)
-    for i, (images, labels) in enumerate(dataset):
+    for i, (images, labels) in enumerate(_named_failures(dataset)):
         top = predict(images).numpy()
         labels = labels.numpy()
         if labels.min() < 0 or labels.max() >= num_classes:
@@ -106,14 +126,15 @@ def most_confused(confusion, names: List[str], top: int = CONFUSED_PAIRS) -> Lis
 
 
 def _dataset_info(hdata, data_dir: str, ckpt: Dict[str, Any], split: str, num_classes: Optional[int],
-                  label_offset: Optional[int]):
+                  label_offset: Optional[int], remote: str = ""):
     """The data set's own description, for ``split`` only. Records without a manifest
     (slim's) are read with the given class count and label offset, else the checkpoint's;
     a manifest's own values win, and one that disagrees with a given value is an error."""
     from hrnet.manifest import MANIFEST
 
     if os.path.exists(os.path.join(data_dir, MANIFEST)):
-        return hdata.dataset_info(data_dir, num_classes=num_classes, label_offset=label_offset, splits=(split,))
+        return hdata.dataset_info(data_dir, num_classes=num_classes, label_offset=label_offset, splits=(split,),
+                                  remote=remote)
     if label_offset is None:
         label_offset = ckpt.get("label_offset")
     if label_offset is None:
@@ -126,19 +147,22 @@ def _dataset_info(hdata, data_dir: str, ckpt: Dict[str, Any], split: str, num_cl
 def evaluate(data: str, checkpoint: str, out: Optional[str] = None, batch_size: int = 100,
              split: str = "validation", image_size: Optional[int] = None, force: bool = False,
              num_classes: Optional[int] = None, label_offset: Optional[int] = None,
-             crop_ratio: float = 0.875, weights: str = "best") -> Dict[str, Any]:
+             crop_ratio: float = 0.875, weights: str = "best", data_cache_gb: float = DATA_CACHE_GB) -> Dict[str, Any]:
     """Evaluate the model at ``checkpoint`` (a training run's checkpoint folder, or the
     weights ``hrnet import-weights`` wrote) on ``split`` of the data set at ``data``, with
     the official protocol (shorter side to size / ``crop_ratio``, center crop); returns the
     metrics (also written to ``out`` when given). ``num_classes`` / ``label_offset``: for
     records without a manifest (slim's ImageNet: 1000 and 1). ``weights``: "best" (by
-    validation top-1, when the run validated) or "last"."""
+    validation top-1, when the run validated) or "last". ``data_cache_gb``: local disk for
+    the shards of remote records, streamed (hrnet.data.stream; 0: the split downloaded whole)."""
     from hrnet import data as hdata
     from hrnet.compat import set_mixed_precision
     from hrnet.manifest import file_entry, write_manifest
 
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1, got %r" % batch_size)
+    if not 0 <= data_cache_gb < float("inf"):
+        raise ValueError("data_cache_gb must be >= 0 (0: no streaming), got %r" % data_cache_gb)
     set_mixed_precision("float32")  # evaluation is in float32 whatever the training precision was
     ckpt_dir = storage.local_input(checkpoint)
     ckpt = read_model_manifest(ckpt_dir)
@@ -146,8 +170,9 @@ def evaluate(data: str, checkpoint: str, out: Optional[str] = None, batch_size: 
         raise HrnetError("weights must be one of %s, got %r" % (", ".join(WEIGHT_CHOICES), weights))
     if out:
         storage.claim_output(out, "evaluation", mark=False)  # a wrong --out fails now, not after the work
-    # Only the split evaluated is fetched (a remote ImageNet: 6 of its 150 GB).
-    info = _dataset_info(hdata, stage(data, (split,)), ckpt, split, num_classes, label_offset)
+    # Only the split evaluated is read (a remote ImageNet: 6 of its 150 GB), streamed.
+    data_dir, remote = stage_or_stream(data, (split,), verify=True, stream=data_cache_gb > 0)
+    info = _dataset_info(hdata, data_dir, ckpt, split, num_classes, label_offset, remote)
     if info.num_classes != ckpt["num_classes"]:
         raise HrnetError("the checkpoint %s was trained on %d classes, but the data set %s has %d"
                          % (checkpoint, ckpt["num_classes"], data, info.num_classes))
@@ -158,7 +183,8 @@ def evaluate(data: str, checkpoint: str, out: Optional[str] = None, batch_size: 
         raise HrnetError("%s has no %s records to evaluate on" % (data, split))
     num_classes = ckpt["num_classes"]
     start = time.time()
-    dataset = hdata.eval_dataset(info, batch_size=batch_size, image_size=size, split=split, crop_ratio=crop_ratio)
+    dataset = hdata.eval_dataset(info, batch_size=batch_size, image_size=size, split=split, crop_ratio=crop_ratio,
+                                 data_cache=int(data_cache_gb * GB))
     result = tally(top_k_predictor(model, size, num_classes), dataset, num_classes, expected,
                    "%s (%s)" % (data, split), batch_size)
     metrics = {
@@ -241,13 +267,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--label-offset", type=int, default=None, choices=(0, 1),
                         help="records without a manifest.json: the label of class 0 (slim's ImageNet: 1; default: "
                              "the checkpoint's)")
+    parser.add_argument("--data-cache-gb", type=float, default=DATA_CACHE_GB,
+                        help="GB of local disk for the shards of remote records, fetched as they are read and "
+                             "deleted after (default %g; 0: download the split whole first)" % DATA_CACHE_GB)
     storage.add_force_argument(parser)
 
 
 def run(args) -> int:
     m = evaluate(args.data, args.checkpoint, out=args.out, batch_size=args.batch_size, split=args.split,
                  image_size=args.image_size, force=args.force, num_classes=args.num_classes,
-                 label_offset=args.label_offset, crop_ratio=args.crop_ratio, weights=args.weights)
+                 label_offset=args.label_offset, crop_ratio=args.crop_ratio, weights=args.weights,
+                 data_cache_gb=args.data_cache_gb)
     print("%s (%s weights, step %s): top-1 %.2f%%, top-5 %.2f%% on %d %s images" % (
         m["model"], m["weights"], m["step"], 100 * m["top1"], 100 * m["top5"], m["count"], m["split"]))
     return 0

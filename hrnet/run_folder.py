@@ -93,7 +93,7 @@ def write_labels(out_dir: str, data_dir: str, info) -> None:
 
 
 # TensorBoard tag -> history.jsonl key.
-TRAIN_SCALARS = {"train/" + k: k for k in ("loss", "top1", "lr", "images_per_sec", "loss_scale")}
+TRAIN_SCALARS = {"train/" + k: k for k in ("loss", "top1", "lr", "images_per_sec", "loss_scale", "data_wait_s")}
 VALIDATION_SCALARS = {"validation/top1": "val_top1", "validation/top5": "val_top5"}
 
 

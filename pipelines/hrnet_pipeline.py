@@ -91,6 +91,11 @@ def _configure_train(task, target: str, image: str, devices, retries: int):
         # (HCCL, NCCL) and the input pipeline's shared buffers.
         kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                    size_limit=spec["shm"])
+    # Streamed shards (at most data_cache_gb) and the run's working copy. KFP cannot set a
+    # container's ephemeral-storage request; a size-limited emptyDir is the bound it can set
+    # (the multi-node job's pods request it too: hrnet.runtime.job_objects).
+    kubernetes.empty_dir_mount(task, volume_name="cache", mount_path=images.CACHE_DIR, size_limit=images.CACHE_VOLUME)
+    task.set_env_variable("HRNET_CACHE_DIR", images.CACHE_DIR)
     kubernetes.use_secret_as_env(task, images.OBJECT_STORE_SECRET, images.OBJECT_STORE_ENV)
     # Node loss, a preempted pod or an HCCL connect timeout deserve another try, which resumes
     # from the last checkpoint mirrored (to checkpoint_uri, or beside the step's artifact). It

@@ -121,6 +121,19 @@ def test_cpu_train_asks_for_cpu_and_memory_only(compiled):
 
 
 @pytest.mark.parametrize("target", images.TARGETS)
+def test_the_train_pods_cache_volume_holds_the_default_data_cache(compiled, target):
+    from hrnet.train.config import TrainConfig
+
+    ir, k8s, _ = compiled[target]
+    default = TrainConfig.__dataclass_fields__["data_cache_gb"].default
+    for label in executors_of(ir, "train"):
+        cache = [m for m in k8s[label]["emptyDirMounts"] if m["mountPath"] == images.CACHE_DIR]
+        assert cache and float(cache[0]["sizeLimit"].rstrip("G")) >= default + 5  # and room for the run's files
+        env = {e["name"]: e["value"] for e in container(ir, label).get("env", [])}
+        assert env["HRNET_CACHE_DIR"] == images.CACHE_DIR
+
+
+@pytest.mark.parametrize("target", images.TARGETS)
 def test_every_step_states_requests_and_limits(compiled, target):
     ir, _, _ = compiled[target]
     for step in STEPS:

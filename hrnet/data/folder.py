@@ -33,6 +33,9 @@ class DatasetInfo:
     files: Dict[str, List[str]]  # shard paths per split
     counts_per_class: Dict[str, Dict[str, int]] = field(default_factory=dict)
     manifest: Optional[Dict[str, Any]] = None  # None for records made by slim's script
+    # The data set's URI when its shards are streamed from there (hrnet.data.stream): then
+    # ``files`` name where they would be in data_dir, which holds the manifest and labels.
+    remote: str = ""
 
     def num_examples(self, split: str) -> int:
         return self.counts.get(split, 0)
@@ -56,7 +59,8 @@ def count_records(path: str) -> int:
 
 
 def dataset_info(data_dir: str, num_classes: Optional[int] = None, label_offset: Optional[int] = None,
-                 count: bool = True, verify: bool = False, splits: Optional[Sequence[str]] = None) -> DatasetInfo:
+                 count: bool = True, verify: bool = False, splits: Optional[Sequence[str]] = None,
+                 remote: str = "") -> DatasetInfo:
     """Read a data set folder (path or URI) made by ``hrnet convert``, or by slim's
     build_imagenet_data.py when the caller gives ``num_classes`` and ``label_offset``
     (ImageNet from slim: 1000 and 1). Counts of slim records come from the shard headers
@@ -64,7 +68,9 @@ def dataset_info(data_dir: str, num_classes: Optional[int] = None, label_offset:
     anything reads them: their sizes always, their sha256 with ``verify`` (a remote data
     set was hashed as it was downloaded). ``data_dir`` is a local folder: a command stages
     remote records or a reference to them first (hrnet.data.reference.stage), once. With
-    ``splits`` only those splits are checked and listed in ``files``."""
+    ``splits`` only those splits are checked and listed in ``files``. ``remote``: the URI
+    the shards are streamed from (data_dir holds the manifest and labels only); each shard is
+    checked as it arrives."""
     local = _local_folder(data_dir)
     if not os.path.isdir(local):
         raise FileNotFoundError(f"no such data set folder: {data_dir}")
@@ -75,12 +81,14 @@ def dataset_info(data_dir: str, num_classes: Optional[int] = None, label_offset:
             if given is not None and given != stored:
                 raise HrnetError(f"{name}={given} given, but {os.path.join(data_dir, MANIFEST)} says {stored}")
         rows = _label_rows(local)
-        _check_manifest(data_dir, local, manifest, rows, splits)
+        _check_manifest(data_dir, local, manifest, rows, splits, remote)
         files = {}
         for split, shards in manifest["shards"].items():
             if splits is not None and split not in splits:
                 continue
             files[split] = [os.path.join(local, s["path"]) for s in shards]
+            if remote:
+                continue
             missing = [f for f in files[split] if not os.path.exists(f)]
             if missing:
                 raise HrnetError("{} lists shards that are missing: {}".format(MANIFEST, ", ".join(missing[:3])))
@@ -89,7 +97,7 @@ def dataset_info(data_dir: str, num_classes: Optional[int] = None, label_offset:
         names = [r[1] for r in rows] if rows else list(manifest["classes"])
         texts = [r[2] for r in rows] if rows else list(names)
         return DatasetInfo(local, manifest["num_classes"], manifest["label_offset"], names, texts,
-                           dict(manifest["counts"]), files, manifest.get("counts_per_class", {}), manifest)
+                           dict(manifest["counts"]), files, manifest.get("counts_per_class", {}), manifest, remote)
 
     unfinished = [n for n in (".convert", storage.OWNER_FILE) if os.path.exists(os.path.join(local, n))]
     if unfinished or any(n.startswith(".tmp-") for n in os.listdir(local)):
@@ -116,7 +124,7 @@ def dataset_info(data_dir: str, num_classes: Optional[int] = None, label_offset:
 
 
 def _check_manifest(data_dir: str, local: str, manifest: Dict[str, Any], rows: List[List[str]],
-                    splits: Optional[Sequence[str]]) -> None:
+                    splits: Optional[Sequence[str]], remote: str = "") -> None:
     """The manifest agrees with itself and with the folder. Its shards carry checksums, it
     does not: an edited class count would train against all-zero targets, an edited record
     count would scale the schedule, and a shard left out of it would silently not be read."""
@@ -134,8 +142,9 @@ def _check_manifest(data_dir: str, local: str, manifest: Dict[str, Any], rows: L
         if all("records" in shard for shard in shards) and manifest["counts"].get(split) != listed:
             raise HrnetError(f"{where} counts {manifest['counts'].get(split)} {split} records, but its shards hold "
                              f"{listed}: {changed}")
-        unlisted = sorted({os.path.basename(f) for f in schema.shard_files(local, split)}
-                          - {shard["path"] for shard in shards})
+        present = ([n for n in storage.list_files(remote) if schema.is_shard(n, split)] if remote
+                   else [os.path.basename(f) for f in schema.shard_files(local, split)])
+        unlisted = sorted(set(present) - {shard["path"] for shard in shards})
         if unlisted:
             raise HrnetError(f"{data_dir} holds {split} shards that {MANIFEST} does not list "
                              f"({', '.join(unlisted[:3])}): {changed}")

@@ -7,8 +7,9 @@ stateless and seeded per image (from its position in the stream), so a seeded pi
 is deterministic however many threads run it.
 """
 import numbers
+import os
 import random
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import tensorflow as tf
@@ -17,6 +18,7 @@ from hrnet.compat import data_options
 from hrnet.data import schema
 from hrnet.data.augment import AREA_RANGE, ASPECT_RATIO_RANGE, Augment
 from hrnet.data.folder import DatasetInfo, files_and_offset, worker_records
+from hrnet.data.stream import LocalShards, Shard, ShardStream, private_dir
 
 MEAN_RGB = (0.485, 0.456, 0.406)
 STDDEV_RGB = (0.229, 0.224, 0.225)
@@ -28,6 +30,7 @@ _MEAN_255 = np.float32(255.0) * np.float32(MEAN_RGB)
 _INV_STDDEV_255 = np.float32(1.0) / (np.float32(255.0) * np.float32(STDDEV_RGB))
 DTYPES = {"float32": tf.float32, "bfloat16": tf.bfloat16, "float16": tf.float16}
 AUTOTUNE = tf.data.experimental.AUTOTUNE
+PREFETCH_RECORDS = 1024
 
 
 # --------------------------------------------------------------------------------------
@@ -183,6 +186,47 @@ def preprocess_for_eval(encoded, image_size, crop_ratio: float = CROP_RATIO, dty
 # The pipelines
 # --------------------------------------------------------------------------------------
 
+def file_order(n: int, seed: int, epoch: int) -> List[int]:
+    """The order in which one epoch reads a worker's ``n`` shard files: a permutation drawn
+    from the worker's seed and the epoch alone (numpy's PCG64), decided in Python so that a
+    ShardStream can fetch the files in the order they will be read."""
+    return np.random.default_rng([seed, epoch]).permutation(n).tolist()
+
+
+def _shards(data, split: str, files: List[str], order, open_files: int, first_epoch: int = 0,
+            epochs: Optional[int] = None, data_cache: int = 0):
+    """Where the pipeline's shard files come from: the local folder, or (a DatasetInfo whose
+    shards are ``remote``) a ShardStream of at most ``data_cache`` bytes."""
+    if not isinstance(data, DatasetInfo) or not data.remote:
+        return LocalShards(files, order)
+    listed = {os.path.join(data.data_dir, s["path"]): s for s in data.manifest["shards"][split]}
+    shards = [Shard(listed[f]["path"], int(listed[f]["bytes"]), listed[f]["sha256"]) for f in files]
+    return ShardStream(data.remote, split, shards, private_dir(split), data_cache, order, open_files, first_epoch,
+                       epochs)
+
+
+def _file_stream(shards, epoch, read_file, cycle: int, deterministic: bool):
+    """The records of one epoch's files, ``cycle`` files interleaved. Streamed files are read
+    by one thread (``cycle`` open at a time, the bound ShardStream relies on; a parallel
+    interleave opens more ahead) and released once read to the end; the order is the same."""
+    files = tf.data.Dataset.from_generator(shards.epoch, args=(epoch,),
+                                           output_signature=tf.TensorSpec([], tf.string))
+    if not shards.streams:
+        return files.interleave(read_file, cycle_length=cycle, num_parallel_calls=AUTOTUNE,
+                                deterministic=deterministic)
+
+    def release(path):
+        shards.release(path.numpy())
+        return b""
+
+    def read_and_release(path):
+        done = tf.data.Dataset.from_tensors(path).map(
+            lambda p: tf.ensure_shape(tf.py_function(release, [p], tf.string), []))
+        return read_file(path).concatenate(done.filter(lambda _: tf.constant(False)))
+
+    return files.interleave(read_and_release, cycle_length=cycle).prefetch(PREFETCH_RECORDS)
+
+
 def _check_sharding(num_workers: int, worker_index: int) -> None:
     if num_workers < 1 or not 0 <= worker_index < num_workers:
         raise ValueError(f"worker_index must be in 0..num_workers-1, got {worker_index} of {num_workers}")
@@ -192,7 +236,7 @@ def train_dataset(data: Union[str, DatasetInfo], batch_size: int, image_size=224
                   num_workers: int = 1, worker_index: int = 0, augment: Augment = Augment(), dtype="float32",
                   label_offset: Optional[int] = None, num_classes: Optional[int] = None, seed: Optional[int] = None,
                   shuffle_buffer: int = 10000, repeat: bool = True, cycle_length: int = 16,
-                  private_threads: int = 0, start_record: int = 0) -> tf.data.Dataset:
+                  private_threads: int = 0, start_record: int = 0, data_cache: int = 0) -> tf.data.Dataset:
     """Batches (images [B, h, w, 3] normalized as ``dtype``, labels [B] int32 0-based) for training.
 
     ``data``: a data set folder / URI or a DatasetInfo. Each of ``num_workers`` processes
@@ -204,6 +248,8 @@ def train_dataset(data: Union[str, DatasetInfo], batch_size: int, image_size=224
     and every image's crop and flip from its position in the stream, so the stream needs
     no state to be resumed: ``start_record`` (records this worker consumed before) starts
     it exactly where a killed run stopped, reading but not decoding at most one epoch.
+    ``data_cache``: bytes of local disk for the shards when ``data`` streams them (a
+    DatasetInfo with ``remote``; hrnet.data.stream).
     """
     _check_sharding(num_workers, worker_index)
     if batch_size < 1:
@@ -233,17 +279,17 @@ def train_dataset(data: Union[str, DatasetInfo], batch_size: int, image_size=224
     if start_record and repeat:
         first_epoch, skip = divmod(start_record, worker_records(data, own_files, num_workers, worker_index,
                                                                  per_file_shard))
+    cycle = max(1, min(cycle_length, len(own_files)))
+    shards = _shards(data, split, own_files, lambda epoch: file_order(len(own_files), base_seed, epoch), cycle,
+                     first_epoch, None if repeat else 1, data_cache)
 
     def epoch_records(epoch):
-        # The shuffles' seeds are tensors (they depend on the epoch); TF cannot combine a tensor
+        # The shuffle's seed is a tensor (it depends on the epoch); TF cannot combine a tensor
         # op seed with a global seed (tf.random.set_seed), so this function's graph has none:
         # the order depends on ``seed`` and the epoch alone.
         tf.compat.v1.get_default_graph().seed = None
         epoch_seed = tf.constant(base_seed, tf.int64) * 1000003 + epoch
-        records = tf.data.Dataset.from_tensor_slices(own_files)
-        records = records.shuffle(len(own_files), seed=epoch_seed, reshuffle_each_iteration=False)
-        records = records.interleave(read_file, cycle_length=max(1, min(cycle_length, len(own_files))),
-                                     num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+        records = _file_stream(shards, epoch, read_file, cycle, deterministic)
         records = records.shuffle(shuffle_buffer, seed=epoch_seed + 1, reshuffle_each_iteration=False)
         # The position (epoch, index) seeds each image's random crop and flip.
         return records.enumerate(start=epoch * (1 << 32))
@@ -260,10 +306,11 @@ def eval_dataset(data: Union[str, DatasetInfo], batch_size: int, image_size=224,
                  crop_ratio: float = CROP_RATIO, dtype="float32", label_offset: Optional[int] = None,
                  num_classes: Optional[int] = None,
                  num_workers: int = 1, worker_index: int = 0, with_filenames: bool = False,
-                 cycle_length: int = 16, private_threads: int = 0) -> tf.data.Dataset:
+                 cycle_length: int = 16, private_threads: int = 0, data_cache: int = 0) -> tf.data.Dataset:
     """Batches (images, labels[, filenames]) of every record of ``split`` exactly once, in
     a fixed order, the last batch partial. With ``num_workers`` > 1, each worker gets
-    every num_workers-th record: together they see each record once."""
+    every num_workers-th record: together they see each record once. ``data_cache``: as
+    for train_dataset."""
     _check_sharding(num_workers, worker_index)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
@@ -279,10 +326,10 @@ def eval_dataset(data: Union[str, DatasetInfo], batch_size: int, image_size=224,
             return image, record["label"], record["filename"]
         return image, record["label"]
 
-    dataset = tf.data.Dataset.from_tensor_slices(sorted(files))
-    dataset = dataset.interleave(lambda f: tf.data.TFRecordDataset(f, buffer_size=8 << 20),
-                                 cycle_length=max(1, min(cycle_length, len(files))),
-                                 num_parallel_calls=AUTOTUNE, deterministic=True)
+    files = sorted(files)
+    cycle = max(1, min(cycle_length, len(files)))
+    shards = _shards(data, split, files, lambda epoch: list(range(len(files))), cycle, epochs=1, data_cache=data_cache)
+    dataset = _file_stream(shards, 0, lambda f: tf.data.TFRecordDataset(f, buffer_size=8 << 20), cycle, True)
     if num_workers > 1:
         dataset = dataset.shard(num_workers, worker_index)
     dataset = dataset.map(parse_and_preprocess, num_parallel_calls=AUTOTUNE, deterministic=True)

@@ -9,7 +9,7 @@ only the shards it reads: training the train split, evaluation the validation sp
 import fcntl
 import json
 import os
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 from hrnet import storage
 from hrnet.data import schema
@@ -75,6 +75,18 @@ def stage(data: str, splits: Optional[Sequence[str]] = None, verify: bool = True
         return wanted is None or rel in (MANIFEST, schema.LABELS_FILE) or ("/" not in rel and rel.startswith(wanted))
 
     return storage.local_input(uri, verify=verify, include=include)
+
+
+def stage_or_stream(data: str, splits: Sequence[str], verify: bool, stream: bool) -> Tuple[str, str]:
+    """(local folder, URI its shards stream from, or ""). With ``stream``, remote records with
+    a manifest (which gives each shard's size and sha256) have only their manifest and labels
+    staged; anything else is staged whole (stage_shared)."""
+    uri = resolve(data)
+    if stream and storage.is_remote(uri):
+        local = stage_shared(uri, (), verify)
+        if os.path.exists(os.path.join(local, MANIFEST)):
+            return local, uri
+    return stage_shared(data, splits, verify), ""
 
 
 def stage_shared(data: str, splits: Sequence[str], verify: bool) -> str:

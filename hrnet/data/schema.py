@@ -36,12 +36,16 @@ def shard_name(split: str, index: int, num_shards: int) -> str:
     return f"{split}-{index:05d}-of-{num_shards:05d}"
 
 
+def is_shard(name: str, split: str) -> bool:
+    """Whether a file name is a complete shard of ``split`` (train-00003-of-01024)."""
+    return fnmatch.fnmatch(name, split + "-[0-9]*-of-[0-9]*") and name.rsplit("-", 1)[-1].isdigit()
+
+
 def shard_files(data_dir: str, split: str) -> List[str]:
     """The complete shards of a split in a local folder, sorted (temp files excluded)."""
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(f"no such data set folder: {data_dir}")
-    names = sorted(n for n in os.listdir(data_dir) if fnmatch.fnmatch(n, split + "-[0-9]*-of-[0-9]*")
-                   and n.rsplit("-", 1)[-1].isdigit())
+    names = sorted(n for n in os.listdir(data_dir) if is_shard(n, split))
     return [os.path.join(data_dir, n) for n in names]
 
 

@@ -12,6 +12,9 @@ from typing import Any, Optional, Tuple
 from hrnet.errors import BadValue
 
 DEVICES = ("cpu", "gpu", "npu")
+# How many training processes `hrnet launch` runs on this server: they share its disk
+# (TrainConfig.data_cache_gb is per server).
+LOCAL_PROCESSES_ENV = "HRNET_LOCAL_PROCESSES"
 # Devices (one training process each) on one server: the shares its 8 chips divide into.
 DEVICES_PER_SERVER = (1, 2, 4, 8)
 PRECISIONS = ("fp32", "mixed_fp16", "bf16")

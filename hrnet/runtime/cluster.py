@@ -22,6 +22,14 @@ RUN_AS_USER = 1000
 # The ServiceAccount runs are submitted with (manifests/base/rbac.yaml says what it may do).
 SERVICE_ACCOUNT = "hrnet-pipeline"
 
+# Local disk a server gives training data streamed from object storage by default
+# (TrainConfig.data_cache_gb, hrnet.data.stream); ImageNet's 1,024 train shards are ~140 MB.
+DATA_CACHE_GB = 20
+# The train pod's cache volume (HRNET_CACHE_DIR): the streamed shards, and beside them the
+# run folder's working copy (checkpoints, TensorBoard events) and the staged manifests.
+CACHE_DIR = "/cache"
+CACHE_VOLUME = f"{DATA_CACHE_GB + 10}G"
+
 # What one server's train pod asks of Kubernetes, per target: `hrnet train --device`, the
 # extended resource taken `devices` times, node selector, (request, limit) of CPU and memory,
 # and a memory-backed /dev/shm (the container runtime's 64 MB is too small for HCCL / NCCL

@@ -218,11 +218,13 @@ def pod_template(spec: JobSpec) -> Dict[str, Any]:
     limits = {"cpu": shape["cpu"][1], "memory": shape["memory"][1]}
     if shape["accelerator"]:
         requests[shape["accelerator"]] = limits[shape["accelerator"]] = spec.devices
-    env: List[Dict[str, Any]] = [{"name": "HRNET_CACHE_DIR", "value": "/cache"}]
+    # The cache holds streamed shards (at most data_cache_gb) and the run's working copy.
+    requests["ephemeral-storage"] = limits["ephemeral-storage"] = cluster.CACHE_VOLUME
+    env: List[Dict[str, Any]] = [{"name": "HRNET_CACHE_DIR", "value": cluster.CACHE_DIR}]
     env += [{"name": var, "valueFrom": {"secretKeyRef": {"name": spec.secret, "key": key}}}
             for key, var in cluster.OBJECT_STORE_ENV.items()]
-    mounts = [{"name": "cache", "mountPath": "/cache"}]
-    volumes: List[Dict[str, Any]] = [{"name": "cache", "emptyDir": {}}]
+    mounts = [{"name": "cache", "mountPath": cluster.CACHE_DIR}]
+    volumes: List[Dict[str, Any]] = [{"name": "cache", "emptyDir": {"sizeLimit": cluster.CACHE_VOLUME}}]
     if shape["shm"]:
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shape["shm"]}})

@@ -36,7 +36,7 @@ import time
 from typing import IO, Any, Dict, List, Mapping, Optional, Sequence
 
 from hrnet.errors import HrnetError
-from hrnet.runtime import DEVICES, check_devices, ranktable, usable_cpus
+from hrnet.runtime import DEVICES, LOCAL_PROCESSES_ENV, check_devices, ranktable, usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,7 @@ def rank_environments(nproc: int, device: str = "cpu", env: Optional[Mapping[str
     base = dict(os.environ if env is None else env)
     # Children write through pipes; unbuffered, their lines reach the log as they happen.
     base["PYTHONUNBUFFERED"] = "1"
+    base[LOCAL_PROCESSES_ENV] = str(nproc)
     if device == "npu":
         return _npu_environments(nproc, base, workdir, job_id, rank_table_timeout, rank_table_kwargs)
     envs = []

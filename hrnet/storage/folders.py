@@ -341,6 +341,14 @@ def read_bytes(uri: str) -> bytes:
     return objects.get_bytes(s, bucket, key, uri)
 
 
+def get_object(uri: str, dest: str, size: int, sha256: str) -> None:
+    """Download one large object to ``dest``, checked against ``size`` and ``sha256`` (from
+    a manifest) as it arrives; a partial file until it is whole."""
+    s = settings_from_env()
+    bucket, key = split_uri(uri)
+    objects.get_file(s, bucket, key, dest, (size, sha256), objects.Progress(uri, size, False))
+
+
 def read_text(uri: str, encoding: str = "utf-8") -> str:
     return read_bytes(uri).decode(encoding)
 

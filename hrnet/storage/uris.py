@@ -75,13 +75,18 @@ def sibling(uri: str, name: str) -> str:
     return join(uri.rstrip("/").rsplit("/", 1)[0], name)
 
 
+def cache_root(cache_dir: Optional[str] = None) -> str:
+    """Where local copies of remote data go: HRNET_CACHE_DIR, or ~/.cache/hrnet."""
+    return cache_dir or os.environ.get("HRNET_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "hrnet")
+
+
 def cache_path(uri: str, cache_dir: Optional[str] = None, reader: bool = False) -> str:
     """The local folder that holds the copy of ``uri`` (under HRNET_CACHE_DIR): the writer's
     working copy, or with ``reader`` the copy readers download into. They are apart so that
     a reader's download never deletes what a live writer on the same machine has not yet
     published."""
     bucket, prefix = split_uri(uri)
-    root = cache_dir or os.environ.get("HRNET_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "hrnet")
+    root = cache_root(cache_dir)
     # The endpoint is part of the path: the same bucket name on two stores is two things.
     host = re.sub(r"[^A-Za-z0-9.\-]", "_", settings_from_env().endpoint)
     # One flat folder per prefix: s3://b/a and s3://b/a/x must never nest, or publishing the

@@ -24,6 +24,7 @@ import yaml
 
 from hrnet import configs
 from hrnet.data.augment import Augment
+from hrnet.data.stream import DATA_CACHE_GB
 from hrnet.errors import HrnetError
 from hrnet.fileio import atomic_write
 from hrnet.run_folder import CONFIG_FILE
@@ -80,6 +81,10 @@ class TrainConfig:
     # Fine-tuning.
     verify_data: bool = _f(False, "check every shard's sha256 against the data set's manifest.json before training "
                                   "(sizes are always checked; remote data is hashed as it is downloaded)")
+    data_cache_gb: float = _f(DATA_CACHE_GB, "GB of local disk per server for data streamed from object storage: "
+                                             "each process fetches the shards it will read a bounded amount ahead "
+                                             "and deletes each once read (or keeps them all when its share fits); "
+                                             "0: download the splits whole before step 1")
     init_from: Optional[str] = _f(None, "start from these weights: the output of `hrnet import-weights`, a "
                                         "checkpoint folder, or an official / timm PyTorch .pth (a path or an s3:// "
                                         "URI); the classifier is re-initialised if the class count differs "
@@ -166,6 +171,8 @@ class TrainConfig:
             for v in value if isinstance(value, (list, tuple)) else [value]:
                 if isinstance(v, float) and not math.isfinite(v):
                     raise ValueError("%s must be a finite number, got %s" % (f.name, v))
+        if self.data_cache_gb < 0:
+            raise ValueError("data_cache_gb must be >= 0 (0: no streaming), got %s" % self.data_cache_gb)
         if self.epochs is not None and self.epochs <= 0:
             raise ValueError("epochs must be > 0, got %s" % self.epochs)
         if self.lr is not None and self.lr <= 0:

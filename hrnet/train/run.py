@@ -15,11 +15,12 @@ import numpy as np
 import tensorflow as tf
 
 from hrnet import compat, configs, data, run_folder, storage, weights
-from hrnet.data import reference
+from hrnet.data import reference, stream
 from hrnet.errors import HrnetError
 from hrnet.evaluate import tally, top_k_predictor
 from hrnet.manifest import MANIFEST, read_manifest
 from hrnet.model import build_model, count_params, fold_batch_norm
+from hrnet.runtime import LOCAL_PROCESSES_ENV
 from hrnet.train.config import TrainConfig, check_resumable, load_saved
 from hrnet.train.start import restore_or_init
 from hrnet.train.step import Window, barrier, loop_steps, make_train_loop
@@ -39,11 +40,21 @@ def _splits(cfg: TrainConfig):
     return ("train",) if cfg.eval_every == 0 else ("train", "validation")
 
 
-def _data_info(cfg: TrainConfig, data_dir: str):
+def _data_info(cfg: TrainConfig, data_dir: str, remote: str = ""):
     """hrnet.data.DatasetInfo: classes, label offset, counts and files per split."""
 
     return data.dataset_info(data_dir, num_classes=cfg.num_classes, label_offset=cfg.label_offset,
-                             verify=cfg.verify_data, splits=_splits(cfg))
+                             verify=cfg.verify_data and not remote, splits=_splits(cfg), remote=remote)
+
+
+def data_cache(cfg: TrainConfig, split: str) -> int:
+    """Bytes of disk this process may give streamed shards of ``split``: data_cache_gb is per
+    server, shared by its processes (``hrnet launch`` says how many); with validation on,
+    a quarter of it holds the validation shards while a validation reads them."""
+    share = cfg.data_cache_gb * stream.GB / int(os.environ.get(LOCAL_PROCESSES_ENV, "1"))
+    if not cfg.eval_every:
+        return int(share)
+    return int(share / 4) if split == "validation" else int(share - share / 4)
 
 
 def _train_input(cfg: TrainConfig, info, batch_size: int, worker_index: int, num_workers: int,
@@ -55,7 +66,7 @@ def _train_input(cfg: TrainConfig, info, batch_size: int, worker_index: int, num
         info, batch_size=batch_size, image_size=cfg.image_size, worker_index=worker_index,
         num_workers=num_workers, label_offset=cfg.label_offset, num_classes=cfg.num_classes,
         augment=cfg.augment(), seed=cfg.seed,
-        start_record=start_record,
+        start_record=start_record, data_cache=data_cache(cfg, "train"),
     )
 
 
@@ -80,8 +91,9 @@ def run_training(cfg: TrainConfig, backend, out_dir: str, write_dir: str) -> Dic
     """The run itself. out_dir: the local checkpoint folder (rank 0 writes it, every rank
     resumes from it); write_dir: where this rank's checkpoints go (out_dir on rank 0)."""
 
-    data_dir = reference.stage_shared(cfg.data, _splits(cfg), verify=backend.is_chief)
-    info = _data_info(cfg, data_dir)
+    data_dir, remote = reference.stage_or_stream(cfg.data, _splits(cfg), verify=backend.is_chief,
+                                                 stream=cfg.data_cache_gb > 0)
+    info = _data_info(cfg, data_dir, remote)
     if not info.counts.get("train"):
         raise HrnetError("%s has no training records" % cfg.data)
     saved = load_saved(out_dir)
@@ -123,6 +135,7 @@ class Run:
 
 
         self.cfg, self.backend, self.info = cfg, backend, info
+        self._waited = 0.0  # stream.waited() at the last progress line
         self.model_config = model_config
         self.out_dir, self.write_dir = out_dir, write_dir
         self.chief = backend.is_chief
@@ -236,6 +249,10 @@ class Run:
                 loss_t, correct_t, bad_t, done_t = train_loop(iterator, tf.constant(n, tf.int32))
             except tf.errors.DataLossError as e:
                 raise self._corrupt_data(step + 1, step + n, e) from None
+            except tf.errors.OpError:
+                if stream.failure() is not None:
+                    raise stream.failure() from None  # the shard that could not be fetched, named
+                raise
             loss, done = float(loss_t), int(done_t)
             first = step == self.start_step  # its time includes tracing
             step += done
@@ -272,10 +289,15 @@ class Run:
         if self.backend.loss_scaling:
             self.last_log["loss_scale"] = compat.loss_scale_value(self.optimizer)
         line = self.last_log
-        log.info("step %d/%d epoch %.2f loss %.4f top1 %.4f%s lr %.5g images/s %.1f eta %s",
+        # Time the input spent waiting for streamed shards: a storage bottleneck, not compute.
+        waited, self._waited = stream.waited() - self._waited, stream.waited()
+        if self.info.remote:
+            line["data_wait_s"] = round(waited, 3)
+        log.info("step %d/%d epoch %.2f loss %.4f top1 %.4f%s lr %.5g images/s %.1f%s eta %s",
                  step, cfg.train_steps, line["epoch"], line["loss"], line["top1"],
                  " val-top1 %.4f" % self.last_val["val_top1"] if self.last_val else "", line["lr"],
-                 line["images_per_sec"], _fmt_duration(per_step * (cfg.train_steps - step)))
+                 line["images_per_sec"], " (waited %.1fs for data)" % waited if waited >= 0.1 else "",
+                 _fmt_duration(per_step * (cfg.train_steps - step)))
         if self.chief:
             with open(self.history_path, "a") as f:
                 f.write(json.dumps(line) + "\n")
@@ -292,7 +314,8 @@ class Run:
         model = self._validation_model()
         if self._predict is None:  # one tf.function for every validation: traced once
             self._predict = top_k_predictor(model, cfg.image_size, cfg.num_classes)
-        batches = data.eval_dataset(self.info, batch_size=cfg.batch_size, image_size=cfg.image_size)
+        batches = data.eval_dataset(self.info, batch_size=cfg.batch_size, image_size=cfg.image_size,
+                                    data_cache=data_cache(cfg, "validation"))
         result = tally(self._predict, batches, cfg.num_classes, count, "%s (validation)" % cfg.data, cfg.batch_size)
         self.last_val = {"step": step, "epoch": round(step / cfg.steps_per_epoch, 4), "val_top1": result.top1,
                          "val_top5": result.top5, "val_count": result.count}
