@@ -20,12 +20,14 @@ import socket
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional
 
 from hrnet import storage
 from hrnet.errors import HrnetError
 from hrnet.runtime import cluster
+from hrnet.storage.settings import settings_from_env
 
 log = logging.getLogger(__name__)
 
@@ -131,9 +133,8 @@ class ShardStream:
         self._released = 0
         self._next = 0  # the next schedule position the pipeline asks for
         self.error: Optional[Exception] = None
-        self._ready: Dict[int, str] = {}  # schedule position -> local path
+        self._ready: Dict[int, str] = {}  # schedule position (keep mode: shard index) -> local path
         self._sizes: Dict[str, int] = {}  # local path -> bytes, of the files on disk
-        self._kept: Dict[int, str] = {}  # shard index -> local path (keep mode)
         self._cond = threading.Condition()
         self._closed = False
         os.makedirs(local_dir, exist_ok=True)
@@ -150,45 +151,54 @@ class ShardStream:
         while self.epochs is None or epoch < self.first_epoch + self.epochs:
             yield from self.order(epoch)
             epoch += 1
+            if self.keep:
+                return  # every shard is fetched in the first epoch, and kept
 
     def _fetch_all(self) -> None:
+        """Reserve each shard's bytes in the order it will be read (so the next shard the
+        pipeline waits for is never stuck behind later ones), and download several at once:
+        per-request latency, not bandwidth, bounds one connection on small shards."""
+        workers = max(1, settings_from_env().workers)
         try:
-            for position, index in enumerate(self._schedule()):
-                if self._closed:
-                    return
-                path = self._kept.get(index) or self._fetch(position, index)
-                with self._cond:
-                    self._ready[position] = path
-                    self._cond.notify_all()
-        except Exception as exc:  # handed to the pipeline, which names it in one line
-            with self._cond:
+            with ThreadPoolExecutor(workers, thread_name_prefix="hrnet-shard-fetch") as pool:
+                for position, index in enumerate(self._schedule()):
+                    shard = self.shards[index]
+                    with self._cond:
+                        while (self.used and self.used + shard.size > self.budget and not self._closed
+                               and self.error is None):
+                            self._cond.wait()
+                        if self._closed or self.error is not None:
+                            return
+                        self.used += shard.size
+                        self.peak = max(self.peak, self.used)
+                    pool.submit(self._fetch, index if self.keep else position, shard)
+        except Exception as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: Exception) -> None:
+        """Hand a failure to the pipeline, which names it in one line."""
+        with self._cond:
+            if self.error is None:
                 self.error = exc
                 _failures.append(exc)
-                self._cond.notify_all()
+            self._cond.notify_all()
 
-    def _fetch(self, position: int, index: int) -> str:
-        shard = self.shards[index]
-        with self._cond:
-            while self.used and self.used + shard.size > self.budget and not self._closed:
-                self._cond.wait()
-            if self._closed:
-                raise HrnetError("the stream was closed")
-            self.used += shard.size
-            self.peak = max(self.peak, self.used)
+    def _fetch(self, key: int, shard: Shard) -> None:
         name = os.path.basename(shard.path)
-        path = os.path.join(self.local_dir, name if self.keep else f"{position}-{name}")
+        path = os.path.join(self.local_dir, name if self.keep else f"{key}-{name}")
         try:
-            storage.get_object(f"{self.uri}/{shard.path}", path, shard.size, shard.sha256)
-        except BaseException:
+            if not self._closed:
+                storage.get_object(f"{self.uri}/{shard.path}", path, shard.size, shard.sha256)
+        except Exception as exc:
             with self._cond:
                 self.used -= shard.size
-            raise
+            self._fail(exc)
+            return
         with self._cond:
             self._sizes[path] = shard.size
             self.fetched += 1
-            if self.keep:
-                self._kept[index] = path
-        return path
+            self._ready[key] = path
+            self._cond.notify_all()
 
     # -- what the pipeline calls
     def epoch(self, epoch: int) -> Iterator[bytes]:
@@ -198,15 +208,17 @@ class ShardStream:
         if start != self._next:
             # A dataset iterated twice: its shards were read (and deleted) the first time.
             raise HrnetError(f"epoch {epoch} of {self.uri} asked for out of order: a streamed input is read once")
-        for position in range(start, start + n):
+        for k, index in enumerate(self.order(epoch)):
+            position = start + k
             self._next = position + 1
+            key = index if self.keep else position  # a kept shard serves every epoch
             began = time.monotonic()
             with self._cond:
-                while position not in self._ready and self.error is None and not self._closed:
+                while key not in self._ready and self.error is None and not self._closed:
                     self._cond.wait()
                 if self.error is not None:
                     raise self.error
-                path = self._ready.pop(position)
+                path = self._ready[key] if self.keep else self._ready.pop(key)
             self.waited += time.monotonic() - began
             yield path.encode()
 
