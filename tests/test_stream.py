@@ -21,18 +21,22 @@ from hrnet import storage
 SHARDS = 24
 
 
-@pytest.fixture
-def records(s3_env, tmp_path):
+def make_records(s3_env, tmp_path, shards=SHARDS, per_class=12):
     """(URI of the records in the bucket, a local copy of them)."""
     from hrnet.data.convert import convert_dataset
 
-    write_images(str(tmp_path / "images"), train=12)
+    write_images(str(tmp_path / "images"), train=per_class)
     local = str(tmp_path / "records")
-    convert_dataset(str(tmp_path / "images"), local, train_shards=SHARDS, validation_shards=4, workers=1,
+    convert_dataset(str(tmp_path / "images"), local, train_shards=shards, validation_shards=4, workers=1,
                     progress=False)
     uri = s3_env.uri("data")
     storage.upload(local, uri)
     return uri, local
+
+
+@pytest.fixture
+def records(s3_env, tmp_path):
+    return make_records(s3_env, tmp_path)
 
 
 def _largest(local, split="train"):
@@ -175,3 +179,27 @@ def test_a_corrupt_shard_is_named_in_one_line(records, s3_env, tmp_path):
     lines = [ln for ln in done.stderr.splitlines() if ln.startswith("hrnet train: error")]
     assert done.returncode == 2 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert name in lines[0] and "sha256" in lines[0], lines[0]
+
+
+@pytest.mark.slow
+def test_two_workers_each_stream_only_their_own_shards(s3_env, tmp_path):
+    """`hrnet launch --nproc 2`: each rank streams its half of the shards (48 here, 24 each,
+    more than the 16 it reads at once and one more, within a bound below its share), and
+    the run logs the loss of the same two workers on staged records at every step."""
+    uri, local = make_records(s3_env, tmp_path, shards=48, per_class=16)
+    budget_per_rank = 20 * _largest(local)
+    streamed, staged = s3_env.uri("runs/streamed"), s3_env.uri("runs/staged")
+    env = dict(os.environ)
+    env.pop("TF_CONFIG", None)
+    runs = {}
+    for out, gb in ((streamed, 2 * budget_per_rank / 1e9), (staged, 0)):
+        launch = [sys.executable, "-m", "hrnet", "launch", "--nproc", "2", "--",
+                  *_train(uri, out, "--data-cache-gb", str(gb))]
+        launch[launch.index("--train-steps") + 1] = "10"
+        runs[out] = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+        assert runs[out].returncode == 0, (runs[out].stdout + runs[out].stderr)[-3000:]
+    log_text = runs[streamed].stdout + runs[streamed].stderr
+    assert log_text.count("streaming 24 train shards") == 2 and "all of them fit" not in log_text, log_text[-3000:]
+    assert "streaming" not in runs[staged].stdout + runs[staged].stderr
+    assert _losses(streamed) == pytest.approx(_losses(staged), rel=1e-5, abs=1e-6)
+    assert len(_losses(staged)) == 10
