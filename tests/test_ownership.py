@@ -255,8 +255,9 @@ def test_two_writers_starting_at_the_same_moment_one_wins_every_race(s3_env, tmp
     on If-None-Match; exactly one must win each race, on every store."""
     env = {k: v for k, v in os.environ.items() if k != "HRNET_RUN_ID"}  # one run's retries take over
     start, interval = time.time() + 3, 0.4
+    os.makedirs(tmp_path / "done")
     sides = [subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), "lease_race.py"),
-                               s3_env.uri("out"), str(RACES), str(start), str(interval)],
+                               s3_env.uri("out"), str(RACES), str(start), str(interval), str(tmp_path / "done")],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     results = [side.communicate(timeout=120) for side in sides]
