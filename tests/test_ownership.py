@@ -210,8 +210,10 @@ def test_sigterm_releases_the_lease_and_says_so(s3_env, tmp_path):
     rng = np.random.default_rng(0)
     for c in range(2):
         os.makedirs(tmp_path / "src" / "train" / str(c))
-        for i in range(400):  # PNGs are decoded and re-encoded: a conversion of some seconds
-            Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(
+        # PNGs are decoded and re-encoded: a conversion of a few seconds (at 96x96 pixels it
+        # took 0.35 s in CI, and finished before the kill).
+        for i in range(400):
+            Image.fromarray(rng.integers(0, 256, (192, 192, 3), dtype=np.uint8)).save(
                 tmp_path / "src" / "train" / str(c) / f"{i}.png")
     out = s3_env.uri("records")
     command = [sys.executable, "-m", "hrnet", "convert", "--src", str(tmp_path / "src"), "--out", out,
