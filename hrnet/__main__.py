@@ -1,5 +1,3 @@
-import sys
+from hrnet.cli import exit_now, main
 
-from hrnet.cli import main
-
-sys.exit(main())
+exit_now(main())

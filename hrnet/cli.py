@@ -65,6 +65,23 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def exit_now(code: int) -> None:
+    """End the process with ``code``. After TensorFlow ran input pipelines that call back into
+    Python (streamed shards), the interpreter's final garbage collection can hang destroying
+    their iterators, whose threads wait for the lock it holds (seen: a run that had said its
+    one error line never exited). By the time main returns, a command has written what it
+    writes and released its lease: finish without that collection."""
+    if "tensorflow" not in sys.modules:
+        sys.exit(code)
+    stream = sys.modules.get("hrnet.data.stream")
+    if stream is not None:
+        stream.close_all()  # its folders of shards; os._exit runs no atexit handler
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):

@@ -30,6 +30,8 @@ _MEAN_255 = np.float32(255.0) * np.float32(MEAN_RGB)
 _INV_STDDEV_255 = np.float32(1.0) / (np.float32(255.0) * np.float32(STDDEV_RGB))
 DTYPES = {"float32": tf.float32, "bfloat16": tf.bfloat16, "float16": tf.float16}
 AUTOTUNE = tf.data.experimental.AUTOTUNE
+# Records read ahead of a streamed split's one-thread interleave, so that its reading runs
+# beside the shuffle and the decoding rather than in turn with them.
 PREFETCH_RECORDS = 1024
 
 
