@@ -57,14 +57,18 @@ def sections(output):
     return found
 
 
-def fetched(lines):
-    """Names of the data set files a step downloaded (hrnet.storage's partial-download lines)."""
-    names = []
+def splits_read(lines):
+    """The data set splits a step fetched: streamed (hrnet.data.stream's "streaming N SPLIT shards") or
+    downloaded (hrnet.storage's partial-download lines, which name the files)."""
+    splits = set()
     for line in lines:
+        m = re.search(r"streaming \d+ (\w+) shards", line)
+        if m:
+            splits.add(m.group(1))
         m = re.search(r"downloading \d+ of \d+ files \((.*): this step reads", line)
         if m:
-            names += [n for n in m.group(1).split(", ") if n != "..."]
-    return names
+            splits.update(n.split("-")[0] for n in m.group(1).split(", ") if n != "...")
+    return splits
 
 
 def run_pipeline(tmp_path, name, *flags):
@@ -115,12 +119,10 @@ def test_the_pipeline_runs_in_the_cpu_image_against_a_real_bucket(bucket_runs, r
 @pytest.mark.parametrize("run", ["images", "records"])
 def test_train_and_evaluate_fetch_only_the_splits_they_read(bucket_runs, run):
     _, _, steps = bucket_runs[run]
-    train, evaluate = fetched(steps["train"]), fetched(steps["evaluate"])
+    train, evaluate = splits_read(steps["train"]), splits_read(steps["evaluate"])
     # Train validates every epoch by default, so it reads both splits; evaluate reads one.
-    assert any(n.startswith("train-") for n in train), steps["train"][-40:]
-    assert any(n.startswith("validation-") for n in train), steps["train"][-40:]
-    assert any(n.startswith("validation-") for n in evaluate), steps["evaluate"][-40:]
-    assert not [n for n in evaluate if n.startswith("train-")]
+    assert train == {"train", "validation"}, steps["train"][-40:]
+    assert evaluate == {"validation"}, steps["evaluate"][-40:]
     # And the Dataset artifact KFP hands each step is a reference, not the records.
     assert not [ln for ln in steps["train"] + steps["evaluate"] if re.search(r"Downloading .*tfrecords", ln)]
 
