@@ -57,6 +57,9 @@ def sections(output):
     return found
 
 
+SHARD = re.compile(r"(\w+)-\d+-of-\d+$")  # a data set's shard file, e.g. train-00000-of-00002
+
+
 def splits_read(lines):
     """The data set splits a step fetched: streamed (hrnet.data.stream's "streaming N SPLIT shards") or
     downloaded (hrnet.storage's partial-download lines, which name the files)."""
@@ -67,7 +70,7 @@ def splits_read(lines):
             splits.add(m.group(1))
         m = re.search(r"downloading \d+ of \d+ files \((.*): this step reads", line)
         if m:
-            splits.update(n.split("-")[0] for n in m.group(1).split(", ") if n != "...")
+            splits.update(shard.group(1) for shard in map(SHARD.match, m.group(1).split(", ")) if shard)
     return splits
 
 
@@ -112,8 +115,9 @@ def test_the_pipeline_runs_in_the_cpu_image_against_a_real_bucket(bucket_runs, r
                 "record-run"]
     assert [s for s in expected if s in steps] == expected, sorted(steps)
     assert top1 > 0.5, top1  # chance is 0.1
-    (exported,) = [os.path.join(root, "saved_model") for root, dirs, _ in os.walk(workdir) if "saved_model" in dirs]
-    assert os.path.exists(os.path.join(exported, "saved_model.pb"))
+    # The SavedModel in its version folder, as KServe's TensorFlow runtime loads it from a storageUri.
+    (version,) = [root for root, _, files in os.walk(workdir) if "saved_model.pb" in files]
+    assert os.path.basename(version) == "1" and os.path.exists(os.path.join(version, "..", "manifest.json"))
 
 
 @pytest.mark.parametrize("run", ["images", "records"])
@@ -140,7 +144,7 @@ def test_the_ascend_python_layer_runs_tf_2_6_on_python_3_9():
         "hrnet train --data /tmp/records --out /tmp/run --model w18_small_v1 --image-size 32 --batch-size 8 "
         "--train-steps 3 --log-every 1 --seed 1",
         "hrnet export --checkpoint /tmp/run --out /tmp/export --no-onnx",
-        "ls /tmp/export/saved_model /tmp/export/frozen",
+        "ls /tmp/export/1 /tmp/export/frozen",
     ])
     done = docker("run", "--rm", "--network", "none", ASCEND_STANDIN, "bash", "-c", script, timeout=900)
     output = done.stdout + done.stderr
