@@ -5,7 +5,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 PYTEST  := $(BIN)/python -m pytest --durations=10
 XDIST   ?= -n 2 --dist loadfile
-EXTRAS  ?= cpu,legacy-keras,kfp,k8s,demo,onnx,test,torch
+EXTRAS  ?= cpu,legacy-keras,kfp,k8s,demo,onnx,serve,test,torch
 # The demo needs only TensorFlow (CPU), kfp and scikit-learn's digits: 1.9 GB instead of 8.5.
 DEMO_VENV   ?= .venv-demo
 DEMO_EXTRAS ?= cpu,kfp,demo

@@ -26,6 +26,8 @@ COMMANDS = {
     "submit-job": ("hrnet.runtime.jobs", "train on several servers as a Volcano Job (ascend) or TFJob (gpu, cpu)"),
     "evaluate": ("hrnet.evaluate", "top-1 / top-5 / per-class accuracy of a checkpoint on the validation split"),
     "export": ("hrnet.export", "export a checkpoint as SavedModel, frozen graph (.pb) and ONNX"),
+    "predict": ("hrnet.serving.predict", "top-k classes of image files, folders or s3:// URIs with an export"),
+    "serve": ("hrnet.serving.server", "serve an export over HTTP (KServe's model server: V1 / TF Serving REST, V2)"),
 }
 
 

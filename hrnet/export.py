@@ -1,8 +1,11 @@
 """``hrnet export``: a checkpoint as a SavedModel, a frozen graph for Ascend ATC, and ONNX.
 
-    hrnet export --checkpoint DIR --out DIR [--atc-batch-size 1] [--soc-version Ascend910]
+    hrnet export --checkpoint DIR --out DIR [--version 1|step] [--atc-batch-size 1] [--soc-version Ascend910]
 
-- ``saved_model/`` with two signatures:
+- ``<version>/`` (a positive integer: 1 unless ``--version`` says otherwise, or the weights'
+  training step) the SavedModel, in the layout TensorFlow Serving and KServe's TensorFlow
+  runtime load (``<storageUri>/<version>/saved_model.pb``): the export's folder or URI is
+  directly a ``storageUri``. Two signatures:
   ``serving_default``: ``images`` float32 [N, H, W, 3], RGB normalized as in training
   ((x / 255 - mean) / std) -> ``logits`` and ``probabilities`` [N, classes];
   ``classify_bytes``: ``image_bytes`` string [N] (encoded JPEG / PNG / BMP / GIF) ->
@@ -29,6 +32,7 @@ log = logging.getLogger(__name__)
 TOP_K = 5
 FROZEN_NAME = "hrnet.pb"
 ONNX_OPSET = 13
+DEFAULT_VERSION = 1
 
 
 def _class_names(checkpoint_dir: str, num_classes: int) -> List[str]:
@@ -125,23 +129,41 @@ def _onnx(model, image_size: int, path: str) -> Dict[str, Any]:
     return {"path": os.path.basename(path), "opset": ONNX_OPSET, "inputs": ["images"], "outputs": ["logits"]}
 
 
+def _is_version(text: str) -> bool:
+    """A SavedModel version: a positive integer, or "step" (the exported weights' training step)."""
+    return text == "step" or (text.isdigit() and int(text) >= 1)
+
+
+def parse_version(text: str) -> str:
+    import argparse
+
+    if _is_version(text):
+        return text
+    raise argparse.ArgumentTypeError("must be a positive integer or 'step', not %r" % text)
+
+
 def export_model(checkpoint: str, out: str, atc_batch_size: int = 1, soc_version: str = "Ascend910",
-                 onnx: bool = True, force: bool = False, weights: str = "best") -> Dict[str, Any]:
+                 onnx: bool = True, force: bool = False, weights: str = "best",
+                 version: str = str(DEFAULT_VERSION)) -> Dict[str, Any]:
     """Export the checkpoint at ``checkpoint`` into ``out``; returns the manifest.
-    ``weights``: the run's "best" (by validation top-1, when it validated) or "last"."""
+    ``weights``: the run's "best" (by validation top-1, when it validated) or "last";
+    ``version``: the SavedModel's folder, a positive integer or "step"."""
     from hrnet.compat import set_mixed_precision
     from hrnet.manifest import file_entry, write_manifest
     from hrnet.run_folder import load_checkpoint_model
 
     if atc_batch_size < 1:
         raise ValueError("atc_batch_size must be >= 1, got %r" % atc_batch_size)
+    if not _is_version(str(version)):
+        raise ValueError("version must be a positive integer or 'step', got %r" % version)
     set_mixed_precision("float32")  # serve in float32 whatever the training precision was
     ckpt_dir = storage.local_input(checkpoint)
     model, ckpt, picked = load_checkpoint_model(ckpt_dir, which=weights)
     size = ckpt["image_size"]
     names = _class_names(ckpt_dir, ckpt["num_classes"])
+    version = str(max(1, int(picked["step"] or 0)) if version == "step" else int(version))
     with storage.local_output(out, kind="export", force=force) as out_dir:
-        _write_saved_model(model, size, names, os.path.join(out_dir, "saved_model"))
+        _write_saved_model(model, size, names, out_dir, version)
         frozen = _write_frozen(model, ckpt["model"], size, atc_batch_size, soc_version, os.path.join(out_dir, "frozen"))
 
         onnx_info = _onnx(model, size, os.path.join(out_dir, "model.onnx")) if onnx else {"skipped": "not asked for"}
@@ -159,7 +181,8 @@ def export_model(checkpoint: str, out: str, atc_batch_size: int = 1, soc_version
             "weights": picked["which"],
             "step": picked["step"],
             "saved_model": {
-                "path": "saved_model",
+                "path": version,
+                "version": int(version),
                 "signatures": {
                     "serving_default": {"inputs": {"images": [None, size, size, 3]},
                                         "outputs": ["logits", "probabilities"]},
@@ -178,13 +201,16 @@ def export_model(checkpoint: str, out: str, atc_batch_size: int = 1, soc_version
     return manifest
 
 
-def _write_saved_model(model, size: int, names, saved_dir: str) -> None:
-    """The SavedModel with its two serving signatures; a re-run replaces an earlier
-    (possibly partial) one."""
+def _write_saved_model(model, size: int, names, out_dir: str, version: str) -> None:
+    """The SavedModel with its two serving signatures in ``out_dir/version``. An export holds
+    one version: a re-run replaces the earlier (possibly partial) one, whatever its number,
+    and nothing else in the folder (the output's lease lets only export write there)."""
     import tensorflow as tf
 
-    if os.path.exists(saved_dir):
-        shutil.rmtree(saved_dir)
+    for name in os.listdir(out_dir):
+        if name.isdigit() and os.path.isdir(os.path.join(out_dir, name)):
+            shutil.rmtree(os.path.join(out_dir, name))
+    saved_dir = os.path.join(out_dir, version)
     module = build_serving_module(model, size, names)
     tf.saved_model.save(module, saved_dir, signatures={
         "serving_default": module.serve_images.get_concrete_function(),
@@ -226,6 +252,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="folder or URI for the exported model")
     parser.add_argument("--atc-batch-size", type=int, default=1, help="fixed batch size of the frozen graph (ATC)")
     parser.add_argument("--soc-version", default="Ascend910", help="ATC --soc_version (Ascend910, Ascend310, ...)")
+    parser.add_argument("--version", type=parse_version, default=str(DEFAULT_VERSION),
+                        help="the SavedModel's version folder (TF Serving / KServe): a positive integer, or 'step' "
+                             "for the weights' training step (default: %(default)s)")
     parser.add_argument("--no-onnx", dest="onnx", action="store_false", help="skip the ONNX export")
     add_weights_argument(parser)
     storage.add_force_argument(parser)
@@ -233,8 +262,8 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     m = export_model(args.checkpoint, args.out, atc_batch_size=args.atc_batch_size, soc_version=args.soc_version,
-                     onnx=args.onnx, force=args.force, weights=args.weights)
-    formats = ["saved_model", "frozen"] + (["onnx"] if "onnx" in m else [])
+                     onnx=args.onnx, force=args.force, weights=args.weights, version=args.version)
+    formats = ["saved_model " + m["saved_model"]["path"] + "/", "frozen"] + (["onnx"] if "onnx" in m else [])
     print("exported %s (%s weights, step %s; %d classes, %dx%d) to %s: %s%s" % (
         m["model"], m["weights"], m["step"], m["num_classes"], m["image_size"], m["image_size"], args.out,
         ", ".join(formats), "" if "onnx" in m else " (onnx: %s)" % m["onnx_skipped"]))

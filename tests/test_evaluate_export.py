@@ -85,10 +85,10 @@ def test_exported_saved_model_reproduces_the_model_on_real_jpeg_bytes(tiny_run, 
     manifest = export_model(str(tiny_run / "ckpt"), str(tmp_path / "export"), onnx=False)
     assert manifest["kind"] == "export" and manifest["image_size"] == 32 and manifest["num_classes"] == CLASSES
     on_disk = json.loads((tmp_path / "export" / "manifest.json").read_text())
-    assert {e["path"] for e in on_disk["files"]} >= {"saved_model/saved_model.pb", "frozen/hrnet.pb",
+    assert {e["path"] for e in on_disk["files"]} >= {"1/saved_model.pb", "frozen/hrnet.pb",
                                                      "frozen/nodes.json", "frozen/atc.sh"}
     model, _, _ = load_checkpoint_model(str(tiny_run / "ckpt"))
-    loaded = tf.saved_model.load(str(tmp_path / "export" / "saved_model"))
+    loaded = tf.saved_model.load(str(tmp_path / "export" / "1"))
     assert set(loaded.signatures) == {"serving_default", "classify_bytes"}
 
     # Real JPEG bytes (and one PNG) of different sizes -> top-5 ids, names, probabilities.

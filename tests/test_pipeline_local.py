@@ -138,7 +138,7 @@ def test_the_export_classifies_jpeg_bytes(demo_run):
     files = sorted(glob.glob(os.path.join(demo, "*", "*.jpg")))[::6]
     labels = [int(os.path.basename(os.path.dirname(p))) for p in files]
     images = tf.constant([open(p, "rb").read() for p in files])
-    served = tf.saved_model.load(os.path.join(exported, "saved_model")).signatures["classify_bytes"]
+    served = tf.saved_model.load(os.path.join(exported, "1")).signatures["classify_bytes"]
     top = served(image_bytes=images)["classes"].numpy()[:, 0]
     accuracy = sum(int(t) == label for t, label in zip(top, labels)) / len(labels)
     assert abs(accuracy - demo_run["top1"]) < 0.15, (accuracy, demo_run["top1"])

@@ -93,4 +93,4 @@ def test_train_killed_resumes_from_the_bucket(s3_env, tmp_path):
     local = storage.local_input(exported)  # every file verified against the export's manifest
     with open(os.path.join(local, "manifest.json")) as f:
         assert json.load(f)["kind"] == "export"
-    assert os.path.exists(os.path.join(local, "saved_model", "saved_model.pb"))
+    assert os.path.exists(os.path.join(local, "1", "saved_model.pb"))

@@ -233,7 +233,7 @@ def test_validation_every_epoch_keeps_the_best_weights_which_evaluate_and_export
 
     exported = export_model(out, str(tmp_path / "export"), onnx=False)  # the best weights, by default
     assert (exported["weights"], exported["step"]) == ("best", best["step"])
-    serve = tf.saved_model.load(str(tmp_path / "export" / "saved_model")).signatures["serving_default"]
+    serve = tf.saved_model.load(str(tmp_path / "export" / "1")).signatures["serving_default"]
     info = data.dataset_info(str(digits.records), splits=("validation",))
     hits = sum(int(np.sum(np.argmax(serve(images=images)["logits"].numpy(), axis=1) == labels.numpy()))
                for images, labels in data.eval_dataset(info, batch_size=16, image_size=32))
