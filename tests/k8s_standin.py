@@ -24,7 +24,8 @@ every object created, and plays the controllers:
 - delete: the job's pods are killed and removed, and ConfigMaps it owns go with it.
 
 Not real: scheduling, networking between pods, restarts, watches, admission and the CRDs'
-schemas (tests validate the pod templates against the core schema instead).
+schemas (test_jobs validates the objects it is given against the projects' CRDs in
+../shared/crds, tests/crd_schema.py).
 """
 import datetime
 import json

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 
+import crd_schema
 import numpy as np
 import pytest
 import two_workers
@@ -113,8 +114,10 @@ def test_the_job_objects_are_valid_and_shaped_like_the_single_pod_step(target):
     assert {v: {"name": names.OBJECT_STORE_SECRET, "key": k} for k, v in names.OBJECT_STORE_ENV.items()} == secret_env
     assert template["spec"]["serviceAccountName"] == names.SERVICE_ACCOUNT
     assert template["metadata"]["labels"][job_objects.JOB_LABEL] == s.name
-    # No CRD schema exists here for Volcano or the training operator: the pod template (all the
-    # Kubernetes-defined part) is checked against the core schema.
+    # The whole object against its project's CRD (Volcano's, the training operator v1.9's),
+    # unknown fields refused; the pod template against the core schema too, which the CRDs
+    # leave partly open.
+    crd_schema.validate(job)
     kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"},
                                   "template": template}, "1.28", strict=True)
 

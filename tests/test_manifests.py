@@ -9,6 +9,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import crd_schema
 import kubernetes_validate
 import pytest
 import yaml
@@ -20,7 +21,7 @@ from hrnet import cli
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "manifests"
 # The folders users apply with `kubectl apply -f manifests/<folder>`.
-PLAIN = ("base", "secrets", "minio", "ascend-jobs", "volcano")
+PLAIN = ("base", "secrets", "minio", "ascend-jobs", "volcano", "kserve")
 OVERLAYS = sorted(p.parent.name for p in (MANIFESTS / "overlays").glob("*/kustomization.yaml"))
 NAMESPACE = "hrnet"
 # The oldest Kubernetes the manifests are written for (README.md, Deploy), and the newest schema known.
@@ -155,7 +156,7 @@ def test_each_folder_builds_with_kustomize_to_the_same_objects(folder):
 
 
 def test_overlays_build_with_kubectl_kustomize():
-    assert {"minio", "ascend-jobs", "volcano", "kubeflow"} <= set(OVERLAYS)
+    assert {"minio", "ascend-jobs", "volcano", "kubeflow", "kserve"} <= set(OVERLAYS)
     base = {key(d) for d in folder_objects("base")}
     for name in OVERLAYS:
         built = build(MANIFESTS / "overlays" / name)
@@ -182,8 +183,10 @@ def test_core_objects_match_the_kubernetes_schemas():
     for doc in docs:
         if doc["apiVersion"] in CORE_GROUPS:
             targets = [doc]
+        elif doc["apiVersion"].startswith("serving.kserve.io/"):
+            continue  # test_kserve_objects_match_kserves_crd_schema
         elif doc["apiVersion"].startswith("batch.volcano.sh/"):
-            # No schema for Volcano's CRD here; its pod templates are checked as core PodTemplates.
+            crd_schema.validate(doc)  # Volcano's CRD; the pod templates as core PodTemplates too
             targets = [{"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": where.replace("/", "-")},
                         "template": tpl} for where, tpl in pod_templates(doc)]
         else:
@@ -197,6 +200,30 @@ def test_core_objects_match_the_kubernetes_schemas():
                     pytest.fail(f"{key(doc)} against Kubernetes {version}: {e.message} at {path}")
                 checked += 1
     assert checked >= 2 * 20
+
+
+def test_kserve_objects_match_kserves_crd_schema():
+    """The InferenceService against KServe's published CRD, unknown fields refused."""
+    docs = [d for d in all_objects() if d["apiVersion"].startswith("serving.kserve.io/")]
+    assert [key(d) for d in docs] == [("InferenceService", "hrnet")]
+    for doc in docs:
+        crd_schema.validate(doc)
+    # And the check can fail: a misspelt field is refused, as `kubectl apply` refuses it.
+    bad = json.loads(json.dumps(docs[0]))
+    bad["spec"]["predictor"]["model"]["storageURI"] = bad["spec"]["predictor"]["model"].pop("storageUri")
+    with pytest.raises(AssertionError, match="storageURI"):
+        crd_schema.validate(bad)
+
+
+def test_the_served_export_is_read_with_kserves_s3_secret():
+    objects = {key(d): d for d in all_objects()}
+    isvc = objects[("InferenceService", "hrnet")]["spec"]["predictor"]
+    assert isvc["model"]["modelFormat"]["name"] == "tensorflow" and isvc["model"]["storageUri"].startswith("s3://")
+    account = objects[("ServiceAccount", isvc["serviceAccountName"])]
+    (ref,) = account["secrets"]
+    secret = objects[("Secret", ref["name"])]
+    assert {"serving.kserve.io/s3-endpoint", "serving.kserve.io/s3-usehttps"} <= set(secret["metadata"]["annotations"])
+    assert secret["stringData"] == {"AWS_ACCESS_KEY_ID": "replace-me", "AWS_SECRET_ACCESS_KEY": "replace-me"}
 
 
 # ----------------------------------------------------------------------------- workloads
