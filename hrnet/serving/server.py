@@ -139,9 +139,9 @@ def make_model(kserve, name: str, uri: str):
                 if isinstance(payload, InferRequest):
                     inputs = {i.name: i.as_numpy() for i in payload.inputs}
                     out = await loop.run_in_executor(None, predict_v2, self.exported, inputs)
-                    return InferResponse(response_id=payload.id or str(uuid.uuid4()), model_name=self.name, infer_outputs=[
-                        InferOutput(k, list(v.shape), "BYTES" if v.dtype == object else _v2_type(v), v.tolist())
-                        for k, v in out.items()])
+                    outputs = [InferOutput(k, list(v.shape), _v2_type(v), v.tolist()) for k, v in out.items()]
+                    return InferResponse(response_id=payload.id or str(uuid.uuid4()), model_name=self.name,
+                                         infer_outputs=outputs)
                 return await loop.run_in_executor(None, predict_v1, self.exported, payload)
             except ValueError as e:  # what the request asked for, not the server, is wrong
                 raise InvalidInput(str(e)) from None
@@ -150,7 +150,7 @@ def make_model(kserve, name: str, uri: str):
 
 
 def _v2_type(array) -> str:
-    return {"int32": "INT32", "float32": "FP32"}[str(array.dtype)]
+    return {"int32": "INT32", "float32": "FP32", "object": "BYTES"}[str(array.dtype)]
 
 
 def serve(model: str, name: str = DEFAULT_NAME, port: int = DEFAULT_PORT) -> None:
