@@ -13,7 +13,7 @@ import signal
 import sys
 from typing import List, Optional
 
-from hrnet.errors import HrnetError
+from hrnet.errors import HrnetError, first_line
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -139,8 +139,7 @@ def user_error(e: BaseException) -> Optional[str]:
         where = " (%s)" % e.filename if e.filename else ""
         return _OS_HINTS[e.errno] + where
     if type(e).__module__.startswith("tensorflow") and type(e).__name__ in _TF_ERRORS:
-        text = (getattr(e, "message", None) or str(e)).strip().splitlines()
-        return "%s: %s" % (_TF_ERRORS[type(e).__name__], text[0][:300] if text else type(e).__name__)
+        return "%s: %s" % (_TF_ERRORS[type(e).__name__], first_line(e)[:300])
     return None
 
 

@@ -12,3 +12,9 @@ class IncompleteError(HrnetError):
 
 class BadValue(HrnetError, ValueError):
     """A parameter's value that cannot run (a ValueError too, for callers that check values)."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an error's message (TensorFlow's OpErrors carry it in ``.message``)."""
+    text = (getattr(e, "message", None) or str(e)).strip().splitlines()
+    return text[0] if text else type(e).__name__

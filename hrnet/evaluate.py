@@ -69,8 +69,7 @@ def _named_failures(dataset):
         except StopIteration:
             return
         except tf.errors.OpError:
-            if stream.failure() is not None:
-                raise stream.failure() from None
+            stream.raise_failure()
             raise
 
 

@@ -50,3 +50,15 @@ def file_digest(path: str, algorithm: str = "sha256") -> str:
         for block in iter(lambda: f.read(_BLOCK), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host still runs (the owner of a folder or lease that
+    names it); one of another user counts as alive."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True

@@ -26,6 +26,7 @@ from typing import Callable, Dict, Iterator, List, Optional
 
 from hrnet import storage
 from hrnet.errors import HrnetError
+from hrnet.fileio import process_alive
 from hrnet.runtime import cluster
 from hrnet.storage.settings import settings_from_env
 
@@ -40,10 +41,11 @@ _failures: List[Exception] = []  # what the fetchers could not fetch, first firs
 _waited = [0.0]  # seconds every stream of this process made its pipeline wait, closed ones too
 
 
-def failure() -> Optional[Exception]:
-    """Why a stream of this process failed (the shard named), if one did: TF reports the
-    pipeline's end as an error of its own, without it."""
-    return _failures[0] if _failures else None
+def raise_failure() -> None:
+    """Where a stream of this process failed, raise why (the shard named): called where TF
+    reports the pipeline's end as an error of its own, without it."""
+    if _failures:
+        raise _failures[0] from None
 
 
 def waited() -> float:
@@ -59,16 +61,6 @@ def close_all() -> None:
 atexit.register(close_all)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
 def private_dir(split: str) -> str:
     """A new folder for one stream's shards, under this process's own folder of the cache;
     the folders of processes on this host that died (killed: no atexit) are removed."""
@@ -77,7 +69,7 @@ def private_dir(split: str) -> str:
     if os.path.isdir(root):
         for name in os.listdir(root):
             owner, _, pid = name.rpartition("-")
-            if owner == host and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            if owner == host and pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     mine = os.path.join(root, f"{host}-{os.getpid()}")
     os.makedirs(mine, exist_ok=True)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Sequence, Union
 
 from hrnet import storage
-from hrnet.errors import HrnetError
+from hrnet.errors import HrnetError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class Exported:
             out = self._classify(image_bytes=tf.constant(list(images), dtype=tf.string))
         except tf.errors.InvalidArgumentError as e:
             if len(images) == 1:
-                return [BadImage(_first_line(e))]
+                return [BadImage(first_line(e))]
             return [r for image in images for r in self.classify([image])]
         classes, names, probabilities = (out["classes"].numpy(), out["names"].numpy(),
                                          out["probabilities"].numpy())
@@ -86,8 +86,3 @@ class Exported:
 
         out = self._images(images=tf.convert_to_tensor(images, dtype=tf.float32))
         return {k: v.numpy() for k, v in out.items()}
-
-
-def _first_line(e: Exception) -> str:
-    text = (getattr(e, "message", None) or str(e)).strip().splitlines()
-    return text[0] if text else type(e).__name__

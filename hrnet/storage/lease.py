@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from minio.error import S3Error
 
+from hrnet.fileio import process_alive
 from hrnet.storage import objects
 from hrnet.storage.client import get_client, status_of, with_retries
 from hrnet.storage.errors import LeaseHeldError, LeaseLostError, ObjectNotFoundError, StorageError
@@ -65,12 +66,7 @@ def _is_stale(body: Dict[str, Any], now: float) -> bool:
         if body["pid"] == mine["pid"]:
             # Not one of ours: an earlier incarnation with this pid (a restarted container).
             return body.get("token") not in _live_tokens
-        try:
-            os.kill(body["pid"], 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
+        return not process_alive(body["pid"])
     return False
 
 

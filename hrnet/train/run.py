@@ -250,8 +250,7 @@ class Run:
             except tf.errors.DataLossError as e:
                 raise self._corrupt_data(step + 1, step + n, e) from None
             except tf.errors.OpError:
-                if stream.failure() is not None:
-                    raise stream.failure() from None  # the shard that could not be fetched, named
+                stream.raise_failure()  # the shard that could not be fetched, named
                 raise
             loss, done = float(loss_t), int(done_t)
             first = step == self.start_step  # its time includes tracing
