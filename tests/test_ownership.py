@@ -210,18 +210,24 @@ def test_sigterm_releases_the_lease_and_says_so(s3_env, tmp_path):
     rng = np.random.default_rng(0)
     for c in range(2):
         os.makedirs(tmp_path / "src" / "train" / str(c))
-        for i in range(400):  # PNGs are decoded and re-encoded: a conversion of some seconds
-            Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)).save(
+        for i in range(20):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
                 tmp_path / "src" / "train" / str(c) / f"{i}.png")
+    # An "image" that is a named pipe nobody writes: the convert blocks opening it, so the
+    # signal always lands mid-conversion (a conversion of some seconds ended before a SIGTERM
+    # sent under load, whose handler the exiting interpreter then never ran).
+    blocker = tmp_path / "src" / "train" / "1" / "zz-blocks.png"
+    os.mkfifo(blocker)
     out = s3_env.uri("records")
     command = [sys.executable, "-m", "hrnet", "convert", "--src", str(tmp_path / "src"), "--out", out,
                "--workers", "1", "--no-progress"]
-    # Mid-conversion: its state folder is in the writer's cache (polling the store for the
-    # lease object saw it late under load, after the conversion had ended, twice in CI).
+    # Its state folder in the writer's cache: the conversion has begun, under its lease.
     from hrnet.data.convert import STATE_DIR
 
     state = os.path.join(storage.cache_path(out), STATE_DIR)
     code = kill_when(command, lambda: os.path.isdir(state), tmp_path / "convert.log", signum=signal.SIGTERM)
+    os.remove(blocker)  # a real image in its place: the same input, which the next run finishes
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(blocker)
     log_text = (tmp_path / "convert.log").read_text()
     assert code == 128 + signal.SIGTERM, log_text[-3000:]
     assert "hrnet convert: stopped by SIGTERM; its lease released" in log_text and "Traceback" not in log_text
