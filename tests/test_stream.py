@@ -117,6 +117,38 @@ def test_a_share_that_fits_is_fetched_once_and_evaluation_streams_too(records):
     assert stream._open[-1] is s  # the one pass closed its stream (and removed its folder)
 
 
+def test_an_outage_mid_stream_stalls_the_input_and_it_goes_on_with_the_same_records(records, s3_env,
+                                                                                     monkeypatch):
+    """The store goes away for a second while the shards stream: the fetches retry, the
+    pipeline waits (and counts the wait), and every batch is the one a staged copy gives."""
+    from s3server import TcpProxy
+
+    from hrnet import data
+    from hrnet.data import stream
+
+    uri, local = records
+    info = _info(uri)
+    proxy = TcpProxy(*s3_env.server.host_port).start()
+    monkeypatch.setenv("S3_ENDPOINT", proxy.endpoint)
+    monkeypatch.setenv("HRNET_S3_RETRIES", "7")
+    monkeypatch.setenv("HRNET_S3_BACKOFF", "0.1")
+    common = dict(batch_size=4, image_size=32, seed=5, cycle_length=4, shuffle_buffer=8)
+    # Down once a third of the split has come through, for longer than the input's lead.
+    proxy.cut_after(sum(s["bytes"] for s in json.load(open(os.path.join(local, "manifest.json")))["shards"]["train"])
+                    // 3, down=True, restore_after=1.0)
+    try:
+        staged = data.train_dataset(data.dataset_info(local), **common)
+        streamed = data.train_dataset(info, data_cache=5 * _largest(local), **common)
+        s = stream._open[-1]
+        for (a, la), (b, lb) in zip(staged.take(72 // 4), streamed.take(72 // 4)):
+            np.testing.assert_array_equal(la.numpy(), lb.numpy())
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+    finally:
+        proxy.stop()
+    assert proxy.cuts >= 1 and s.error is None
+    assert s.waited > 0.5, s.waited  # the outage shows as time waiting for data
+
+
 def test_a_stream_too_small_for_the_shards_read_at_once_is_refused(records):
     from hrnet import data
     from hrnet.errors import HrnetError
