@@ -29,6 +29,8 @@ def validate(
     image_size: int,
     seed: int,
     init_from: str,
+    deploy_name: str,
+    serving_runtime: str,
 ) -> NamedTuple("Checked", [("source", str), ("config", dict)]):
     """Raise ValueError naming the first bad parameter. ``source``: the data source to use,
     "convert" (an image tree) or "tfrecords" (records converted before); ``config``: the

@@ -28,6 +28,7 @@ COMMANDS = {
     "export": ("hrnet.export", "export a checkpoint as SavedModel, frozen graph (.pb) and ONNX"),
     "predict": ("hrnet.serving.predict", "top-k classes of image files, folders or s3:// URIs with an export"),
     "serve": ("hrnet.serving.server", "serve an export over HTTP (KServe's model server: V1 / TF Serving REST, V2)"),
+    "deploy": ("hrnet.serving.deploy", "serve an export on KServe: an InferenceService made or updated, until Ready"),
 }
 
 

@@ -25,6 +25,7 @@ from kfp.dsl import Dataset, Input, Model
 
 from components import images
 from components.convert import convert
+from components.deploy import deploy
 from components.evaluate import evaluate
 from components.export import export
 from components.record import record_run
@@ -39,6 +40,8 @@ PIPELINE_NAME = "hrnet-classification"
 
 # What each target asks of Kubernetes for one server's train pod (also each pod of a multi-node job).
 TARGETS = images.TRAIN_POD
+# How long the deploy step waits for the InferenceService to be Ready (model download and load included).
+DEPLOY_TIMEOUT = 900.0
 # (request, limit) of the CPU-only steps: convert decodes and re-encodes JPEGs in parallel,
 # evaluate runs the model over the validation split, the others are light.
 STEP_RESOURCES = {
@@ -49,6 +52,8 @@ STEP_RESOURCES = {
     # Launches and follows a multi-node job, then copies its checkpoint into the Model artifact.
     "train-job": (("500m", "2"), ("512M", "2G")),
     "export": (("2", "8"), ("8G", "16G")),
+    # Creates or updates the InferenceService and polls it.
+    "deploy": (("100m", "1"), ("256M", "1G")),
     "record-run": (("100m", "1"), ("256M", "1G")),
 }
 
@@ -111,24 +116,36 @@ def build_pipeline(target: str = "ascend", image: Optional[str] = None, data_pvc
     ``data_pvc`` (None: none) is mounted at /data in the convert step, ``train_retries``: how
     often a failed train step is tried again (0: never)."""
     images.check_target(target)
+    image_given = image is not None
     image = image or images.image_for(target)
     device = TARGETS[target]["device"]
+    # hrnet serve runs on KServe's Python server, which the Ascend image (Python 3.9) cannot hold.
+    serving_image = images.image_for("cpu") if target == "ascend" and not image_given else image
 
     @dsl.pipeline(name="evaluate-export", description="HRNet: evaluate and export the trained weights")
-    def evaluate_export(dataset: Input[Dataset], model: Input[Model], export_onnx: bool):
+    def evaluate_export(dataset: Input[Dataset], model: Input[Model], export_onnx: bool, deploy_model: bool,
+                        deploy_name: str, serving_runtime: str):
         evaluate_task = evaluate(dataset=dataset, model=model)
         _configure(evaluate_task, "evaluate", image)
         export_task = export(model=model, onnx=export_onnx)
         _configure(export_task, "export", image)
+        with dsl.If(deploy_model == True, name="deploy"):  # noqa: E712 (KFP builds the condition from ==)
+            # Only weights that were evaluated are served.
+            deploy_task = deploy(exported=export_task.outputs["exported"], name=deploy_name, runtime=serving_runtime,
+                                 image=serving_image, timeout=DEPLOY_TIMEOUT).after(evaluate_task)
+            _configure(deploy_task, "deploy", image, secret=False)
 
     @dsl.pipeline(name="train-evaluate-export", description="HRNet: train, evaluate and export one data set")
     def train_evaluate_export(dataset: Input[Dataset], config: dict, devices: int, nodes: int, checkpoint_uri: str,
-                              job_timeout: float, export_onnx: bool):
+                              job_timeout: float, export_onnx: bool, deploy_model: bool, deploy_name: str,
+                              serving_runtime: str):
+        last = dict(export_onnx=export_onnx, deploy_model=deploy_model, deploy_name=deploy_name,
+                    serving_runtime=serving_runtime)
         # Both branches end in the same sub-pipeline, for the reason given below for the data source.
         with dsl.If(nodes == 1, name="one-server"):
             train_task = train(dataset=dataset, config=config, devices=devices, checkpoint_uri=checkpoint_uri)
             _configure_train(train_task, target, image, devices, train_retries)
-            evaluate_export(dataset=dataset, model=train_task.outputs["model"], export_onnx=export_onnx)
+            evaluate_export(dataset=dataset, model=train_task.outputs["model"], **last)
         with dsl.Else(name="several-servers"):
             # This pod only launches and follows the job: no accelerator, small requests. Named
             # after the run, a retry of it re-attaches to the job it created.
@@ -138,7 +155,7 @@ def build_pipeline(target: str = "ascend", image: Optional[str] = None, data_pvc
             _configure(job_task, "train-job", image)
             if train_retries:
                 job_task.set_retry(num_retries=train_retries, backoff_duration="150s", backoff_factor=2.0)
-            evaluate_export(dataset=dataset, model=job_task.outputs["model"], export_onnx=export_onnx)
+            evaluate_export(dataset=dataset, model=job_task.outputs["model"], **last)
 
     def hrnet_pipeline(*args):
         run = parameters.bind(args)
@@ -148,12 +165,14 @@ def build_pipeline(target: str = "ascend", image: Optional[str] = None, data_pvc
         with dsl.ExitHandler(record_task, name="hrnet-run"):
             check = validate(source_uri=run["source_uri"], tfrecords_uri=run["tfrecords_uri"], devices=run["devices"],
                              nodes=run["nodes"], device=device, train_config=run["train_config"],
+                             deploy_name=run["deploy_name"], serving_runtime=run["serving_runtime"],
                              **{name: run[name] for name in PIPELINE_FIELDS})
             _configure(check, "validate", image, secret=False)
             check.set_caching_options(False)
             rest = dict(config=check.outputs["config"], devices=run["devices"], nodes=run["nodes"],
                         checkpoint_uri=run["checkpoint_uri"], job_timeout=run["job_timeout"],
-                        export_onnx=run["export_onnx"])
+                        export_onnx=run["export_onnx"], deploy_model=run["deploy"], deploy_name=run["deploy_name"],
+                        serving_runtime=run["serving_runtime"])
             # Datasets pass by reference (hrnet.data.reference): KFP's launcher would download a
             # whole Dataset artifact into every pod that takes it.
             # Both branches run the same sub-pipeline: KFP's local runner cannot merge

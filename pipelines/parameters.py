@@ -33,6 +33,14 @@ PARAMETERS: List[Parameter] = [
     Parameter("job_timeout", float, 0.0, "Seconds a multi-node training job (nodes > 1) may run before it is "
                                          "deleted and the step fails; 0: no limit."),
     Parameter("export_onnx", bool, True, "Also export model.onnx, besides the SavedModel and the frozen graph."),
+    Parameter("deploy", bool, False, "Serve the export on KServe once evaluated: create or update the "
+                                     "InferenceService `deploy_name` in the run's namespace and wait until it is "
+                                     "Ready; its URL is the deploy step's output. Needs KServe and "
+                                     "manifests/kserve."),
+    Parameter("deploy_name", str, "hrnet", "The InferenceService's name (a DNS label); a rerun updates it."),
+    Parameter("serving_runtime", str, "tensorflow", "tensorflow: KServe's TensorFlow Serving loads the "
+                                                    "SavedModel; hrnet: the project's cpu or gpu image runs "
+                                                    "`hrnet serve` (class names in the answers)."),
     Parameter("datasets_uri", str, "", "Where converted records go; \"\" puts them beside the convert step's "
                                        "artifacts. The steps pass only a reference, and each fetches just the "
                                        "shards it reads."),

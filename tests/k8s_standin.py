@@ -21,7 +21,14 @@ every object created, and plays the controllers:
   :meth:`oom_kill` killed one); the Volcano Job's ``state.phase`` / the TFJob's conditions
   follow (a failed pod fails the job: Volcano's RestartJob retries are not played);
 - ``unschedulable``: pods stay Pending with the scheduler's PodScheduled=False condition;
-- delete: the job's pods are killed and removed, and ConfigMaps it owns go with it.
+- delete: the job's pods are killed and removed, and ConfigMaps it owns go with it;
+- KServe: InferenceServices created, read and replaced (PUT with the resourceVersion read, a
+  stale one refused with 409, ``metadata.generation`` bumped by each replace) and a controller
+  that reports each generation as KServe does: first Ready=False and the model InProgress, then,
+  after ``isvc_delay`` seconds, Ready with ``status.url``, or, where ``isvc_check(body)`` returns
+  a message (a test looks in the store for the model), BlockedByFailedLoad with that message
+  as ``lastFailureInfo`` (reason ModelLoadFailed); ``isvc_check`` returning None forever means
+  ready, ``isvc_stuck`` keeps every service waiting. No predictor pod runs.
 
 Not real: scheduling, networking between pods, restarts, watches, admission and the CRDs'
 schemas (test_jobs validates the objects it is given against the projects' CRDs in
@@ -40,6 +47,8 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Dict, List, Optional
 from urllib.parse import parse_qs, urlparse
+
+import yaml
 
 from hrnet.runtime.launch import free_ports
 
@@ -92,7 +101,8 @@ class Cluster:
 
     def __init__(self, workdir: str, secrets: Optional[Dict[str, Dict[str, str]]] = None,
                  env: Optional[Dict[str, str]] = None, node_ips: Optional[List[str]] = None,
-                 unschedulable: bool = False, image_error: Optional[str] = None, ring_delay: float = 1.0):
+                 unschedulable: bool = False, image_error: Optional[str] = None, ring_delay: float = 1.0,
+                 isvc_check: Any = None, isvc_delay: float = 0.5, isvc_stuck: bool = False):
         self.workdir, self.secrets = workdir, secrets or {}
         self.base_env = dict(os.environ if env is None else env)
         for k in ("TF_CONFIG", "RANK_TABLE_FILE", "RANK_ID", "RANK_SIZE", "ASCEND_VISIBLE_DEVICES",
@@ -100,8 +110,10 @@ class Cluster:
             self.base_env.pop(k, None)
         self.node_ips = node_ips or [f"10.0.0.{i + 11}" for i in range(16)]
         self.unschedulable, self.image_error, self.ring_delay = unschedulable, image_error, ring_delay
+        self.isvc_check, self.isvc_delay, self.isvc_stuck = isvc_check, isvc_delay, isvc_stuck
         self.objects: Dict[tuple, Dict[str, Any]] = {}  # (plural, namespace, name) -> body
         self.created: List[Dict[str, Any]] = []
+        self.replaced: List[Dict[str, Any]] = []  # each PUT's result
         self.requests: List[tuple] = []  # (method, path)
         self.pods: Dict[str, Pod] = {}
         self.lock = threading.RLock()
@@ -139,6 +151,9 @@ class Cluster:
 
             def do_DELETE(self) -> None:
                 cluster.handle(self, "DELETE")
+
+            def do_PUT(self) -> None:
+                cluster.handle(self, "PUT")
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
@@ -184,6 +199,8 @@ class Cluster:
         if m and (m.group(1), m.group(4)) in JOB_PLURALS:
             group, _, ns, plural, name = m.groups()
             return self._jobs(h, method, JOB_PLURALS[(group, plural)], plural, ns, name)
+        if m and (m.group(1), m.group(4)) == ("serving.kserve.io", "inferenceservices"):
+            return self._inference_services(h, method, m.group(3), m.group(5))
         m = re.fullmatch(r"/api/v1/namespaces/([^/]+)/configmaps", url.path)
         if m and method == "POST":
             body = h._body()
@@ -240,6 +257,73 @@ class Cluster:
             self.delete_job(plural, ns, name)
             return h._send(200, {"kind": "Status", "apiVersion": "v1", "status": "Success"})
         h._send(405, self._status(405, "MethodNotAllowed", method))
+
+    # -------------------------------------------------------------- KServe
+    def _inference_services(self, h: Any, method: str, ns: str, name: Optional[str]) -> None:
+        plural = "inferenceservices"
+        if method == "POST" and name is None:
+            body = h._body()
+            body.pop("status", None)
+            body["metadata"].update(generation=1, resourceVersion="1")
+            code, made = self._create(plural, ns, body)
+            h._send(code, made)
+            if code == 201:
+                self._kserve(ns, made)
+            return
+        with self.lock:
+            obj = self.objects.get((plural, ns, name))
+            if obj is None:
+                return h._send(404, self._status(404, "NotFound", f"{plural}.serving.kserve.io {name!r} not found"))
+            if method == "GET":
+                return h._send(200, obj)
+            if method != "PUT":
+                return h._send(405, self._status(405, "MethodNotAllowed", method))
+            body = h._body()
+            if body["metadata"].get("resourceVersion") != obj["metadata"]["resourceVersion"]:
+                return h._send(409, self._status(409, "Conflict", "the object has been modified; please apply "
+                                                                  "your changes to the latest version"))
+            meta = obj["metadata"]
+            obj["spec"] = body["spec"]  # status is a subresource: a PUT of the object leaves it
+            meta["labels"] = body["metadata"].get("labels", {})
+            meta["generation"] += 1
+            meta["resourceVersion"] = str(int(meta["resourceVersion"]) + 1)
+            self.replaced.append(json.loads(json.dumps(obj)))
+            made = json.loads(json.dumps(obj))
+        self._kserve(ns, obj)
+        h._send(200, made)
+
+    def _kserve(self, ns: str, obj: Dict[str, Any]) -> None:
+        """KServe's controller on one generation of ``obj``: in progress now, settled later."""
+        name, generation = obj["metadata"]["name"], obj["metadata"]["generation"]
+        with self.lock:
+            obj["status"] = {"observedGeneration": generation,
+                             "conditions": [{"type": "Ready", "status": "False", "reason": "RevisionMissing",
+                                             "message": f"Configuration \"{name}-predictor\" is waiting for a "
+                                                        "Revision to become ready."}],
+                             "modelStatus": {"transitionStatus": "InProgress",
+                                             "states": {"activeModelState": "", "targetModelState": "Pending"}}}
+        if self.isvc_stuck:
+            return
+
+        def settle() -> None:
+            time.sleep(self.isvc_delay)
+            problem = self.isvc_check(obj) if self.isvc_check else None
+            with self.lock:
+                if obj["metadata"]["generation"] != generation:
+                    return  # replaced meanwhile: that generation settles itself
+                if problem:
+                    obj["status"]["modelStatus"] = {
+                        "transitionStatus": "BlockedByFailedLoad",
+                        "states": {"activeModelState": "", "targetModelState": "FailedToLoad"},
+                        "lastFailureInfo": {"reason": "ModelLoadFailed", "message": problem}}
+                    return
+                obj["status"] = {"observedGeneration": generation, "url": f"http://{name}.{ns}.example.com",
+                                 "conditions": [{"type": "Ready", "status": "True"}],
+                                 "modelStatus": {"transitionStatus": "UpToDate",
+                                                 "states": {"activeModelState": "Loaded",
+                                                            "targetModelState": "Loaded"}}}
+
+        threading.Thread(target=settle, daemon=True).start()
 
     def delete_job(self, plural: str, ns: str, name: str) -> None:
         with self.lock:
@@ -415,3 +499,17 @@ class Cluster:
 
     def live_processes(self) -> int:
         return sum(1 for p in self.pods.values() if p.proc and p.proc.poll() is None)
+
+
+def write_kubeconfig(folder: Any, k8s: Optional[Cluster]) -> str:
+    """A kubeconfig (in ``folder``) for the stand-in ``k8s``, or for nothing listening (None)."""
+    path = os.path.join(str(folder), "kubeconfig")
+    server = k8s.configuration().host if k8s else "http://127.0.0.1:1"
+    with open(path, "w") as f:
+        yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "standin",
+            "clusters": [{"name": "standin", "cluster": {"server": server}}],
+            "users": [{"name": "standin", "user": {}}],
+            "contexts": [{"name": "standin", "context": {"cluster": "standin", "user": "standin",
+                                                         "namespace": "hrnet"}}]}, f)
+    return path

@@ -19,13 +19,14 @@ import pytest
 import two_workers
 import yaml
 from helpers import TINY_CONFIG, write_images
-from k8s_standin import Cluster
+from k8s_standin import Cluster, write_kubeconfig
 
 from hrnet import storage
 from hrnet.errors import HrnetError
 from hrnet.runtime import cluster as names
 from hrnet.runtime import job_objects, jobs
 from hrnet.runtime.launch import expand_tf_config
+from hrnet.serving import deploy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECRETS = {names.OBJECT_STORE_SECRET: {"endpoint": "http://127.0.0.1:1", "accesskey": "a", "secretkey": "b"}}
@@ -122,7 +123,7 @@ def test_the_job_objects_are_valid_and_shaped_like_the_single_pod_step(target):
                                   "template": template}, "1.28", strict=True)
 
 
-def test_the_role_grants_exactly_what_the_launcher_calls():
+def test_the_role_grants_exactly_what_the_launcher_and_the_deploy_step_call():
     with open(os.path.join(ROOT, "manifests", "base", "rbac.yaml")) as f:
         role = next(d for d in yaml.safe_load_all(f) if d and d["kind"] == "Role")
     granted = {}
@@ -135,7 +136,7 @@ def test_the_role_grants_exactly_what_the_launcher_calls():
     # The launcher's calls, and besides them only get on pods (the rank table annotation) and
     # Argo's task results.
     expected = {("", "pods"): {"get"}, ("argoproj.io", "workflowtaskresults"): {"create", "patch"}}
-    for group, resource, verbs in jobs.PERMISSIONS:
+    for group, resource, verbs in jobs.PERMISSIONS + deploy.PERMISSIONS:
         expected.setdefault((group, resource), set()).update(verbs)
     assert granted == expected
 
@@ -334,17 +335,6 @@ def test_the_cli_submits_follows_and_reports_a_failure_in_one_line(tmp_path, chi
                                 "--devices", "3", "--image", "x", "--name", "n", "--", "true"], env=env,
                                capture_output=True, text=True, timeout=60)
         assert nodes.returncode == 2 and "devices (per node) must be 1, 2, 4 or 8" in nodes.stderr
-
-
-def write_kubeconfig(tmp_path, k8s):
-    path = tmp_path / "kubeconfig"
-    server = k8s.configuration().host if k8s else "http://127.0.0.1:1"
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "standin",
-        "clusters": [{"name": "standin", "cluster": {"server": server}}],
-        "users": [{"name": "standin", "user": {}}],
-        "contexts": [{"name": "standin", "context": {"cluster": "standin", "user": "standin", "namespace": "hrnet"}}]}))
-    return str(path)
 
 
 # ----------------------------------------------------------------------------- training on two nodes

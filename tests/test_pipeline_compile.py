@@ -258,10 +258,12 @@ def test_run_time_parameters(compiled):
                 "lr": "NUMBER_DOUBLE", "precision": "STRING", "image_size": "NUMBER_INTEGER",
                 "seed": "NUMBER_INTEGER", "train_config": "STRUCT", "checkpoint_uri": "STRING", "init_from": "STRING",
                 "export_onnx": "BOOLEAN", "datasets_uri": "STRING",
-                "nodes": "NUMBER_INTEGER", "job_timeout": "NUMBER_DOUBLE"}
+                "nodes": "NUMBER_INTEGER", "job_timeout": "NUMBER_DOUBLE", "deploy": "BOOLEAN",
+                "deploy_name": "STRING", "serving_runtime": "STRING"}
     assert {name: p["parameterType"] for name, p in params.items()} == expected
     assert params["devices"]["defaultValue"] == 1 and params["model"]["defaultValue"] == "w18"
     assert params["nodes"]["defaultValue"] == 1
+    assert params["deploy"]["defaultValue"] is False  # serving is asked for, never a surprise
 
 
 def test_the_run_form_describes_every_parameter(compiled):
@@ -328,3 +330,20 @@ def test_the_multi_node_launcher_asks_for_no_accelerator_and_is_named_after_the_
                   .get("condition", "")}
     assert conditions == {"int(inputs.parameter_values['pipelinechannel--nodes']) == 1",
                           "!(int(inputs.parameter_values['pipelinechannel--nodes']) == 1)"}
+
+
+@pytest.mark.parametrize("target", images.TARGETS)
+def test_deploy_runs_when_asked_once_evaluated_in_an_image_that_holds_kserve(compiled, target):
+    ir, _, _ = compiled[target]
+    gates = [t for name, spec in ir["components"].items() if name.startswith("comp-evaluate-export")
+             for t in spec["dag"]["tasks"].values() if t["componentRef"]["name"].startswith("comp-condition")]
+    assert len(gates) == 4  # two data sources x one or several servers
+    for gate in gates:
+        assert gate["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--deploy_model'] == true"
+        assert sorted(gate["dependentTasks"]) == ["evaluate", "export"]
+        (task,) = ir["components"][gate["componentRef"]["name"]]["dag"]["tasks"].values()
+        assert task["componentRef"]["name"].startswith("comp-deploy")
+        # Python 3.9 in the Ascend image cannot hold KServe's server: the cpu image serves.
+        serving = images.image_for("cpu" if target == "ascend" else target)
+        assert task["inputs"]["parameters"]["image"] == {"runtimeValue": {"constant": serving}}
+    assert trace_to_root(ir, "comp-deploy", "name") == {("root", "deploy_name")}

@@ -16,7 +16,8 @@ from pipelines.hrnet_pipeline import build_pipeline
 GOOD = dict(source_uri="/data/raw", tfrecords_uri="", model="w18_small_v1", devices=1, nodes=1,
             device="cpu",
             batch_size=32, epochs=1.0, train_steps=0, lr=0.0, precision="", image_size=32, seed=0,
-            train_config=dict(schedule="cosine", flip=False, area_range=[0.35, 1]), init_from="")
+            train_config=dict(schedule="cosine", flip=False, area_range=[0.35, 1]), init_from="", deploy_name="hrnet",
+            serving_runtime="tensorflow")
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +43,9 @@ def test_devices_3_fails_the_first_step_and_the_run_is_recorded(runs_dir, capfd)
 
 @pytest.mark.parametrize("change, message", [
     (dict(model="w99"), "unknown HRNet model 'w99'"),
+    (dict(deploy_name="HRNet"), "the InferenceService name 'HRNet' must be a DNS label"),
+    (dict(deploy_name="a" * 46), "at most 45 characters"),
+    (dict(serving_runtime="triton"), "unknown serving runtime 'triton'; choose one of tensorflow, hrnet"),
     (dict(source_uri=""), "give exactly one data source"),
     (dict(tfrecords_uri="s3://bucket/records"), "give exactly one data source"),
     (dict(source_uri="", tfrecords_uri="/no/such/records"), "tfrecords_uri '/no/such/records' is neither"),

@@ -166,7 +166,9 @@ class ApiUnreachable(HrnetError):
 API_OUTAGE = 600.0
 
 
-def _api(api_client: Any) -> Tuple[Any, Any, Any]:
+def connect(api_client: Any = None) -> Tuple[Any, Any, Any]:
+    """(ApiClient, CustomObjectsApi, CoreV1Api): ``api_client``'s, else the pod's service
+    account's, else the kubeconfig's."""
     from kubernetes import client as k8s
 
     if api_client is None:
@@ -205,7 +207,7 @@ class JobRunner:
 
         self.spec, self.out, self.interval = spec, out, interval
         self.ApiException = ApiException
-        self.api_client, self.custom, self.core = _api(api_client)
+        self.api_client, self.custom, self.core = connect(api_client)
         self.reported: Set[str] = set()
 
     def _reach(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

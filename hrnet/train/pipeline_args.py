@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Tuple
 
 from hrnet import configs
 from hrnet.runtime import check_devices, check_nodes
+from hrnet.serving.deploy import check_service
 from hrnet.storage import is_remote
 from hrnet.train.config import TrainConfig, field_types, flag
 
@@ -57,7 +58,8 @@ def _from_pipeline(name: str, value):
 
 
 def check_pipeline_parameters(source_uri: str, tfrecords_uri: str, devices: int, device: str,
-                              train_config: Dict[str, Any], nodes: int = 1, **fields) -> Tuple[str, Dict[str, Any]]:
+                              train_config: Dict[str, Any], nodes: int = 1, deploy_name: str = "hrnet",
+                              serving_runtime: str = "tensorflow", **fields) -> Tuple[str, Dict[str, Any]]:
     """Check a pipeline run's parameters before any pod asks for accelerators; ValueError
     naming the first bad one. ``fields``: the PIPELINE_FIELDS. Returns the data source to use
     ("convert": an image tree, "tfrecords": records converted before) and the train step's
@@ -80,6 +82,7 @@ def check_pipeline_parameters(source_uri: str, tfrecords_uri: str, devices: int,
         raise ValueError(f"init_from {init_from!r} is neither an s3:// / minio:// URI nor a path here (weights of "
                          "`hrnet import-weights` or `hrnet train`, or a PyTorch .pth)")
     configs.canonical_name(fields["model"])
+    check_service(deploy_name, serving_runtime)
     check_devices(devices)
     check_nodes(nodes)
     if nodes > 1 and tfrecords_uri and not is_remote(tfrecords_uri):
