@@ -152,3 +152,59 @@ def test_the_ascend_python_layer_runs_tf_2_6_on_python_3_9():
     assert re.search(r"versions 3\.9\.\d+ 2\.6\.5 2\.5\.0", output), output[-3000:]
     assert "13,187,464" in output  # w18_small_v1's official parameter count
     assert "step 3/3" in output and "saved_model.pb" in output and "hrnet.pb" in output
+
+
+def test_hrnet_serve_runs_in_the_cpu_image(bucket_runs, tmp_path):
+    """`hrnet serve` in the cpu image (what the deploy step's hrnet runtime runs) on the run's
+    export, over V1 and V2 from the host, on demo images it classifies far above chance."""
+    import base64
+    import json
+    import time
+    import urllib.error
+    import urllib.request
+
+    from s3server import free_port
+
+    from hrnet.data.demo import write_demo_data
+
+    workdir, _, _ = bucket_runs["records"]
+    (version,) = [root for root, _, files in os.walk(workdir) if "saved_model.pb" in files]
+    port = free_port()
+    started = docker("run", "-d", "--rm", "--network", "host", "-v", f"{os.path.dirname(version)}:/export:ro",
+                     CPU_IMAGE, "hrnet", "serve", "--model", "/export", "--port", str(port))
+    assert started.returncode == 0, started.stderr
+    container = started.stdout.strip()
+    url = f"http://127.0.0.1:{port}"
+
+    def post(path, body):
+        request = urllib.request.Request(url + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return json.load(answer)
+
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/v2/health/ready", timeout=5) as answer:
+                    if answer.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            logs = docker("logs", container, timeout=30)
+            assert time.monotonic() < deadline and docker("inspect", container, timeout=30).returncode == 0, \
+                (logs.stdout + logs.stderr)[-3000:]
+            time.sleep(1)
+        write_demo_data(str(tmp_path / "demo"))
+        root = tmp_path / "demo" / "validation"
+        images = [(root / c / f, c) for c in sorted(os.listdir(root)) for f in sorted(os.listdir(root / c))[:4]]
+        b64 = [base64.b64encode(path.read_bytes()).decode() for path, _ in images]
+        v1 = post("/v1/models/hrnet:predict", {"instances": [{"b64": b} for b in b64]})["predictions"]
+        right = sum(p["names"][0] == c for p, (_, c) in zip(v1, images))
+        assert right > 0.5 * len(images), (right, len(images))  # chance is 0.1
+        v2 = post("/v2/models/hrnet/infer", {"inputs": [{"name": "image_bytes", "datatype": "BYTES",
+                                                         "shape": [len(b64)], "data": b64}]})
+        classes = next(o for o in v2["outputs"] if o["name"] == "classes")
+        top = [classes["data"][i * classes["shape"][1]] for i in range(len(b64))]
+        assert top == [p["classes"][0] for p in v1]
+    finally:
+        docker("rm", "-f", container, timeout=60)
