@@ -17,8 +17,8 @@ from hrnet.errors import HrnetError, first_line
 
 # name -> (module, one-line help)
 COMMANDS = {
-    "info": ("hrnet.model.summary", "parameter count, GMACs and a per-stage summary of a model"),
-    "import-weights": ("hrnet.weights", "convert an official / timm PyTorch checkpoint to a TF checkpoint"),
+    "info": ("hrnet.info", "parameter count, GMACs and a per-stage summary of a model"),
+    "import-weights": ("hrnet.import_weights", "convert an official / timm PyTorch checkpoint to a TF checkpoint"),
     "demo-data": ("hrnet.data.demo", "write the bundled demo data set (handwritten digits) as JPEG folders"),
     "convert": ("hrnet.data.convert", "convert an image tree (ImageNet layout or class folders) to TFRecords"),
     "train": ("hrnet.train.loop", "train a model on TFRecords (cpu, gpu or npu)"),

@@ -214,20 +214,3 @@ def import_torch(model_name: str, checkpoint: str, output: str, num_classes: Opt
     log.info("imported %d tensors from %s into %s (%s, %d classes%s)", assigned, checkpoint, prefix, name,
              num_classes, ", classifier re-initialized" if reinit else "")
     return manifest
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help="config name or alias (w18, w18_small_v1, hrnet_w18, ...)")
-    parser.add_argument("--torch-checkpoint", required=True, metavar="FILE.pth",
-                        help="official HRNet-Image-Classification or timm state_dict")
-    parser.add_argument("--output", required=True, metavar="DIR", help="folder for the TF weight file")
-    parser.add_argument("--num-classes", type=int, default=None,
-                        help="re-initialize the classifier for K classes (fine-tuning); default: the checkpoint's")
-
-
-def run(args) -> int:
-    m = import_torch(args.model, args.torch_checkpoint, args.output, args.num_classes)
-    print("wrote %s/weights (%s, %d classes, %s params, classifier %s)"
-          % (args.output, m["model"], m["num_classes"], "{:,}".format(m["params"]), m["classifier"]))
-    return 0
-

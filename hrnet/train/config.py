@@ -45,8 +45,9 @@ def _f(default, help_text: str, **kw):
 @dataclass
 class TrainConfig:
     # What to train on and where to write.
-    data: str = _f("", "data set folder or URI (output of `hrnet convert`)")
-    out: str = _f("", "checkpoint folder or URI; an existing one is resumed from its latest checkpoint")
+    data: str = _f("", "data set folder or URI (output of `hrnet convert`); required, as a flag or in --config")
+    out: str = _f("", "checkpoint folder or URI; an existing one is resumed from its latest checkpoint; required, "
+                      "as a flag or in --config")
     model: str = _f("w18", "HRNet config: %s (or an alias: w18_s4, w30_s4, timm's hrnet_w18_small, ...), or a "
                            "YAML file" % ", ".join(configs.available()))
     num_classes: Optional[int] = _f(None, "number of classes (default: from the data set)")
@@ -311,7 +312,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help_text = meta.pop("help")
         kind = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if "default" not in help_text:
+        if "default" not in help_text and default != "":  # "" is no default worth printing: required
             help_text = "%s (default: %s)" % (help_text, default)
         if kind is bool:
             parser.add_argument(flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
