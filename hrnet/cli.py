@@ -50,13 +50,21 @@ def _stop(signum: int, frame) -> None:
     raise Stopped(signum)
 
 
+class _Parser(argparse.ArgumentParser):
+    """A bad flag is one line, as every other error is (argparse prints the whole usage
+    first: two dozen lines for train)."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")
+
+
 def build_parser(command: str) -> argparse.ArgumentParser:
     """The argument parser of one command (importing only its module)."""
     if command not in COMMANDS:
         raise CliError("unknown command %r; commands: %s" % (command, ", ".join(COMMANDS)))
     module_name, help_text = COMMANDS[command]
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog="hrnet " + command, description=help_text)
+    parser = _Parser(prog="hrnet " + command, description=help_text)
     module.add_arguments(parser)
     parser.set_defaults(_run=module.run)
     return parser

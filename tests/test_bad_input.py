@@ -25,7 +25,7 @@ def records(tmp_path_factory):
 def run(capsys, *argv):
     try:
         code = cli.main([str(a) for a in argv])
-    except SystemExit as e:  # argparse: its usage, then the one error line
+    except SystemExit as e:  # argparse: its one error line (hrnet.cli._Parser)
         code = e.code
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.startswith("hrnet ")]

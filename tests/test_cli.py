@@ -31,3 +31,21 @@ def test_train_help_names_what_is_required_and_no_empty_default():
     text = cli.build_parser("train").format_help()
     assert "(default: )" not in text
     assert " ".join(text.split()).count("required, as a flag or in --config") == 2  # --data and --out
+
+
+def _hrnet(*argv):
+    return subprocess.run([sys.executable, "-m", "hrnet", *argv], capture_output=True, text=True, timeout=120)
+
+
+def test_a_bad_flag_value_is_one_line_not_the_whole_usage():
+    done = _hrnet("train", "--data", "x", "--out", "y", "--batch-size", "abc")
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == ["hrnet train: error: argument --batch-size: invalid int value: 'abc' "
+                                        "(hrnet train --help lists the options)"]
+
+
+def test_a_uri_with_one_slash_is_named_as_a_mistyped_uri_not_a_missing_folder(tmp_path):
+    done = _hrnet("convert", "--src", "s3:/bucket/images", "--out", str(tmp_path / "out"))
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == ("hrnet convert: error: s3:/bucket/images is not a URI: write "
+                                                    "s3://bucket/prefix (two slashes)")

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from hrnet.data.images import Box
 from hrnet.errors import HrnetError
+from hrnet.storage.uris import local_path
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # Images, but of a type the converter does not take (animated, multi-page, vector, HDR...).
@@ -289,6 +290,7 @@ def make_plan(src: str, *, train_dir: Optional[str] = None, validation_dir: Opti
               label_offset: int = 0, seed: int = SHUFFLE_SEED) -> Plan:
     """List and check the whole input; raise HrnetError for anything wrong before work starts."""
     if not os.path.isdir(src):
+        local_path(src)  # a mistyped URI (s3:/...) is named as one
         raise FileNotFoundError(f"no such input folder: {src}")
     if label_offset not in (0, 1):
         raise ValueError("label_offset must be 0 (labels 0..N-1) or 1 (slim's 1..N, 0 = background)")

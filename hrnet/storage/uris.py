@@ -33,6 +33,9 @@ def is_remote(uri: str) -> bool:
 def _check_scheme(uri: str) -> None:
     if not isinstance(uri, str) or not uri:
         raise BadUriError(f"expected a URI or a local path, got {uri!r}")
+    short = re.match(r"^(s3|minio):/?(?!/)", uri)
+    if short:  # s3:/bucket would otherwise be a local folder of that name, "not found"
+        raise BadUriError(f"{uri} is not a URI: write {short.group(1)}://bucket/prefix (two slashes)")
     match = re.match(r"^([A-Za-z][A-Za-z0-9+.\-]*)://", uri)
     if match and not is_remote(uri) and match.group(1) != "file":
         raise BadUriError(f"unknown scheme {match.group(1)}:// in {uri}: use s3://bucket/prefix, "
