@@ -124,18 +124,21 @@ class MotoInProcess:
 
 class _ServerProcess:
     """A store run as a subprocess with its data in a temporary folder of its own, its output in
-    a log file there; ready once it lists buckets. Subclasses start ``self.proc``."""
+    a log file there; ready once it lists buckets. Subclasses start ``self.proc``.
+
+    A start that fails is tried again with fresh ports and a fresh folder (a port picked free
+    can be taken by another process before the server binds it, and SeaweedFS also binds each
+    port + 10000 for gRPC); the last failure says what the server's log ended with."""
 
     NAME = ""  # what the error says did not start
     LOG = ""  # the log file's name in the folder
+    TRIES = 3
 
     def __init__(self, prefix: str):
-        import tempfile
-
-        self.dir = tempfile.mkdtemp(prefix=prefix)
-        self.port = free_port()
+        self.prefix = prefix
         self.proc: Optional[subprocess.Popen] = None
-        self.log = open(os.path.join(self.dir, self.LOG), "wb")
+        self.dir = ""
+        self.log = None
 
     @staticmethod
     def _binary(name: str, package: str) -> str:
@@ -149,24 +152,37 @@ class _ServerProcess:
     def _ready(self) -> S3Server:
         """Wait until the store answers (its port opens before what is behind it is ready)."""
         server = S3Server(f"http://127.0.0.1:{self.port}", ACCESS_KEY, SECRET_KEY)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while True:
             try:
                 server.client().list_buckets()
                 return server
             except Exception:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"{self.NAME} did not start; its log: "
-                                       + os.path.join(self.dir, self.LOG)) from None
+                    self.log.flush()
+                    with open(os.path.join(self.dir, self.LOG), "rb") as f:
+                        tail = f.read()[-1500:].decode("utf-8", "replace")
+                    raise RuntimeError(f"{self.NAME} did not start; its log ended with:\n{tail}") from None
                 time.sleep(0.2)
 
     def start(self) -> S3Server:
-        try:
-            self._launch()
-            return self._ready()
-        except BaseException:
-            self.stop()  # never leave a server behind
-            raise
+        import tempfile
+
+        for attempt in range(self.TRIES):
+            self.dir = tempfile.mkdtemp(prefix=self.prefix)
+            self.port = free_port()
+            self.log = open(os.path.join(self.dir, self.LOG), "wb")
+            try:
+                self._launch()
+                return self._ready()
+            except RuntimeError:
+                self.stop()  # never leave a server behind
+                if attempt == self.TRIES - 1:
+                    raise
+            except BaseException:
+                self.stop()
+                raise
+        raise AssertionError("unreachable")
 
     def _launch(self) -> None:
         raise NotImplementedError
@@ -181,8 +197,10 @@ class _ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self.log.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.log is not None:
+            self.log.close()
+        if self.dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class SeaweedProcess(_ServerProcess):
