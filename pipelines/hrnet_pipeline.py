@@ -116,11 +116,10 @@ def build_pipeline(target: str = "ascend", image: Optional[str] = None, data_pvc
     ``data_pvc`` (None: none) is mounted at /data in the convert step, ``train_retries``: how
     often a failed train step is tried again (0: never)."""
     images.check_target(target)
-    image_given = image is not None
     image = image or images.image_for(target)
     device = TARGETS[target]["device"]
     # hrnet serve runs on KServe's Python server, which the Ascend image (Python 3.9) cannot hold.
-    serving_image = images.image_for("cpu") if target == "ascend" and not image_given else image
+    serving_image = images.image_for("cpu") if target == "ascend" else image
 
     @dsl.pipeline(name="evaluate-export", description="HRNet: evaluate and export the trained weights")
     def evaluate_export(dataset: Input[Dataset], model: Input[Model], export_onnx: bool, deploy_model: bool,

@@ -347,3 +347,11 @@ def test_deploy_runs_when_asked_once_evaluated_in_an_image_that_holds_kserve(com
         serving = images.image_for("cpu" if target == "ascend" else target)
         assert task["inputs"]["parameters"]["image"] == {"runtimeValue": {"constant": serving}}
     assert trace_to_root(ir, "comp-deploy", "name") == {("root", "deploy_name")}
+
+
+def test_an_ascend_pipeline_with_its_own_image_still_serves_from_the_cpu_image(tmp_path):
+    ir, _, _ = compile_ir(tmp_path, "ascend", image="registry.example/hrnet-ascend:custom")
+    (image,) = {t["inputs"]["parameters"]["image"]["runtimeValue"]["constant"]
+                for spec in ir["components"].values() for t in spec.get("dag", {}).get("tasks", {}).values()
+                if t["componentRef"]["name"].startswith("comp-deploy")}
+    assert image == images.image_for("cpu")

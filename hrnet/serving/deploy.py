@@ -19,7 +19,7 @@ InvalidSpec, with the failure's reason and message), or ``timeout`` passes (the 
 condition's last reason named). The kubernetes package is imported only here.
 
 manifests/kserve/inferenceservice.yaml is :func:`inference_service`'s object for users who apply
-it by hand (tests/test_manifests.py compares them).
+it by hand (tests/test_deploy.py compares them).
 """
 import argparse
 import logging
@@ -34,7 +34,7 @@ from hrnet.runtime import cluster
 log = logging.getLogger(__name__)
 
 GROUP, VERSION, PLURAL, KIND = "serving.kserve.io", "v1beta1", "inferenceservices", "InferenceService"
-# The API calls deploy makes: manifests/base/rbac.yaml grants exactly these (tests/test_manifests.py).
+# The API calls deploy makes: manifests/base/rbac.yaml grants exactly these (tests/test_jobs.py).
 PERMISSIONS = ((GROUP, PLURAL, ("create", "get", "update")),)
 LABEL = "hrnet.io/inference-service"
 RUNTIMES = ("tensorflow", "hrnet")
