@@ -63,7 +63,7 @@ demo: $(DEMO_VENV)/.installed
 
 # Each prints its figure; model_throughput_keras3.py / gpu_check.sh are for GPU machines without TF.
 bench: setup
-	for b in model_throughput model_vs_timm convert_throughput input_throughput stream_startup; do $(BIN)/python benchmarks/$$b.py || exit 1; done
+	for b in model_throughput model_vs_timm convert_throughput input_throughput stream_startup serving_latency inference_runtimes; do $(BIN)/python benchmarks/$$b.py || exit 1; done
 
 # ---- images/ and manifests/ (infra) -------------------------------------------------------
 # `make images [IMAGE_TARGETS="cpu gpu ascend"] [REGISTRY=...] [TAG=...] [PUSH=1]`: the step images,

@@ -178,6 +178,7 @@ def export_model(checkpoint: str, out: str, atc_batch_size: int = 1, soc_version
             "model": ckpt["model"],
             "num_classes": ckpt["num_classes"],
             "image_size": size,
+            "class_names": names,  # for a runtime other than the SavedModel's classify_bytes (ONNX)
             "weights": picked["which"],
             "step": picked["step"],
             "saved_model": {

@@ -25,7 +25,7 @@ def exported(tiny_run, tmp_path_factory):
     from hrnet.export import export_model
 
     out = tmp_path_factory.mktemp("serving") / "export"
-    export_model(str(tiny_run / "ckpt"), str(out), onnx=False)
+    export_model(str(tiny_run / "ckpt"), str(out))  # with model.onnx where tf2onnx is installed
     return out
 
 
@@ -76,6 +76,49 @@ def test_predict_gives_evaluate_top1_and_reports_bad_images_without_stopping(tin
     (broken,) = [x for x in lines if "error" in x]
     assert broken["path"].endswith("broken.jpg") and broken["error"]
     assert all(len(x["classes"]) == 3 for x in lines if "error" not in x)
+
+
+def test_onnx_runtime_gives_the_savedmodels_top1_on_every_image(tiny_run, exported):
+    pytest.importorskip("onnxruntime")
+    from hrnet.serving.predict import predict
+
+    images = [p for p, _ in _validation(tiny_run)] + [str(tiny_run / "tree" / "train")]
+    rows = {}
+    for runtime in ("savedmodel", "onnxruntime"):
+        out = io.StringIO()
+        predict(str(exported), images, out, top_k=2, batch_size=5, progress=False, runtime=runtime)
+        rows[runtime] = _rows(out.getvalue())
+    assert len(rows["savedmodel"]) == len(rows["onnxruntime"]) > 50
+    for ours, theirs in zip(rows["savedmodel"], rows["onnxruntime"]):
+        assert (ours["path"], ours["class_1"], ours["name_1"]) == (theirs["path"], theirs["class_1"], theirs["name_1"])
+        assert abs(float(ours["probability_1"]) - float(theirs["probability_1"])) < 1e-5
+
+
+def test_auto_runtime_is_the_faster_one_whose_logits_agree_and_says_why(exported):
+    import numpy as np
+
+    from hrnet.errors import HrnetError
+    from hrnet.serving import runtimes
+    from hrnet.serving.exported import Exported
+
+    pytest.importorskip("onnxruntime")
+    loaded = Exported(str(exported))
+    assert loaded.runtime.name in ("savedmodel", "onnxruntime") and "faster here" in loaded.runtime.reason
+    manifest = loaded.manifest
+    # A model.onnx that computes something else is never picked, however fast.
+    choice, onnx = runtimes.choose("auto", str(exported), manifest, lambda x: loaded._savedmodel_logits(x) + 1.0)
+    assert (choice.name, onnx) == ("savedmodel", None) and "differ" in choice.reason
+    # An export without model.onnx serves on the SavedModel, or refuses when ONNX is asked for by name.
+    bare = {k: v for k, v in manifest.items() if k != "onnx"}
+    bare["onnx_skipped"] = "not asked for"
+    choice, _ = runtimes.choose("auto", str(exported), bare, loaded._savedmodel_logits)
+    assert choice == runtimes.Choice("savedmodel", "the export has no model.onnx (not asked for)")
+    with pytest.raises(HrnetError, match="runtime onnxruntime: the export has no model.onnx"):
+        runtimes.choose("onnxruntime", str(exported), bare, loaded._savedmodel_logits)
+    # Preprocessed images (the V1 / V2 tensor requests) give the same logits on both.
+    images = np.random.default_rng(1).standard_normal((3, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_allclose(Exported(str(exported), "onnxruntime").logits(images)["logits"],
+                               Exported(str(exported), "savedmodel").logits(images)["logits"], rtol=1e-4, atol=1e-5)
 
 
 def test_predict_command_refuses_what_it_cannot_read_in_one_line(tiny_run, exported, tmp_path):
@@ -135,6 +178,7 @@ def test_served_predictions_equal_predict_over_both_protocols(tiny_run, exported
     port, log = server
     # Ready only once loaded: the load's line is in the log before anything answered.
     assert "loaded " + str(exported) in log.read_text()
+    assert "with savedmodel (" in log.read_text() or "with onnxruntime (" in log.read_text()
     assert _request(port, "/v1/models/digits") == (200, {"name": "digits", "ready": True})
     images = _validation(tiny_run)
     encoded = [base64.b64encode(open(p, "rb").read()).decode() for p, _ in images]

@@ -5,6 +5,9 @@ The export's ``classify_bytes`` signature decodes and preprocesses in the graph,
 evaluation does, so a prediction here is the one ``hrnet evaluate`` counts. It decodes a
 whole batch at once: a batch holding an image it cannot decode fails as a whole, and is then
 classified one image at a time, so that only the bad image is reported.
+
+The network itself runs on the SavedModel or under ONNX Runtime (hrnet.serving.runtimes picks,
+and says which); decoding and cropping are TensorFlow's either way.
 """
 import json
 import logging
@@ -40,8 +43,10 @@ class BadImage:
 class Exported:
     """The SavedModel of an export, its signatures and what its manifest says of it."""
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, runtime: str = "auto"):
         import tensorflow as tf
+
+        from hrnet.serving import runtimes
 
         local = storage.local_input(uri)  # verified against the export's manifest
         with open(os.path.join(local, "manifest.json")) as f:
@@ -59,8 +64,37 @@ class Exported:
         self._classify = loaded.signatures["classify_bytes"]
         self._images = loaded.signatures["serving_default"]
         self.top_k = int(self._classify.structured_outputs["classes"].shape[-1])
-        log.info("loaded %s (%s, %d classes, %dx%d, version %d)", uri, manifest["model"], self.num_classes,
-                 self.image_size, self.image_size, self.version)
+        self.runtime, self._onnx = runtimes.choose(runtime, local, manifest, self._savedmodel_logits)
+        log.info("loaded %s (%s, %d classes, %dx%d, version %d) on %s: %s", uri, manifest["model"], self.num_classes,
+                 self.image_size, self.image_size, self.version, self.runtime.name, self.runtime.reason)
+
+    def _savedmodel_logits(self, images):
+        import tensorflow as tf
+
+        return self._images(images=tf.convert_to_tensor(images, dtype=tf.float32))["logits"].numpy()
+
+    def _decode(self, images: Sequence[bytes]):
+        """Encoded images -> float32 numpy [N, size, size, 3], as evaluation preprocesses them."""
+        import tensorflow as tf
+
+        from hrnet.data import preprocess_for_eval
+
+        if not hasattr(self, "_decoder"):
+            size = self.image_size
+            self._decoder = tf.function(lambda b: tf.map_fn(
+                lambda x: preprocess_for_eval(x, size), b,
+                fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32)),
+                input_signature=[tf.TensorSpec([None], tf.string)])
+        return self._decoder(tf.constant(list(images), dtype=tf.string)).numpy()
+
+    def _onnx_top_k(self, images: Sequence[bytes]):
+        """(classes, names, probabilities) of classify_bytes, with the network under ONNX Runtime."""
+        import numpy as np
+
+        probabilities = _softmax(self._onnx(self._decode(images)))
+        classes = np.argsort(-probabilities, axis=-1, kind="stable")[:, :self.top_k].astype(np.int32)
+        names = np.asarray(self.manifest["class_names"], dtype=object)[classes]
+        return classes, names, np.take_along_axis(probabilities, classes, axis=-1)
 
     def classify(self, images: Sequence[bytes]) -> List[Union[Prediction, BadImage]]:
         """The top-k of each encoded image (JPEG, PNG, BMP, GIF), in order."""
@@ -69,20 +103,35 @@ class Exported:
         if not images:
             return []
         try:
-            out = self._classify(image_bytes=tf.constant(list(images), dtype=tf.string))
+            if self._onnx is not None:
+                classes, names, probabilities = self._onnx_top_k(images)
+            else:
+                out = self._classify(image_bytes=tf.constant(list(images), dtype=tf.string))
+                classes, names, probabilities = (out["classes"].numpy(),
+                                                 [[n.decode("utf-8") for n in row] for row in out["names"].numpy()],
+                                                 out["probabilities"].numpy())
         except tf.errors.InvalidArgumentError as e:
             if len(images) == 1:
                 return [BadImage(first_line(e))]
             return [r for image in images for r in self.classify([image])]
-        classes, names, probabilities = (out["classes"].numpy(), out["names"].numpy(),
-                                         out["probabilities"].numpy())
-        return [Prediction([int(c) for c in classes[i]], [n.decode("utf-8") for n in names[i]],
+        return [Prediction([int(c) for c in classes[i]], [str(n) for n in names[i]],
                            [float(p) for p in probabilities[i]]) for i in range(len(images))]
 
     def logits(self, images) -> Dict[str, Any]:
         """``serving_default`` on preprocessed images (float32 [N, size, size, 3]): logits and
         probabilities as numpy arrays."""
+        import numpy as np
         import tensorflow as tf
 
+        if self._onnx is not None:
+            logits = self._onnx(np.asarray(images, dtype=np.float32))
+            return {"logits": logits, "probabilities": _softmax(logits)}
         out = self._images(images=tf.convert_to_tensor(images, dtype=tf.float32))
         return {k: v.numpy() for k, v in out.items()}
+
+
+def _softmax(logits):
+    import numpy as np
+
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return (shifted / shifted.sum(axis=-1, keepdims=True)).astype(np.float32)

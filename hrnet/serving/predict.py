@@ -115,7 +115,7 @@ def _top(prediction, k: int):
 
 
 def predict(model: str, inputs: List[str], out, fmt: str = "csv", top_k: int = 5, batch_size: int = 32,
-            progress: bool = True) -> Tuple[int, int]:
+            progress: bool = True, runtime: str = "auto") -> Tuple[int, int]:
     """Write a row per image to ``out``; returns (images classified, images that could not be)."""
     from tqdm import tqdm
 
@@ -126,7 +126,7 @@ def predict(model: str, inputs: List[str], out, fmt: str = "csv", top_k: int = 5
     sources, skipped = find_sources(inputs)
     if not sources:
         raise HrnetError("no image files in %s" % ", ".join(inputs))
-    exported = Exported(model)
+    exported = Exported(model, runtime)
     if top_k > exported.top_k:
         raise ValueError("--top-k %d: the export gives the top %d" % (top_k, exported.top_k))
     writer = _Writer(out, fmt, top_k)
@@ -159,13 +159,23 @@ def add_arguments(parser) -> None:
                         help="csv, or json: one JSON object per line (default: %(default)s)")
     parser.add_argument("--output", "-o", help="write the rows to this file (default: standard output)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_runtime_argument(parser)
+
+
+def add_runtime_argument(parser) -> None:
+    from hrnet.serving.runtimes import RUNTIMES
+
+    parser.add_argument("--runtime", choices=RUNTIMES, default="auto",
+                        help="what runs the network: the SavedModel, ONNX Runtime on model.onnx, or auto: the "
+                             "faster of the two on this machine where their logits agree (default: %(default)s)")
 
 
 def run(args) -> int:
     import contextlib
 
     with (open(args.output, "w", newline="") if args.output else contextlib.nullcontext(sys.stdout)) as out:
-        good, _ = predict(args.model, args.inputs, out, args.format, args.top_k, args.batch_size, args.progress)
+        good, _ = predict(args.model, args.inputs, out, args.format, args.top_k, args.batch_size, args.progress,
+                            args.runtime)
     if not good:
         print("hrnet predict: error: none of the images could be read", file=sys.stderr)
         return 2

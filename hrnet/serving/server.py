@@ -17,6 +17,8 @@
   decode, a tensor of the wrong shape) is a 400 naming the problem; the server goes on.
 
 KServe's server listens on every interface (0.0.0.0): in a pod that is what a Service needs.
+The network runs on the SavedModel or under ONNX Runtime (``--runtime``; by default the faster
+here where their logits agree: hrnet.serving.runtimes), and the log says which.
 Batching of concurrent requests is KServe's agent's (the InferenceService's ``batcher``), not
 this process's.
 """
@@ -29,6 +31,7 @@ import uuid
 from typing import Any, Dict, List
 
 from hrnet.errors import HrnetError
+from hrnet.serving.predict import add_runtime_argument
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +119,7 @@ def predict_v2(exported, inputs: Dict[str, Any]) -> Dict[str, Any]:
                      % (exported.image_size, exported.image_size, sorted(inputs) or "none"))
 
 
-def make_model(kserve, name: str, uri: str):
+def make_model(kserve, name: str, uri: str, runtime: str = "auto"):
     """A kserve.Model serving the export at ``uri``."""
     from kserve.errors import InvalidInput
     from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
@@ -129,7 +132,7 @@ def make_model(kserve, name: str, uri: str):
             self.exported = None
 
         def load(self) -> bool:
-            self.exported = Exported(uri)
+            self.exported = Exported(uri, runtime)
             self.ready = True
             return self.ready
 
@@ -153,12 +156,12 @@ def _v2_type(array) -> str:
     return {"int32": "INT32", "float32": "FP32", "object": "BYTES"}[str(array.dtype)]
 
 
-def serve(model: str, name: str = DEFAULT_NAME, port: int = DEFAULT_PORT) -> None:
+def serve(model: str, name: str = DEFAULT_NAME, port: int = DEFAULT_PORT, runtime: str = "auto") -> None:
     kserve = _kserve()
-    served = make_model(kserve, name, model)
+    served = make_model(kserve, name, model, runtime)
     served.load()
-    log.info("serving %s as %r on port %d (V1 /v1/models/%s:predict, V2 /v2/models/%s/infer)", model, name, port,
-             name, name)
+    log.info("serving %s as %r on port %d with %s (V1 /v1/models/%s:predict, V2 /v2/models/%s/infer)", model, name,
+             port, served.exported.runtime.name, name, name)
     kserve.ModelServer(http_port=port, enable_grpc=False, workers=1).start([served])
 
 
@@ -166,10 +169,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="the export (folder or URI) of `hrnet export`")
     parser.add_argument("--name", default=DEFAULT_NAME, help="the model's name in request paths (default: %(default)s)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="HTTP port (default: %(default)s)")
+    add_runtime_argument(parser)
 
 
 def run(args) -> int:
     if not 0 < args.port < 65536:
         raise ValueError("--port must be between 1 and 65535, got %d" % args.port)
-    serve(args.model, args.name, args.port)
+    serve(args.model, args.name, args.port, args.runtime)
     return 0
