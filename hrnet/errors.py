@@ -14,6 +14,11 @@ class BadValue(HrnetError, ValueError):
     """A parameter's value that cannot run (a ValueError too, for callers that check values)."""
 
 
+def with_article(word: str) -> str:
+    """The word with its indefinite article: "an export", "a checkpoint"."""
+    return ("an " if word[:1].lower() in "aeiou" else "a ") + word
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an error's message (TensorFlow's OpErrors carry it in ``.message``)."""
     text = (getattr(e, "message", None) or str(e)).strip().splitlines()

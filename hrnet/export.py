@@ -148,16 +148,22 @@ def export_model(checkpoint: str, out: str, atc_batch_size: int = 1, soc_version
     """Export the checkpoint at ``checkpoint`` into ``out``; returns the manifest.
     ``weights``: the run's "best" (by validation top-1, when it validated) or "last";
     ``version``: the SavedModel's folder, a positive integer or "step"."""
-    from hrnet.compat import set_mixed_precision
     from hrnet.manifest import file_entry, write_manifest
-    from hrnet.run_folder import load_checkpoint_model
+    from hrnet.run_folder import load_checkpoint_model, pick_weights, read_model_manifest
 
     if atc_batch_size < 1:
         raise ValueError("atc_batch_size must be >= 1, got %r" % atc_batch_size)
     if not _is_version(str(version)):
         raise ValueError("version must be a positive integer or 'step', got %r" % version)
-    set_mixed_precision("float32")  # serve in float32 whatever the training precision was
+    # Every refusal that needs no TensorFlow comes before it loads (seconds, not a moment).
     ckpt_dir = storage.local_input(checkpoint)
+    pick_weights(read_model_manifest(ckpt_dir), weights)
+    if not force:
+        storage.claim_output(out, "export", mark=False)
+
+    from hrnet.compat import set_mixed_precision
+
+    set_mixed_precision("float32")  # serve in float32 whatever the training precision was
     model, ckpt, picked = load_checkpoint_model(ckpt_dir, which=weights)
     size = ckpt["image_size"]
     names = _class_names(ckpt_dir, ckpt["num_classes"])

@@ -18,7 +18,7 @@ import shutil
 from typing import Any, Dict, Optional
 
 from hrnet import storage
-from hrnet.errors import HrnetError
+from hrnet.errors import HrnetError, with_article
 from hrnet.fileio import atomic_write, replacing
 
 log = logging.getLogger(__name__)
@@ -160,8 +160,8 @@ def read_model_manifest(checkpoint_dir: str) -> Dict[str, Any]:
 
     manifest = read_manifest(checkpoint_dir)
     if manifest.get("kind") not in MODEL_KINDS:
-        raise HrnetError("%s holds a %r output, not a model (the output of `hrnet train` or `hrnet import-weights`)"
-                         % (checkpoint_dir, manifest.get("kind")))
+        raise HrnetError("%s holds %s output, not a model (the output of `hrnet train` or `hrnet import-weights`)"
+                         % (checkpoint_dir, with_article(str(manifest.get("kind") or "unknown"))))
     if manifest["kind"] == "weights":
         manifest = dict(manifest, image_size=manifest.get("image_size", IMPORTED_IMAGE_SIZE))
     return manifest

@@ -154,6 +154,18 @@ def test_run_local_refuses_nan(capsys):
     assert e.value.code == 2 and "finite number" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, words", [(["--model", "nope"], "unknown HRNet model 'nope'"),
+                                          (["--devices", "3"], "devices"),
+                                          (["--deploy-name", "Not_A_Name"], "name 'Not_A_Name' must be a DNS label")])
+def test_run_local_refuses_a_bad_parameter_in_one_line_before_the_pipeline_starts(tmp_path, capsys, flags, words):
+    from pipelines.__main__ import main
+
+    code = main(["run-local", "--workdir", str(tmp_path / "w"), *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and words in err and "Traceback" not in err, err
+    assert not (tmp_path / "w").exists()  # nothing written: not even the demo data
+
+
 def test_an_unreadable_class_folder_is_named_not_called_empty(tmp_path, capsys, monkeypatch):
     """(The tests run as root, whom file modes do not stop: the permission check is faked.)"""
 

@@ -49,3 +49,35 @@ def test_a_uri_with_one_slash_is_named_as_a_mistyped_uri_not_a_missing_folder(tm
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == ("hrnet convert: error: s3:/bucket/images is not a URI: write "
                                                     "s3://bucket/prefix (two slashes)")
+
+
+# `hrnet export`'s refusals, each in a fresh interpreter that then says whether TensorFlow came in.
+EXPORT_PROBE = r'''
+import json, sys
+from hrnet import cli
+code = cli.main(["export", "--checkpoint", sys.argv[1], "--out", sys.argv[2]])
+print(json.dumps({"code": code, "tensorflow": "tensorflow" in sys.modules}))
+'''
+
+
+def test_export_refuses_a_bad_checkpoint_or_an_occupied_output_before_tensorflow_loads(tmp_path):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "manifest.json").write_text(json.dumps({"kind": "weights", "model": "w18", "num_classes": 10,
+                                                       "weights": "weights"}))
+    taken = tmp_path / "records"
+    taken.mkdir()
+    (taken / "manifest.json").write_text(json.dumps({"kind": "tfrecords"}))
+    exported = tmp_path / "export"
+    exported.mkdir()
+    (exported / "manifest.json").write_text(json.dumps({"kind": "export"}))
+    for checkpoint, out, words in (
+            (tmp_path / "missing", tmp_path / "new", "no such directory: %s" % (tmp_path / "missing")),
+            (exported, tmp_path / "new", "holds an export output, not a model"),
+            (weights, taken, "already holds a tfrecords output (its manifest.json), not an export: refusing")):
+        done = subprocess.run([sys.executable, "-c", EXPORT_PROBE, str(checkpoint), str(out)], capture_output=True,
+                              text=True, timeout=120)
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        assert result == {"code": 2, "tensorflow": False}, done.stderr[-2000:]
+        assert words in done.stderr.strip().splitlines()[-1], done.stderr
+    assert not (tmp_path / "new").exists()

@@ -9,7 +9,7 @@ import shutil
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
-from hrnet.errors import IncompleteError
+from hrnet.errors import IncompleteError, with_article
 from hrnet.fileio import atomic_write
 from hrnet.manifest import MANIFEST
 from hrnet.storage import folders, lease, objects
@@ -137,13 +137,13 @@ def _check_owner(uri: str, kind: str, names: List[str], owner: Optional[Dict[str
     if manifest is not None:
         found = manifest.get("kind")
         if found != kind:
-            raise OwnershipError(f"{uri} already holds a {found or 'foreign'} output (its {MANIFEST}), not a {kind}: "
-                                 "refusing to overwrite it; write to a new location")
+            raise OwnershipError(f"{uri} already holds {with_article(found or 'foreign')} output (its {MANIFEST}), "
+                                 f"not {with_article(kind)}: refusing to overwrite it; write to a new location")
         return
     if owner is not None:
         if owner.get("kind") != kind:
-            raise OwnershipError(f"{uri} holds an unfinished {owner.get('kind') or 'unknown'} output, not a {kind}: "
-                                 "refusing to write into it; write to a new location")
+            raise OwnershipError(f"{uri} holds an unfinished {owner.get('kind') or 'unknown'} output, "
+                                 f"not {with_article(kind)}: refusing to write into it; write to a new location")
         return
     if names:
         raise OwnershipError(f"{uri} is not empty and is not an hrnet {kind} output: it holds "
