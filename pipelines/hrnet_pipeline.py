@@ -61,7 +61,7 @@ STEP_RESOURCES = {
 def _pod_policy(task):
     """Every step runs as the images' user, never as root (KFP's compiler and backend add
     allowPrivilegeEscalation=false, all capabilities dropped and the RuntimeDefault seccomp
-    profile themselves; a read-only root file system KFP cannot express: README), and may
+    profile themselves; a read-only root file system KFP cannot express: docs/cluster.md), and may
     reach the object store (its launcher uploads the step's artifacts there):
     manifests/minio/networkpolicy.yaml admits pods with this label."""
     kubernetes.set_security_context(task, run_as_user=images.RUN_AS_USER, run_as_non_root=True)

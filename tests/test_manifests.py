@@ -24,7 +24,7 @@ MANIFESTS = ROOT / "manifests"
 PLAIN = ("base", "secrets", "minio", "ascend-jobs", "volcano", "kserve")
 OVERLAYS = sorted(p.parent.name for p in (MANIFESTS / "overlays").glob("*/kustomization.yaml"))
 NAMESPACE = "hrnet"
-# The oldest Kubernetes the manifests are written for (README.md, Deploy), and the newest schema known.
+# The oldest Kubernetes the manifests are written for (docs/cluster.md), and the newest schema known.
 KUBERNETES_VERSIONS = ("1.27", kubernetes_validate.latest_version())
 CORE_GROUPS = ("v1", "apps/v1", "batch/v1", "rbac.authorization.k8s.io/v1", "networking.k8s.io/v1")
 ASCEND = "huawei.com/Ascend910"

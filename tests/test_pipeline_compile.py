@@ -280,7 +280,7 @@ def test_the_run_form_describes_every_parameter(compiled):
 def test_the_three_ways_to_compile_agree(tmp_path):
     """``python -m pipelines compile`` and ``kfp dsl compile --py`` give the same IR. KFP's
     CLI puts only the file's folder on the path: the checkout's root comes from PYTHONPATH,
-    as the README says (components/ and pipelines/ are not installed)."""
+    as docs/cluster.md says (components/ and pipelines/ are not installed)."""
     env = dict(os.environ, HRNET_TARGET="gpu", PYTHONPATH=ROOT)
     ours, theirs = tmp_path / "ours.yaml", tmp_path / "kfp.yaml"
     subprocess.run([sys.executable, "-m", "pipelines", "compile", "--target", "gpu", "-o", str(ours)],
