@@ -101,15 +101,18 @@ def _boolean(value: str) -> bool:
 def submit(host: str, package: str, arguments: Dict[str, Any], experiment: str = "hrnet",
            run_name: Optional[str] = None, namespace: Optional[str] = None,
            service_account: Optional[str] = images.SERVICE_ACCOUNT, enable_caching: Optional[bool] = None,
-           wait: bool = False) -> Dict[str, Any]:
-    """Create a run of a compiled pipeline through kfp.Client; returns run id and state."""
+           wait: bool = False, token: Optional[str] = None, cookies: Optional[str] = None) -> Dict[str, Any]:
+    """Create a run of a compiled pipeline through kfp.Client; returns run id and state.
+    ``token`` (a bearer token) and ``cookies`` (e.g. Dex's ``authservice_session=...``) are
+    for a multi-user Kubeflow, as kfp.Client takes them; neither is ever printed."""
     import urllib3
     from kfp import Client
+    from kfp_server_api.exceptions import ApiException
 
     # kfp.Client warns on every start that it needs a v2 API server; that is all we support.
     warnings.filterwarnings("ignore", message="This client only works", category=FutureWarning)
     try:
-        client = Client(host=host, namespace=namespace)
+        client = Client(host=host, namespace=namespace, existing_token=token, cookies=cookies)
         result = client.create_run_from_pipeline_package(
             package, arguments=arguments, run_name=run_name, experiment_name=experiment, namespace=namespace,
             enable_caching=enable_caching, service_account=service_account or None)
@@ -118,8 +121,39 @@ def submit(host: str, package: str, arguments: Dict[str, Any], experiment: str =
             state = result.wait_for_run_completion().state
     except urllib3.exceptions.HTTPError as e:
         raise UsageError(f"cannot reach Kubeflow Pipelines at {host}: {_reason(e)}") from None
+    except ApiException as e:
+        if e.status in (401, 403):
+            hint = ("the token or cookies were refused" if token or cookies else
+                    "a multi-user Kubeflow needs --token-file or --cookies-file, and --namespace")
+            raise UsageError(f"Kubeflow Pipelines at {host} refused the request ({e.status} {e.reason}): "
+                             f"{hint}") from None
+        raise UsageError(f"Kubeflow Pipelines at {host} answered {e.status} {e.reason}: {_api_message(e)}") from None
     return {"run_id": result.run_id, "url": "{}/#/runs/details/{}".format(host.rstrip("/"), result.run_id),
             "state": state}
+
+
+def _api_message(error) -> str:
+    """The API server's own message (KFP's JSON error body), on one line."""
+    try:
+        body = json.loads(error.body or "{}")
+    except ValueError:
+        body = {}
+    message = body.get("message") or body.get("error") or str(error.body or "")
+    return " ".join(str(message).split())[:300]
+
+
+def _secret_file(path: Optional[str], what: str) -> Optional[str]:
+    """The secret a file holds (a file, not a flag: a flag's value shows in `ps` and the shell's history)."""
+    if not path:
+        return None
+    try:
+        with open(path) as f:
+            value = f.read().strip()
+    except OSError as e:
+        raise UsageError(f"cannot read the {what} file {path}: {e.strerror}") from None
+    if not value:
+        raise UsageError(f"the {what} file {path} is empty")
+    return value
 
 
 def _reason(error: Exception) -> str:
@@ -136,7 +170,8 @@ def _submit(args) -> int:
             raise UsageError(f"no such pipeline package: {package}")
         run = submit(args.host, package, arguments, experiment=args.experiment, run_name=args.run_name,
                      namespace=args.namespace, service_account=args.service_account,
-                     enable_caching=False if args.no_cache else None, wait=args.wait)
+                     enable_caching=False if args.no_cache else None, wait=args.wait,
+                     token=_secret_file(args.token_file, "token"), cookies=_secret_file(args.cookies_file, "cookies"))
     print("submitted run {}: {}".format(run["run_id"], run["url"]))
     if args.wait:
         print("run {} finished: {}".format(run["run_id"], run["state"]))
@@ -289,6 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", default="hrnet", help="experiment name (default hrnet)")
     p.add_argument("--run-name", help="run name (default: package name and time)")
     p.add_argument("--namespace", help="the user's namespace on a multi-user KFP")
+    p.add_argument("--token-file", metavar="FILE",
+                   help="a file holding a bearer token for a multi-user Kubeflow (e.g. `kubectl create token` of a "
+                        "ServiceAccount with access to the namespace); in a pod, kfp uses its own ServiceAccount's")
+    p.add_argument("--cookies-file", metavar="FILE",
+                   help="a file holding the session cookies of a Kubeflow behind Dex/oauth2-proxy, as the browser "
+                        "sends them (e.g. authservice_session=...)")
     p.add_argument("--service-account", default=images.SERVICE_ACCOUNT,
                    help=f"ServiceAccount of the run's pods (default {images.SERVICE_ACCOUNT}, which may read pods "
                         "for the Ascend rank table; '' for the KFP default)")

@@ -15,6 +15,18 @@ class FakeKfpApi(BaseHTTPRequestHandler):
 
     requests = []
     run_state = "SUCCEEDED"
+    require = None  # (header, value) every request must carry, as a multi-user Kubeflow's gateway asks
+
+    def _refused(self) -> bool:
+        if self.require is None or self.headers.get(self.require[0]) == self.require[1]:
+            return False
+        data = json.dumps({"error": "unauthenticated", "code": 16, "message": "no valid credentials"}).encode()
+        self.send_response(401)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        return True
 
     def _reply(self, body):
         data = json.dumps(body).encode()
@@ -26,6 +38,8 @@ class FakeKfpApi(BaseHTTPRequestHandler):
 
     def do_GET(self):
         self.requests.append(("GET", self.path, None))
+        if self._refused():
+            return
         if self.path.startswith("/apis/v2beta1/healthz"):
             return self._reply({"multi_user": False})
         if self.path.startswith("/apis/v2beta1/runs/"):
@@ -35,6 +49,8 @@ class FakeKfpApi(BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
         self.requests.append(("POST", self.path, body))
+        if self._refused():
+            return
         if self.path.startswith("/apis/v2beta1/experiments"):
             return self._reply({"experiment_id": "exp-1", "display_name": body.get("display_name")})
         if self.path.startswith("/apis/v2beta1/runs"):
@@ -48,6 +64,7 @@ class FakeKfpApi(BaseHTTPRequestHandler):
 @pytest.fixture
 def kfp_api():
     FakeKfpApi.requests = []
+    FakeKfpApi.require = None
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeKfpApi)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -131,3 +148,28 @@ def test_missing_package_is_reported(tmp_path, capsys):
     code = main(["submit", "--host", "http://127.0.0.1:1", "--package", str(tmp_path / "nope.yaml")])
     assert code == 2
     assert "no such pipeline package" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, header, secret", [("--token-file", "Authorization", "Bearer tok-3f9a1c"),
+                                                  ("--cookies-file", "Cookie", "authservice_session=ses-77b2e0")])
+def test_submit_to_a_multi_user_kubeflow_sends_the_token_or_cookies_and_never_prints_them(
+        kfp_api, tmp_path, capsys, flag, header, secret):
+    host, api = kfp_api
+    api.require = (header, secret)
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(secret.replace("Bearer ", "") + "\n")
+    args = ["submit", "--host", host, "--target", "cpu", "--namespace", "alice", "-p", "source_uri=/data/x"]
+
+    assert main(args) == 2  # without credentials: one line saying what a multi-user Kubeflow needs
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and "refused the request (401" in err and "--token-file or --cookies-file" in err
+    assert "Traceback" not in err
+
+    assert main(args + [flag, str(secret_file)]) == 0
+    out, err = capsys.readouterr()
+    assert "submitted run run-1" in out
+    (_, _, run), = [r for r in api.requests if r[0] == "POST" and r[1].endswith("/runs")]
+    assert secret.split("-")[-1] not in out + err + json.dumps(run)
+
+    secret_file.write_text("")
+    assert main(args + [flag, str(secret_file)]) == 2 and "is empty" in capsys.readouterr().err
