@@ -49,12 +49,23 @@ def _class_names(checkpoint_dir: str, num_classes: int) -> List[str]:
     return names
 
 
+def decode_batch(image_bytes, image_size: int):
+    """Encoded images (string [N]) -> float32 [N, size, size, 3], as evaluation preprocesses
+    them: the classify_bytes signature's first half, and what a runtime other than the
+    SavedModel's is fed (hrnet.serving.exported)."""
+    import tensorflow as tf
+
+    from hrnet.data import preprocess_for_eval
+
+    return tf.map_fn(lambda b: preprocess_for_eval(b, image_size), image_bytes,
+                     fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32))
+
+
 def build_serving_module(model, image_size: int, class_names: List[str]):
     """A tf.Module holding the model and the two serving functions."""
     import tensorflow as tf
 
     from hrnet.compat import tf_variable
-    from hrnet.data import preprocess_for_eval
 
     k = min(TOP_K, len(class_names))
 
@@ -73,8 +84,7 @@ def build_serving_module(model, image_size: int, class_names: List[str]):
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
         def classify_bytes(self, image_bytes):
-            images = tf.map_fn(lambda b: preprocess_for_eval(b, image_size), image_bytes,
-                               fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32))
+            images = decode_batch(image_bytes, image_size)
             probabilities = tf.nn.softmax(tf.cast(self.model(images, training=False), tf.float32))
             top = tf.math.top_k(probabilities, k=k)
             return {"classes": top.indices, "names": tf.gather(self.class_names, top.indices),

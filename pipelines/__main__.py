@@ -272,15 +272,14 @@ def run_local(workdir: str, runner: str = "subprocess", source_uri: str = "", tf
 
 
 def _run_local(args) -> int:
-    from hrnet.train.pipeline_args import PIPELINE_FIELDS, check_pipeline_parameters
+    from hrnet.train.pipeline_args import check_pipeline_parameters
 
     params = {name: getattr(args, name) for name in parameters.NAMES}
     # The validate step's own check, here first: a bad value is one line and exit 2 before
     # the pipeline starts, not a failed step's traceback (the demo data stands for no source).
-    check_pipeline_parameters(source_uri=params["source_uri"] or ("" if params["tfrecords_uri"] else "demo"),
-                              tfrecords_uri=params["tfrecords_uri"], devices=params["devices"], nodes=params["nodes"],
-                              device="cpu", train_config=params["train_config"], deploy_name=params["deploy_name"],
-                              serving_runtime=params["serving_runtime"], **{n: params[n] for n in PIPELINE_FIELDS})
+    demo = "" if params["source_uri"] or params["tfrecords_uri"] else "demo"
+    check_pipeline_parameters(**parameters.validate_arguments(dict(params, source_uri=params["source_uri"] or demo),
+                                                              "cpu"))
     result = run_local(args.workdir, runner=args.runner, console=None if args.verbose else sys.stdout, **params)
     data = args.source_uri or args.tfrecords_uri or "the demo digits"
     print()

@@ -33,7 +33,6 @@ from components.reference import reference_records
 from components.train import train
 from components.train_job import train_job
 from components.validate import validate
-from hrnet.train.pipeline_args import PIPELINE_FIELDS
 from pipelines import parameters
 
 PIPELINE_NAME = "hrnet-classification"
@@ -162,10 +161,7 @@ def build_pipeline(target: str = "ascend", image: Optional[str] = None, data_pvc
         _configure(record_task, "record-run", image, secret=False)
         record_task.set_caching_options(False)
         with dsl.ExitHandler(record_task, name="hrnet-run"):
-            check = validate(source_uri=run["source_uri"], tfrecords_uri=run["tfrecords_uri"], devices=run["devices"],
-                             nodes=run["nodes"], device=device, train_config=run["train_config"],
-                             deploy_name=run["deploy_name"], serving_runtime=run["serving_runtime"],
-                             **{name: run[name] for name in PIPELINE_FIELDS})
+            check = validate(**parameters.validate_arguments(run, device))
             _configure(check, "validate", image, secret=False)
             check.set_caching_options(False)
             rest = dict(config=check.outputs["config"], devices=run["devices"], nodes=run["nodes"],

@@ -65,6 +65,11 @@ class Exported:
         self._images = loaded.signatures["serving_default"]
         self.top_k = int(self._classify.structured_outputs["classes"].shape[-1])
         self.runtime, self._onnx = runtimes.choose(runtime, local, manifest, self._savedmodel_logits)
+        if self._onnx is not None:
+            from hrnet.export import decode_batch
+
+            self._decoder = tf.function(lambda b: decode_batch(b, self.image_size),
+                                        input_signature=[tf.TensorSpec([None], tf.string)])
         log.info("loaded %s (%s, %d classes, %dx%d, version %d) on %s: %s", uri, manifest["model"], self.num_classes,
                  self.image_size, self.image_size, self.version, self.runtime.name, self.runtime.reason)
 
@@ -74,17 +79,9 @@ class Exported:
         return self._images(images=tf.convert_to_tensor(images, dtype=tf.float32))["logits"].numpy()
 
     def _decode(self, images: Sequence[bytes]):
-        """Encoded images -> float32 numpy [N, size, size, 3], as evaluation preprocesses them."""
+        """Encoded images -> float32 numpy [N, size, size, 3], as the export's classify_bytes decodes them."""
         import tensorflow as tf
 
-        from hrnet.data import preprocess_for_eval
-
-        if not hasattr(self, "_decoder"):
-            size = self.image_size
-            self._decoder = tf.function(lambda b: tf.map_fn(
-                lambda x: preprocess_for_eval(x, size), b,
-                fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32)),
-                input_signature=[tf.TensorSpec([None], tf.string)])
         return self._decoder(tf.constant(list(images), dtype=tf.string)).numpy()
 
     def _onnx_top_k(self, images: Sequence[bytes]):
