@@ -36,6 +36,11 @@ class UsageError(Exception):
     """Printed as one line, exit code 2."""
 
 
+# The oldest KFP backend that runs the compiled pipeline: its train step mounts emptyDirs
+# (/dev/shm, the data cache), which drivers before 2.3 do not know (kubeflow/pipelines#10913).
+KFP_BACKEND_MINIMUM = (2, 3)
+
+
 # ---------------------------------------------------------------------------- compile
 
 def compile_pipeline(target: str, output: str, image: Optional[str] = None,
@@ -113,6 +118,7 @@ def submit(host: str, package: str, arguments: Dict[str, Any], experiment: str =
     warnings.filterwarnings("ignore", message="This client only works", category=FutureWarning)
     try:
         client = Client(host=host, namespace=namespace, existing_token=token, cookies=cookies)
+        check_backend(backend_version(client), host)
         result = client.create_run_from_pipeline_package(
             package, arguments=arguments, run_name=run_name, experiment_name=experiment, namespace=namespace,
             enable_caching=enable_caching, service_account=service_account or None)
@@ -130,6 +136,42 @@ def submit(host: str, package: str, arguments: Dict[str, Any], experiment: str =
         raise UsageError(f"Kubeflow Pipelines at {host} answered {e.status} {e.reason}: {_api_message(e)}") from None
     return {"run_id": result.run_id, "url": "{}/#/runs/details/{}".format(host.rstrip("/"), result.run_id),
             "state": state}
+
+
+def backend_version(client) -> Optional[str]:
+    """The KFP backend's release (e.g. "2.5.0") from its healthz, or None where it does not say.
+    The API server answers ``tag_name``; through the UI's proxy (a port-forward of ml-pipeline-ui,
+    Kubeflow's gateway) it is ``apiServerTagName``. kfp.Client's healthz model drops both
+    fields, so the answer is read raw, with the client's own credentials."""
+    response = client._healthz_api.healthz_service_get_healthz(_preload_content=False)
+    try:
+        body = json.loads(response.data or b"{}")
+    except ValueError:
+        return None
+    return body.get("tag_name") or body.get("apiServerTagName") or None
+
+
+def check_backend(version: Optional[str], host: str) -> None:
+    """Refuses a backend older than KFP_BACKEND_MINIMUM; says on stderr when it cannot tell, or
+    when the backend is older than the kfp-kubernetes that compiled the pipeline (the steps'
+    security context came with it, and an older driver may refuse or drop it)."""
+    import importlib.metadata
+
+    release = re.match(r"v?(\d+)\.(\d+)", version or "")
+    if not release:
+        print(f"submit: Kubeflow Pipelines at {host} does not say its version; the pipeline needs "
+              f"{'.'.join(map(str, KFP_BACKEND_MINIMUM))} or later", file=sys.stderr)
+        return
+    found = tuple(int(part) for part in release.groups())
+    if found < KFP_BACKEND_MINIMUM:
+        raise UsageError(f"Kubeflow Pipelines at {host} is {version}; the pipeline needs "
+                         f"{'.'.join(map(str, KFP_BACKEND_MINIMUM))} or later (its train step mounts emptyDirs, "
+                         f"kubeflow/pipelines#10913)")
+    compiled = importlib.metadata.version("kfp-kubernetes")
+    if found < tuple(int(part) for part in compiled.split(".")[:2]):
+        print(f"submit: Kubeflow Pipelines at {host} is {version}, older than the kfp-kubernetes {compiled} that "
+              f"compiled the pipeline: if its steps fail on their securityContext, upgrade the backend "
+              f"(docs/cluster.md)", file=sys.stderr)
 
 
 def _api_message(error) -> str:

@@ -1,4 +1,5 @@
 """``python -m pipelines submit`` through kfp.Client, against a small stand-in for the KFP v2 REST API."""
+import importlib.metadata
 import json
 import socket
 import threading
@@ -9,6 +10,9 @@ import pytest
 from components import images
 from pipelines.__main__ import UsageError, main, parse_arguments
 
+# A backend of the kfp-kubernetes release that compiles the pipeline knows all it uses.
+COMPILER = importlib.metadata.version("kfp-kubernetes")
+
 
 class FakeKfpApi(BaseHTTPRequestHandler):
     """Answers the calls kfp.Client makes to create a run (healthz, experiments, runs) and records them."""
@@ -16,6 +20,8 @@ class FakeKfpApi(BaseHTTPRequestHandler):
     requests = []
     run_state = "SUCCEEDED"
     require = None  # (header, value) every request must carry, as a multi-user Kubeflow's gateway asks
+    # The API server's own answer (through the UI's proxy its fields are named otherwise).
+    healthz = healthz_default = {"multi_user": False, "tag_name": COMPILER, "commit_sha": "0" * 40}
 
     def _refused(self) -> bool:
         if self.require is None or self.headers.get(self.require[0]) == self.require[1]:
@@ -41,7 +47,7 @@ class FakeKfpApi(BaseHTTPRequestHandler):
         if self._refused():
             return
         if self.path.startswith("/apis/v2beta1/healthz"):
-            return self._reply({"multi_user": False})
+            return self._reply(self.healthz)
         if self.path.startswith("/apis/v2beta1/runs/"):
             return self._reply({"run_id": "run-1", "state": self.run_state})
         return self._reply({})  # experiment lookup by name: none yet
@@ -65,6 +71,7 @@ class FakeKfpApi(BaseHTTPRequestHandler):
 def kfp_api():
     FakeKfpApi.requests = []
     FakeKfpApi.require = None
+    FakeKfpApi.healthz = dict(FakeKfpApi.healthz_default)
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeKfpApi)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -125,6 +132,33 @@ def test_unreachable_host_is_one_clear_line(capsys):
     assert code == 2
     assert f"cannot reach Kubeflow Pipelines at http://127.0.0.1:{port}" in err
     assert "Traceback" not in err
+
+
+def test_a_backend_older_than_the_pipeline_needs_is_refused_before_a_run_is_made(kfp_api, capsys):
+    host, api = kfp_api
+    api.healthz = {"multi_user": False, "tag_name": "2.2.0"}
+    code = main(["submit", "--host", host, "--target", "cpu", "-p", "source_uri=/data/x"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip().splitlines() == [
+        f"python -m pipelines submit: error: Kubeflow Pipelines at {host} is 2.2.0; the pipeline needs 2.3 or "
+        "later (its train step mounts emptyDirs, kubeflow/pipelines#10913)"]
+    assert not [r for r in api.requests if r[0] == "POST"]
+
+
+@pytest.mark.parametrize("healthz, warning", [
+    # Through ml-pipeline-ui's proxy (a port-forward of the UI, Kubeflow's gateway) the field is renamed.
+    ({"apiServerTagName": COMPILER, "apiServerMultiUser": False, "multi_user": False}, None),
+    ({"multi_user": False}, "does not say its version; the pipeline needs 2.3 or later"),
+    ({"multi_user": False, "tag_name": "2.3.1"}, "older than the kfp-kubernetes"),
+])
+def test_backend_version_from_either_healthz_answer(kfp_api, capsys, healthz, warning):
+    host, api = kfp_api
+    api.healthz = healthz
+    assert main(["submit", "--host", host, "--target", "cpu", "-p", "source_uri=/data/x"]) == 0
+    err = capsys.readouterr().err
+    assert (warning in err) if warning else "submit:" not in err, err
+    assert [r for r in api.requests if r[0] == "POST" and r[1].endswith("/runs")]
 
 
 def test_parameters_are_typed_and_checked():
