@@ -62,7 +62,7 @@ def _pod_policy(task):
     allowPrivilegeEscalation=false, all capabilities dropped and the RuntimeDefault seccomp
     profile themselves; a read-only root file system KFP cannot express: docs/cluster.md), and may
     reach the object store (its launcher uploads the step's artifacts there):
-    manifests/minio/networkpolicy.yaml admits pods with this label."""
+    the NetworkPolicy of manifests/seaweedfs (or minio) admits pods with this label."""
     kubernetes.set_security_context(task, run_as_user=images.RUN_AS_USER, run_as_non_root=True)
     kubernetes.add_pod_label(task, *images.OBJECT_STORE_CLIENT_LABEL)
     return task

@@ -70,6 +70,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_grpc_port() -> int:
+    """A free port whose gRPC twin (SeaweedFS listens on port + 10000 too) is free and valid."""
+    for _ in range(200):
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair (port, port + 10000) on 127.0.0.1")
+
+
 def wait_for_port(port: int, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -170,7 +185,7 @@ class _ServerProcess:
 
         for attempt in range(self.TRIES):
             self.dir = tempfile.mkdtemp(prefix=self.prefix)
-            self.port = free_port()
+            self.port = free_grpc_port()  # SeaweedFS: its S3 gRPC port is this + 10000
             self.log = open(os.path.join(self.dir, self.LOG), "wb")
             try:
                 self._launch()
@@ -224,7 +239,7 @@ class SeaweedProcess(_ServerProcess):
                 {"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
                 "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}, f)
         os.makedirs(os.path.join(self.dir, "data"))
-        ports = {name: free_port() for name in ("master", "volume", "filer")}
+        ports = {name: free_grpc_port() for name in ("master", "volume", "filer")}
         self.proc = subprocess.Popen(
             [weed, "mini", "-dir=" + os.path.join(self.dir, "data"), "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
              "-master.telemetry=false", "-s3.config=" + config, f"-s3.port={self.port}",

@@ -21,7 +21,7 @@ from hrnet import cli
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "manifests"
 # The folders users apply with `kubectl apply -f manifests/<folder>`.
-PLAIN = ("base", "secrets", "minio", "ascend-jobs", "volcano", "kserve")
+PLAIN = ("base", "secrets", "seaweedfs", "minio", "ascend-jobs", "volcano", "kserve")
 OVERLAYS = sorted(p.parent.name for p in (MANIFESTS / "overlays").glob("*/kustomization.yaml"))
 NAMESPACE = "hrnet"
 # The oldest Kubernetes the manifests are written for (docs/cluster.md), and the newest schema known.
@@ -364,25 +364,34 @@ def test_only_its_own_folder_holds_the_secrets_so_a_re_apply_never_resets_them()
         assert "Secret" not in {d["kind"] for d in build(MANIFESTS / "overlays" / name)}, name
 
 
-def test_only_object_store_clients_reach_minio_and_nobody_its_console():
-    objects = {key(d): d for d in folder_objects("minio")}
-    policy = objects[("NetworkPolicy", "minio")]["spec"]
-    server = objects[("Deployment", "minio")]["spec"]["template"]["metadata"]["labels"]
+# The in-cluster stores: each folder's server Deployment and the port of its S3 API in the pod.
+STORES = {"seaweedfs": 8333, "minio": 9000}
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_only_object_store_clients_reach_the_store_and_nobody_its_other_ports(store):
+    objects = {key(d): d for d in folder_objects(store)}
+    policy = objects[("NetworkPolicy", store)]["spec"]
+    server = objects[("Deployment", store)]["spec"]["template"]["metadata"]["labels"]
     assert policy["podSelector"]["matchLabels"].items() <= server.items()
-    assert objects[("Service", "minio")]["spec"]["selector"].items() <= server.items()
+    assert objects[("Service", "object-store")]["spec"]["selector"].items() <= server.items()
     assert policy["policyTypes"] == ["Ingress"]
     (rule,) = policy["ingress"]
-    assert [p["port"] for p in rule["ports"]] == [9000]  # the API; the console (9001) from nobody
+    # The S3 API; MinIO's console, SeaweedFS's master, volume and filer from nobody.
+    assert [p["port"] for p in rule["ports"]] == [STORES[store]]
+    (container,) = objects[("Deployment", store)]["spec"]["template"]["spec"]["containers"]
+    s3_port = next(p for p in container["ports"] if p["name"] == "s3")["containerPort"]
+    assert s3_port == STORES[store]
     client = {"hrnet.io/object-store-client": "true"}
     assert {"podSelector": {"matchLabels": client}} in rule["from"]
-    # Every workload of ours that talks to the store carries the label, and no other pod is MinIO.
+    # Every workload of ours that talks to the store carries the label, and no other pod is the store.
     for where, template in workloads():
         labels = template["metadata"]["labels"]
         uses_store = any(e.get("valueFrom", {}).get("secretKeyRef", {}).get("name") == images.OBJECT_STORE_SECRET
                          for c in containers(template) for e in c.get("env", []))
-        if uses_store and labels.get("app.kubernetes.io/name") != "minio":
+        if uses_store and labels.get("app.kubernetes.io/name") not in STORES:
             assert client.items() <= labels.items(), where
-        if where != "minio":  # the Deployment itself
+        if where != store:  # the Deployment itself
             assert not policy["podSelector"]["matchLabels"].items() <= labels.items(), where
 
 
@@ -405,8 +414,9 @@ def test_secret_template_holds_placeholders_that_minio_refuses(tmp_path):
     assert run_guard("hrnet-admin", "s3cr3t-value-0123").returncode == 0
 
 
-def test_kfp_launcher_points_the_pipeline_root_at_the_bucket():
-    objects = {key(d): d for d in folder_objects("base") + folder_objects("secrets") + folder_objects("minio")}
+@pytest.mark.parametrize("store", STORES)
+def test_kfp_launcher_points_the_pipeline_root_at_the_bucket(store):
+    objects = {key(d): d for d in folder_objects("base") + folder_objects("secrets") + folder_objects(store)}
     launcher = objects[("ConfigMap", "kfp-launcher")]["data"]
     m = re.fullmatch(r"minio://([a-z0-9.-]+)/(.+)", launcher["defaultPipelineRoot"])
     assert m, launcher["defaultPipelineRoot"]
@@ -416,14 +426,30 @@ def test_kfp_launcher_points_the_pipeline_root_at_the_bucket():
     secret = objects[("Secret", ref["secretName"])]
     assert {ref["accessKeyKey"], ref["secretKeyKey"]} <= set(secret["stringData"])
     assert provider["credentials"]["fromEnv"] is False
-    # The endpoint is the MinIO Service of manifests/minio, and its bucket-making Job makes this bucket.
-    service = objects[("Service", "minio")]
+    # The endpoint is the store's Service (the same name in both folders), and the store makes this bucket.
+    service = objects[("Service", "object-store")]
     port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "s3")
-    assert provider["endpoint"] == f"minio.{NAMESPACE}.svc.cluster.local:{port}"
+    assert provider["endpoint"] == f"object-store.{NAMESPACE}.svc.cluster.local:{port}"
     assert secret["stringData"]["endpoint"] == f"http://{provider['endpoint']}"
-    job = objects[("Job", "minio-make-bucket")]["spec"]["template"]["spec"]
-    make_bucket = next(c for c in job["initContainers"] if "mb" in c["args"])
-    assert make_bucket["args"][-1] == f"root/{bucket}"
+    if store == "minio":
+        job = objects[("Job", "minio-make-bucket")]["spec"]["template"]["spec"]
+        make_bucket = next(c for c in job["initContainers"] if "mb" in c["args"])
+        assert make_bucket["args"][-1] == f"root/{bucket}"
+    else:  # its postStart hook (run for real in test_seaweedfs_manifest.py)
+        (container,) = objects[("Deployment", "seaweedfs")]["spec"]["template"]["spec"]["containers"]
+        assert f"s3.bucket.create -name {bucket}" in container["lifecycle"]["postStart"]["exec"]["command"][2]
+
+
+def test_the_seaweedfs_admin_keys_reach_only_its_identities_script():
+    objects = {key(d): d for d in folder_objects("secrets") + folder_objects("seaweedfs")}
+    assert objects[("Secret", "seaweedfs-admin")]["stringData"] == {"accesskey": "replace-me",
+                                                                    "secretkey": "replace-me"}
+    for where, template in workloads():
+        for c in template["spec"].get("initContainers", []) + template["spec"]["containers"]:
+            refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in c.get("env", [])
+                    if "secretKeyRef" in e.get("valueFrom", {})}
+            if "seaweedfs-admin" in refs:
+                assert (where, c["name"]) == ("seaweedfs", "identities")
 
 
 def test_the_steps_hold_a_user_limited_to_the_bucket_not_minios_root():

@@ -155,7 +155,7 @@ def test_every_step_runs_as_the_images_non_root_user(compiled, target):
     for label in labels:
         assert k8s[label]["securityContext"] == {"runAsUser": str(images.RUN_AS_USER), "runAsNonRoot": True}, label
         name, value = images.OBJECT_STORE_CLIENT_LABEL
-        assert k8s[label]["podMetadata"]["labels"][name] == value, label  # manifests/minio's NetworkPolicy
+        assert k8s[label]["podMetadata"]["labels"][name] == value, label  # the stores' NetworkPolicy
 
 
 @pytest.mark.parametrize("target", images.TARGETS)

@@ -15,7 +15,7 @@ OBJECT_STORE_ENV = {
     "accesskey": "AWS_ACCESS_KEY_ID",
     "secretkey": "AWS_SECRET_ACCESS_KEY",
 }
-# The pod label manifests/minio/networkpolicy.yaml admits to the object store's API.
+# The pod label the NetworkPolicy of manifests/seaweedfs (or minio) admits to the object store's API.
 OBJECT_STORE_CLIENT_LABEL = ("hrnet.io/object-store-client", "true")
 # The user every image runs as (images/*/Dockerfile HRNET_UID; the Ascend image's HwHiAiUser).
 RUN_AS_USER = 1000
