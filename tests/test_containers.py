@@ -143,6 +143,8 @@ def test_the_ascend_python_layer_runs_tf_2_6_on_python_3_9():
         "hrnet convert --src /tmp/demo --out /tmp/records --no-progress",
         "hrnet train --data /tmp/records --out /tmp/run --model w18_small_v1 --image-size 32 --batch-size 8 "
         "--train-steps 3 --log-every 1 --seed 1",
+        # Training validated at its end and kept the best weights: evaluate and export take them.
+        "hrnet evaluate --data /tmp/records --checkpoint /tmp/run",
         "hrnet export --checkpoint /tmp/run --out /tmp/export --no-onnx",
         "ls /tmp/export/1 /tmp/export/frozen",
     ])
@@ -152,6 +154,7 @@ def test_the_ascend_python_layer_runs_tf_2_6_on_python_3_9():
     assert re.search(r"versions 3\.9\.\d+ 2\.6\.5 2\.5\.0", output), output[-3000:]
     assert "13,187,464" in output  # w18_small_v1's official parameter count
     assert "step 3/3" in output and "saved_model.pb" in output and "hrnet.pb" in output
+    assert re.search(r"w18_small_v1 \(best weights, step 3\): top-1 [\d.]+%", output), output[-3000:]
 
 
 def test_hrnet_serve_runs_in_the_cpu_image(bucket_runs, tmp_path):

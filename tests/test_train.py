@@ -188,7 +188,8 @@ def test_a_loop_of_several_steps_stops_at_the_step_that_diverged(digits, tmp_pat
     assert 1 <= step < 40 and diverged_at(16) == step
 
 
-@pytest.mark.keras2  # training, resume, evaluate and export under the Ascend image's Keras 2
+# Under Keras 2 this path (validation, the best weights kept, evaluate and export of them) runs in
+# the Ascend image's TF 2.6.5 itself: test_containers.py's Python-layer test.
 def test_validation_every_epoch_keeps_the_best_weights_which_evaluate_and_export_reproduce(digits, tmp_path):
     """Three epochs on the digits, then two more on records whose training labels are
     shifted by one (digit d labelled d+1, validation unchanged): validation falls, so the
