@@ -31,6 +31,7 @@ def validate(
     init_from: str,
     deploy_name: str,
     serving_runtime: str,
+    train_devices: int,
 ) -> NamedTuple("Checked", [("source", str), ("config", dict)]):
     """Raise ValueError naming the first bad parameter. ``source``: the data source to use,
     "convert" (an image tree) or "tfrecords" (records converted before); ``config``: the

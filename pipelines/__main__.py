@@ -19,6 +19,7 @@ import warnings
 from typing import Any, Dict, List, Optional, TextIO
 
 from components import images
+from hrnet.runtime import check_devices, cluster
 from hrnet.train.config import finite_float
 from pipelines import parameters
 from pipelines.console import ANSI, StepLog
@@ -44,17 +45,23 @@ KFP_BACKEND_MINIMUM = (2, 3)
 # ---------------------------------------------------------------------------- compile
 
 def compile_pipeline(target: str, output: str, image: Optional[str] = None,
-                     data_pvc: Optional[str] = images.DATA_PVC) -> str:
+                     data_pvc: Optional[str] = images.DATA_PVC, train_devices: int = cluster.MAX_DEVICES) -> str:
     from kfp import compiler
 
     from pipelines.hrnet_pipeline import build_pipeline
 
-    compiler.Compiler().compile(build_pipeline(target, image=image, data_pvc=data_pvc), output)
+    try:
+        check_devices(train_devices)
+    except ValueError as e:
+        raise UsageError(f"--train-devices: {e}") from None
+    compiler.Compiler().compile(build_pipeline(target, image=image, data_pvc=data_pvc, train_devices=train_devices),
+                                output)
     return output
 
 
 def _compile(args) -> int:
-    compile_pipeline(args.target, args.output, image=args.image, data_pvc=args.data_pvc or None)
+    compile_pipeline(args.target, args.output, image=args.image, data_pvc=args.data_pvc or None,
+                     train_devices=args.train_devices)
     print(f"compiled the {args.target} pipeline to {args.output}")
     return 0
 
@@ -207,7 +214,7 @@ def _submit(args) -> int:
     arguments = parse_arguments(args.param or [], target=args.target)
     with tempfile.TemporaryDirectory() as tmp:
         package = args.package or compile_pipeline(args.target, os.path.join(tmp, f"hrnet-{args.target}.yaml"),
-                                                   image=args.image)
+                                                   image=args.image, train_devices=args.train_devices)
         if not os.path.exists(package):
             raise UsageError(f"no such pipeline package: {package}")
         run = submit(args.host, package, arguments, experiment=args.experiment, run_name=args.run_name,
@@ -321,7 +328,7 @@ def _run_local(args) -> int:
     # the pipeline starts, not a failed step's traceback (the demo data stands for no source).
     demo = "" if params["source_uri"] or params["tfrecords_uri"] else "demo"
     check_pipeline_parameters(**parameters.validate_arguments(dict(params, source_uri=params["source_uri"] or demo),
-                                                              "cpu"))
+                                                              "cpu", cluster.MAX_DEVICES))
     result = run_local(args.workdir, runner=args.runner, console=None if args.verbose else sys.stdout, **params)
     data = args.source_uri or args.tfrecords_uri or "the demo digits"
     print()
@@ -347,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where the steps run (default ascend)")
         p.add_argument("--image", help=f"image of every step (default from components.images, e.g. "
                        f"{images.IMAGES['ascend']}; HRNET_IMAGE_REGISTRY / HRNET_IMAGE_TAG change it)")
+        p.add_argument("--train-devices", type=int, default=cluster.MAX_DEVICES, metavar="N",
+                       help=f"size the single train pod's CPU and memory for N devices (1, 2, 4 or 8; default "
+                            f"{cluster.MAX_DEVICES}): a run may use up to N; a multi-node job's pods are sized per run")
 
     p = commands.add_parser("compile", help="compile the pipeline for one target to IR YAML")
     target_flags(p)

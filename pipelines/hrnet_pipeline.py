@@ -33,6 +33,7 @@ from components.reference import reference_records
 from components.train import train
 from components.train_job import train_job
 from components.validate import validate
+from hrnet.runtime import cluster
 from pipelines import parameters
 
 PIPELINE_NAME = "hrnet-classification"
@@ -78,12 +79,13 @@ def _configure(task, step: str, image: str, secret: bool = True):
     return task
 
 
-def _configure_train(task, target: str, image: str, devices, retries: int):
+def _configure_train(task, target: str, image: str, devices, retries: int, sized_for: int):
     spec = TARGETS[target]
     _pod_policy(task)
     task.set_container_image(image)
-    task.set_cpu_request(spec["cpu"][0]).set_cpu_limit(spec["cpu"][1])
-    task.set_memory_request(spec["memory"][0]).set_memory_limit(spec["memory"][1])
+    sized = cluster.train_resources(target, sized_for)
+    task.set_cpu_request(sized["cpu"][0]).set_cpu_limit(sized["cpu"][1])
+    task.set_memory_request(sized["memory"][0]).set_memory_limit(sized["memory"][1])
     if spec["accelerator"]:
         task.set_accelerator_type(spec["accelerator"]).set_accelerator_limit(devices)
         # Accelerator nodes are commonly tainted with their resource name to keep other pods off.
@@ -110,10 +112,12 @@ def _configure_train(task, target: str, image: str, devices, retries: int):
 
 
 def build_pipeline(target: str = "ascend", image: Optional[str] = None, data_pvc: Optional[str] = images.DATA_PVC,
-                   train_retries: int = 2):
+                   train_retries: int = 2, train_devices: int = cluster.MAX_DEVICES):
     """The pipeline function for ``target``; ``image`` overrides components.images.image_for(target),
     ``data_pvc`` (None: none) is mounted at /data in the convert step, ``train_retries``: how
-    often a failed train step is tried again (0: never)."""
+    often a failed train step is tried again (0: never), ``train_devices``: the devices the
+    single train pod's CPU and memory are sized for (a run may use fewer, not more: its
+    validate step refuses more)."""
     images.check_target(target)
     image = image or images.image_for(target)
     device = TARGETS[target]["device"]
@@ -142,7 +146,7 @@ def build_pipeline(target: str = "ascend", image: Optional[str] = None, data_pvc
         # Both branches end in the same sub-pipeline, for the reason given below for the data source.
         with dsl.If(nodes == 1, name="one-server"):
             train_task = train(dataset=dataset, config=config, devices=devices, checkpoint_uri=checkpoint_uri)
-            _configure_train(train_task, target, image, devices, train_retries)
+            _configure_train(train_task, target, image, devices, train_retries, train_devices)
             evaluate_export(dataset=dataset, model=train_task.outputs["model"], **last)
         with dsl.Else(name="several-servers"):
             # This pod only launches and follows the job: no accelerator, small requests. Named
@@ -161,7 +165,7 @@ def build_pipeline(target: str = "ascend", image: Optional[str] = None, data_pvc
         _configure(record_task, "record-run", image, secret=False)
         record_task.set_caching_options(False)
         with dsl.ExitHandler(record_task, name="hrnet-run"):
-            check = validate(**parameters.validate_arguments(run, device))
+            check = validate(**parameters.validate_arguments(run, device, train_devices))
             _configure(check, "validate", image, secret=False)
             check.set_caching_options(False)
             rest = dict(config=check.outputs["config"], devices=run["devices"], nodes=run["nodes"],

@@ -66,9 +66,10 @@ def bind(args) -> Dict[str, Any]:
     return dict(zip(NAMES, args))
 
 
-def validate_arguments(run: Dict[str, Any], device: str) -> Dict[str, Any]:
+def validate_arguments(run: Dict[str, Any], device: str, train_devices: int) -> Dict[str, Any]:
     """The validate step's arguments (hrnet.train.pipeline_args.check_pipeline_parameters's)
     from a run's parameters: the pipeline passes them to the step, run-local checks them
     before it starts the pipeline."""
     names = ("source_uri", "tfrecords_uri", "devices", "nodes", "train_config", "deploy_name", "serving_runtime")
-    return dict({name: run[name] for name in names + tuple(PIPELINE_FIELDS)}, device=device)
+    return dict({name: run[name] for name in names + tuple(PIPELINE_FIELDS)}, device=device,
+                train_devices=train_devices)

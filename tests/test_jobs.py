@@ -106,8 +106,12 @@ def test_the_job_objects_are_valid_and_shaped_like_the_single_pod_step(target):
     assert container["args"] == ["hrnet", "launch", "--nproc", str(s.devices), "--device", shape["device"], *wait,
                                  "--", "hrnet", "train", "--x"]
     resources = container["resources"]
-    assert (resources["requests"]["cpu"], resources["limits"]["cpu"]) == shape["cpu"]
-    assert (resources["requests"]["memory"], resources["limits"]["memory"]) == shape["memory"]
+    # Sized for the run's devices (the single train pod: for those it was compiled for).
+    sized = names.train_resources(target, s.devices)
+    assert (resources["requests"]["cpu"], resources["limits"]["cpu"]) == sized["cpu"]
+    assert (resources["requests"]["memory"], resources["limits"]["memory"]) == sized["memory"]
+    per_device = shape["cpu_per_device"][0]
+    assert int(resources["requests"]["cpu"]) == per_device * s.devices
     if shape["accelerator"]:
         assert resources["limits"][shape["accelerator"]] == s.devices
     secret_env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e

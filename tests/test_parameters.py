@@ -108,7 +108,7 @@ def test_run_local_has_a_flag_per_pipeline_parameter_with_the_demo_values():
 def test_the_components_take_the_declared_parameters():
     inputs = validate.component_spec.inputs
     assert set(inputs) == {"source_uri", "tfrecords_uri", "devices", "nodes", "device", "train_config",
-                           "deploy_name", "serving_runtime", *PIPELINE_FIELDS}
+                           "deploy_name", "serving_runtime", "train_devices", *PIPELINE_FIELDS}
     declared = {p.name: p for p in parameters.PARAMETERS}
     for name, spec in inputs.items():
         if name in declared:

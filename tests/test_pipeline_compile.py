@@ -98,6 +98,33 @@ def test_ascend_train_pod_lands_on_a_chip_node(compiled):
             assert "nodeSelector" not in k8s.get(label, {}) and "tolerations" not in k8s.get(label, {})
 
 
+@pytest.mark.parametrize("train_devices, cpu, memory", [(None, "16", "64G"), (1, "2", "8G")])
+def test_the_train_pod_is_sized_for_the_devices_it_was_compiled_for(tmp_path, train_devices, cpu, memory):
+    """8 chips by default (what an Ascend server has); `--train-devices 1` fits a small cluster,
+    and its validate step then refuses a run that asks for more (check_pipeline_parameters)."""
+    kwargs = {} if train_devices is None else {"train_devices": train_devices}
+    ir, _, _ = compile_ir(tmp_path, "ascend", **kwargs)
+    for label in executors_of(ir, "train"):
+        resources = container(ir, label)["resources"]
+        assert (resources["cpuRequest"], resources["resourceMemoryRequest"]) == (float(cpu), memory)
+    assert trace_to_root(ir, "comp-validate", "train_devices") == {("constant", train_devices or 8)}
+
+
+def test_a_run_asking_more_devices_than_the_train_pod_was_compiled_for_is_refused(tmp_path, capsys):
+    from hrnet.train.pipeline_args import check_pipeline_parameters
+    from pipelines import parameters
+    from pipelines.__main__ import main
+
+    run = {p.name: p.default for p in parameters.PARAMETERS}
+    run.update(source_uri="s3://bucket/images", devices=4)
+    with pytest.raises(ValueError, match=r"devices=4, but this pipeline's train pod was compiled with CPU and "
+                                         r"memory for 2: compile it again .*--train-devices 4"):
+        check_pipeline_parameters(**parameters.validate_arguments(run, "npu", 2))
+    check_pipeline_parameters(**parameters.validate_arguments(dict(run, nodes=2), "npu", 2))  # job pods: per run
+    assert main(["compile", "--target", "cpu", "--train-devices", "3", "-o", str(tmp_path / "x.yaml")]) == 2
+    assert "--train-devices: " in capsys.readouterr().err and not (tmp_path / "x.yaml").exists()
+
+
 def test_gpu_train_requests_gpus(compiled):
     ir, k8s, _ = compiled["gpu"]
     for label in executors_of(ir, "train"):

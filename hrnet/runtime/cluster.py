@@ -2,10 +2,10 @@
 
 `manifests/` creates the Secret and the ServiceAccount named here; the compiled pipeline's
 single train pod (pipelines/hrnet_pipeline.py) and each pod of a multi-node job
-(hrnet.runtime.jobs) ask for the same resources per server, from TRAIN_POD. Standard library
+(hrnet.runtime.jobs) are shaped alike per server, from TRAIN_POD. Standard library
 only: components/images.py re-exports these names, and tests read them cheaply.
 """
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 # Object-store credentials reach the pods as environment variables from this Secret,
 # never as parameters: secret key -> environment variable (the names hrnet.storage reads).
@@ -31,15 +31,29 @@ CACHE_DIR = "/cache"
 CACHE_VOLUME = f"{DATA_CACHE_GB + 10}G"
 
 # What one server's train pod asks of Kubernetes, per target: `hrnet train --device`, the
-# extended resource taken `devices` times, node selector, (request, limit) of CPU and memory,
-# and a memory-backed /dev/shm (the container runtime's 64 MB is too small for HCCL / NCCL
-# and the input pipeline's shared buffers).
+# extended resource taken `devices` times, node selector, (request, limit) of CPU cores and of
+# GiB of memory per device (an accelerator, or a process on the cpu target: train_resources
+# multiplies them), and a memory-backed /dev/shm (the container runtime's 64 MB is too small
+# for HCCL / NCCL and the input pipeline's shared buffers).
 TRAIN_POD: Dict[str, Dict[str, Any]] = {
+    # An Atlas 800 training server: 8 chips, 192 cores, 768 GB or more.
     "ascend": dict(device="npu", accelerator="huawei.com/Ascend910",
                    node_selector={"accelerator": "huawei-Ascend910"},
-                   cpu=("16", "96"), memory=("64G", "384G"), shm="32Gi"),
+                   cpu_per_device=(2, 12), memory_per_device=(8, 48), shm="32Gi"),
     "gpu": dict(device="gpu", accelerator="nvidia.com/gpu", node_selector={},
-                cpu=("8", "64"), memory=("32G", "256G"), shm="16Gi"),
+                cpu_per_device=(1, 8), memory_per_device=(4, 32), shm="16Gi"),
     "cpu": dict(device="cpu", accelerator=None, node_selector={},
-                cpu=("8", "32"), memory=("16G", "64G"), shm=None),
+                cpu_per_device=(1, 4), memory_per_device=(2, 8), shm=None),
 }
+# The devices a compiled pipeline's single train pod is sized for, unless compiled for fewer
+# (`python -m pipelines compile --train-devices N`): KFP fixes a step's CPU and memory when it
+# compiles, while `devices` is chosen per run. A multi-node job's pods are sized per run.
+MAX_DEVICES = 8
+
+
+def train_resources(target: str, devices: int) -> Dict[str, Tuple[str, str]]:
+    """(request, limit) of "cpu" and "memory" for a train pod of ``devices`` devices."""
+    shape = TRAIN_POD[target]
+    (cpu_request, cpu_limit), (memory_request, memory_limit) = shape["cpu_per_device"], shape["memory_per_device"]
+    return {"cpu": (str(cpu_request * devices), str(cpu_limit * devices)),
+            "memory": (f"{memory_request * devices}G", f"{memory_limit * devices}G")}

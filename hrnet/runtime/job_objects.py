@@ -214,8 +214,9 @@ def _labels(spec: JobSpec) -> Dict[str, str]:
 def pod_template(spec: JobSpec) -> Dict[str, Any]:
     """The pod of one server, in the shape of the single-pod train step's."""
     shape = cluster.TRAIN_POD[spec.target]
-    requests = {"cpu": shape["cpu"][0], "memory": shape["memory"][0]}
-    limits = {"cpu": shape["cpu"][1], "memory": shape["memory"][1]}
+    sized = cluster.train_resources(spec.target, spec.devices)  # the run's devices, known here
+    requests = {name: request for name, (request, _) in sized.items()}
+    limits = {name: limit for name, (_, limit) in sized.items()}
     if shape["accelerator"]:
         requests[shape["accelerator"]] = limits[shape["accelerator"]] = spec.devices
     # The cache holds streamed shards (at most data_cache_gb) and the run's working copy.

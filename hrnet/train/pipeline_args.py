@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Tuple
 
 from hrnet import configs
-from hrnet.runtime import check_devices, check_nodes
+from hrnet.runtime import check_devices, check_nodes, cluster
 from hrnet.serving.deploy import check_service
 from hrnet.storage import is_remote
 from hrnet.train.config import TrainConfig, field_types, flag
@@ -59,11 +59,13 @@ def _from_pipeline(name: str, value):
 
 def check_pipeline_parameters(source_uri: str, tfrecords_uri: str, devices: int, device: str,
                               train_config: Dict[str, Any], nodes: int = 1, deploy_name: str = "hrnet",
-                              serving_runtime: str = "tensorflow", **fields) -> Tuple[str, Dict[str, Any]]:
+                              serving_runtime: str = "tensorflow", train_devices: int = cluster.MAX_DEVICES,
+                              **fields) -> Tuple[str, Dict[str, Any]]:
     """Check a pipeline run's parameters before any pod asks for accelerators; ValueError
     naming the first bad one. ``fields``: the PIPELINE_FIELDS. Returns the data source to use
     ("convert": an image tree, "tfrecords": records converted before) and the train step's
-    config: the TrainConfig values the run sets, typed (train_command's input)."""
+    config: the TrainConfig values the run sets, typed (train_command's input). ``train_devices``:
+    the devices the compiled pipeline's single train pod has CPU and memory for."""
     if sorted(fields) != sorted(PIPELINE_FIELDS):
         raise TypeError("check_pipeline_parameters takes the fields %s, got %s" % (PIPELINE_FIELDS, sorted(fields)))
     if bool(source_uri) == bool(tfrecords_uri):
@@ -85,6 +87,10 @@ def check_pipeline_parameters(source_uri: str, tfrecords_uri: str, devices: int,
     check_service(deploy_name, serving_runtime)
     check_devices(devices)
     check_nodes(nodes)
+    if nodes == 1 and devices > train_devices:
+        raise ValueError(f"devices={devices}, but this pipeline's train pod was compiled with CPU and memory for "
+                         f"{train_devices}: compile it again with `python -m pipelines compile --train-devices "
+                         f"{devices}`")
     if nodes > 1 and tfrecords_uri and not is_remote(tfrecords_uri):
         raise ValueError(f"tfrecords_uri {tfrecords_uri!r} is a folder, but the servers of a multi-node job "
                          "(nodes > 1) share no disk: give an s3:// / minio:// URI")
