@@ -193,10 +193,10 @@ def build_pipeline(target: str = "ascend", image: Optional[str] = None, data_pvc
 
     # KFP reads the parameters from the signature and their run-form descriptions from the
     # Args: section of the docstring, both made from pipelines/parameters.py.
-    hrnet_pipeline.__signature__ = parameters.signature()
+    hrnet_pipeline.__signature__ = parameters.signature(device)
     hrnet_pipeline.__doc__ = parameters.docstring(
         "Converts an image tree (or takes TFRecords converted before), trains, evaluates the best weights by "
-        "validation top-1 and exports them.")
+        "validation top-1 and exports them.", device)
     return dsl.pipeline(name=PIPELINE_NAME,
                         description=f"HRNet image classification ({target}): convert -> train -> evaluate -> export",
                         )(hrnet_pipeline)

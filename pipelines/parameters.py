@@ -11,53 +11,61 @@ from typing import Any, Dict, List
 
 from hrnet.train.pipeline_args import PIPELINE_FIELDS, Parameter, pipeline_parameters
 
-PARAMETERS: List[Parameter] = [
-    Parameter("source_uri", str, "", "An image tree to convert (ImageNet layout or class folders): a path under "
-                                     "/data or an s3:// / minio:// URI. Give this or tfrecords_uri."),
-    Parameter("tfrecords_uri", str, "", "TFRecords converted before (an s3:// / minio:// URI). Give this or "
-                                        "source_uri."),
-    Parameter("devices", int, 1, "Accelerators (or CPU processes) in the train pod: 1, 2, 4 or 8; per server "
-                                 "when nodes > 1."),
-    Parameter("nodes", int, 1, "Servers to train on. 1: one train pod. More: the train step launches a Volcano "
-                               "Job (ascend) or TFJob (gpu, cpu) of `nodes` pods and follows it; its checkpoint "
-                               "goes through object storage."),
-    *pipeline_parameters(),
-    Parameter("train_config", dict, {}, "More training settings, as TrainConfig keys and values (`hrnet train "
-                                        "--help` lists them as flags), e.g. {\"schedule\": \"cosine\", "
-                                        "\"warmup_epochs\": 1, \"flip\": false}; checked by the validate step. "
-                                        "The parameters above set %s themselves." % ", ".join(PIPELINE_FIELDS)),
-    Parameter("checkpoint_uri", str, "", "An s3:// / minio:// prefix where training mirrors its checkpoints as it "
-                                         "goes; a retried train step, or a new run given the same URI, resumes from "
-                                         "there. \"\" mirrors them beside the train step's artifact, which a retry "
-                                         "finds too."),
-    Parameter("job_timeout", float, 0.0, "Seconds a multi-node training job (nodes > 1) may run before it is "
-                                         "deleted and the step fails; 0: no limit."),
-    Parameter("export_onnx", bool, True, "Also export model.onnx, besides the SavedModel and the frozen graph."),
-    Parameter("deploy", bool, False, "Serve the export on KServe once evaluated: create or update the "
-                                     "InferenceService `deploy_name` in the run's namespace and wait until it is "
-                                     "Ready; its URL is the deploy step's output. Needs KServe and "
-                                     "manifests/kserve."),
-    Parameter("deploy_name", str, "hrnet", "The InferenceService's name (a DNS label); a rerun updates it."),
-    Parameter("serving_runtime", str, "tensorflow", "tensorflow: KServe's TensorFlow Serving loads the "
-                                                    "SavedModel; hrnet: the project's cpu or gpu image runs "
-                                                    "`hrnet serve` (class names in the answers)."),
-    Parameter("datasets_uri", str, "", "Where converted records go; \"\" puts them beside the convert step's "
-                                       "artifacts. The steps pass only a reference, and each fetches just the "
-                                       "shards it reads."),
-]
+
+def parameters_for(device: str) -> List[Parameter]:
+    """The parameters of a pipeline whose train step runs on ``device`` (its defaults differ:
+    the precision)."""
+    return [
+        Parameter("source_uri", str, "", "An image tree to convert (ImageNet layout or class folders): a path under "
+                                         "/data or an s3:// / minio:// URI. Give this or tfrecords_uri."),
+        Parameter("tfrecords_uri", str, "", "TFRecords converted before (an s3:// / minio:// URI). Give this or "
+                                            "source_uri."),
+        Parameter("devices", int, 1, "Accelerators (or CPU processes) in the train pod: 1, 2, 4 or 8; per server "
+                                     "when nodes > 1."),
+        Parameter("nodes", int, 1, "Servers to train on. 1: one train pod. More: the train step launches a Volcano "
+                                   "Job (ascend) or TFJob (gpu, cpu) of `nodes` pods and follows it; its checkpoint "
+                                   "goes through object storage."),
+        *pipeline_parameters(device),
+        Parameter("train_config", dict, {}, "More training settings, as TrainConfig keys and values (`hrnet train "
+                                            "--help` lists them as flags), e.g. {\"schedule\": \"cosine\", "
+                                            "\"warmup_epochs\": 1, \"flip\": false}; checked by the validate step. "
+                                            "The parameters above set %s themselves." % ", ".join(PIPELINE_FIELDS)),
+        Parameter("checkpoint_uri", str, "", "An s3:// / minio:// prefix where training mirrors its checkpoints as "
+                                             "it goes; a retried train step, or a new run given the same URI, resumes "
+                                             "from there. \"\" mirrors them beside the train step's artifact, which "
+                                             "a retry finds too."),
+        Parameter("job_timeout", float, 0.0, "Seconds a multi-node training job (nodes > 1) may run before it is "
+                                             "deleted and the step fails; 0: no limit."),
+        Parameter("export_onnx", bool, True, "Also export model.onnx, besides the SavedModel and the frozen graph."),
+        Parameter("deploy", bool, False, "Serve the export on KServe once evaluated: create or update the "
+                                         "InferenceService `deploy_name` in the run's namespace and wait until it is "
+                                         "Ready; its URL is the deploy step's output. Needs KServe and "
+                                         "manifests/kserve."),
+        Parameter("deploy_name", str, "hrnet", "The InferenceService's name (a DNS label); a rerun updates it."),
+        Parameter("serving_runtime", str, "tensorflow", "tensorflow: KServe's TensorFlow Serving loads the "
+                                                        "SavedModel; hrnet: the project's cpu or gpu image runs "
+                                                        "`hrnet serve` (class names in the answers)."),
+        Parameter("datasets_uri", str, "", "Where converted records go; \"\" puts them beside the convert step's "
+                                           "artifacts. The steps pass only a reference, and each fetches just the "
+                                           "shards it reads."),
+    ]
+
+
+# The cpu pipeline's: run-local's flags, and the names and types every target shares.
+PARAMETERS = parameters_for("cpu")
 NAMES = [p.name for p in PARAMETERS]
 
 
-def signature() -> inspect.Signature:
+def signature(device: str) -> inspect.Signature:
     """The pipeline function's signature (KFP reads names, types and defaults from it)."""
     return inspect.Signature([inspect.Parameter(p.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=p.default,
-                                                annotation=p.type) for p in PARAMETERS])
+                                                annotation=p.type) for p in parameters_for(device)])
 
 
-def docstring(summary: str) -> str:
+def docstring(summary: str, device: str) -> str:
     """``summary`` and an ``Args:`` section, KFP's source of the run form's descriptions."""
     # One line each: KFP keeps a docstring's line breaks in the description.
-    args = [f"    {p.name}: {p.description}" for p in PARAMETERS]
+    args = [f"    {p.name}: {p.description}" for p in parameters_for(device)]
     return "\n".join([summary, "", "Args:", *args]) + "\n"
 
 

@@ -49,16 +49,34 @@ def compiled_inputs(request, tmp_path_factory):
     compile_pipeline(request.param, path)
     with open(path) as f:
         ir = next(yaml.safe_load_all(f))
-    return ir["root"]["inputDefinitions"]["parameters"]
+    return request.param, ir["root"]["inputDefinitions"]["parameters"]
 
 
 def test_the_compiled_pipeline_has_exactly_the_declared_parameters(compiled_inputs):
-    assert list(compiled_inputs) == sorted(parameters.NAMES)  # KFP sorts them
-    for param in parameters.PARAMETERS:
+    target, compiled_inputs = compiled_inputs
+    # KFP writes them sorted by name, and its UI shows them in that order: the run form's order is not ours to set.
+    assert list(compiled_inputs) == sorted(parameters.NAMES)
+    for param in parameters.parameters_for(images.TRAIN_POD[target]["device"]):
         got = compiled_inputs[param.name]
         assert got["parameterType"] == IR_TYPES[param.type], param.name
         assert got["defaultValue"] == param.default, param.name
         assert got["description"] == param.description, param.name
+
+
+def test_the_run_form_shows_real_defaults_where_the_target_fixes_them(compiled_inputs):
+    """The precision a target trains in by default, and the schedule's 100 epochs, are the
+    form's values; a run given them trains exactly as one that leaves the fields unset."""
+    target, compiled_inputs = compiled_inputs
+    device = images.TRAIN_POD[target]["device"]
+    assert compiled_inputs["precision"]["defaultValue"] == {"npu": "mixed_fp16"}.get(device, "fp32")
+    assert compiled_inputs["epochs"]["defaultValue"] == 100.0
+    run = {p.name: p.default for p in parameters.parameters_for(device)}
+    _, shown = pipeline_args.check_pipeline_parameters(**parameters.validate_arguments(
+        dict(run, source_uri="s3://b/images"), device, 8))
+    data = dict(num_classes=10, label_offset=0, train_count=12800, num_replicas=1)
+    unset = TrainConfig(data="d", out="o", device=device, model=run["model"]).resolve(**data)
+    given = TrainConfig.from_dict(dict(shown, data="d", out="o")).resolve(**data)
+    assert (given.precision, given.epochs, given.train_steps) == (unset.precision, unset.epochs, unset.train_steps)
 
 
 def test_pipeline_training_parameters_are_the_train_config_fields():
@@ -66,8 +84,12 @@ def test_pipeline_training_parameters_are_the_train_config_fields():
     for name in PIPELINE_FIELDS:
         param, field = declared[name], FIELDS[name]
         assert param.type is scalar(field), name
-        # KFP has no None: 0 / "" stand for it and the validate step turns them back.
-        if field.default is None:
+        # KFP has no None: the real default where the compiled pipeline knows it, otherwise
+        # 0 / "" stand for None and the validate step turns them back.
+        if field.default is None and name in ("epochs", "precision"):
+            assert param.default == pipeline_args._known_default(name, "cpu") != param.type()
+            assert "means the default" not in param.description
+        elif field.default is None:
             assert param.default == param.type() and pipeline_args._from_pipeline(name, param.default) is None
         else:
             assert param.default == default(field)

@@ -17,7 +17,7 @@ GOOD = dict(source_uri="/data/raw", tfrecords_uri="", model="w18_small_v1", devi
             device="cpu",
             batch_size=32, epochs=1.0, train_steps=0, lr=0.0, precision="", image_size=32, seed=0,
             train_config=dict(schedule="cosine", flip=False, area_range=[0.35, 1]), init_from="", deploy_name="hrnet",
-            serving_runtime="tensorflow")
+            serving_runtime="tensorflow", train_devices=8)
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +65,8 @@ def test_devices_3_fails_the_first_step_and_the_run_is_recorded(runs_dir, capfd)
     (dict(train_config={"device": "gpu"}), "train_config may not set device: the pipeline sets it"),
     (dict(init_from="/no/such/weights.pth"), "init_from '/no/such/weights.pth' is neither"),
     (dict(nodes=0), "nodes must be 1 or more"),
+    (dict(devices=8, train_devices=1), "devices=8, but this pipeline's train pod was compiled with CPU and memory "
+                                       "for 1"),
     (dict(source_uri="", tfrecords_uri=os.getcwd(), nodes=2), "share no disk: give an s3:// / minio:// URI"),
 ])
 def test_bad_parameters_are_named(runs_dir, capfd, change, message):

@@ -30,6 +30,9 @@ from hrnet.fileio import atomic_write
 from hrnet.run_folder import CONFIG_FILE
 from hrnet.runtime import DEVICES, NPU_PRECISION_MODES, PRECISIONS, resolve_precision
 
+# The paper's schedule length, when neither epochs nor train_steps is given.
+DEFAULT_EPOCHS = 100.0
+
 # The seed's iterations_per_loop on Ascend; each loop still ends at the next log line.
 NPU_STEPS_PER_LOOP = 100
 SCHEDULES = ("piecewise", "cosine")
@@ -227,7 +230,7 @@ class TrainConfig:
             train_steps = self.train_steps
             epochs = train_steps / steps_per_epoch
         else:
-            epochs = self.epochs if self.epochs is not None else 100.0
+            epochs = self.epochs if self.epochs is not None else DEFAULT_EPOCHS
             train_steps = max(1, int(round(epochs * steps_per_epoch)))
         from hrnet.train import schedules
 

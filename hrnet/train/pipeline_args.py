@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Tuple
 
 from hrnet import configs
-from hrnet.runtime import check_devices, check_nodes, cluster
+from hrnet.runtime import check_devices, check_nodes, cluster, resolve_precision
 from hrnet.serving.deploy import check_service
 from hrnet.storage import is_remote
-from hrnet.train.config import TrainConfig, field_types, flag
+from hrnet.train.config import DEFAULT_EPOCHS, TrainConfig, field_types, flag
 
 # The TrainConfig fields the pipeline's run form shows as parameters of their own; every
 # other field is a key of its structured ``train_config`` parameter.
@@ -35,20 +35,33 @@ class Parameter:
     description: str
 
 
-def pipeline_parameters() -> List[Parameter]:
-    """PIPELINE_FIELDS as pipeline parameters, from the TrainConfig fields. KFP parameters
-    cannot be None: a field whose default is None takes 0 / "" for "the default"."""
+def _known_default(name: str, device: str) -> Any:
+    """The value a None field resolves to where the compiled pipeline can know it (its target's
+    device fixes the precision); None where it depends on the run (lr on the global batch, a
+    random seed, train_steps on the data set's size)."""
+    if name == "epochs":
+        return DEFAULT_EPOCHS
+    if name == "precision":
+        return resolve_precision(device)[0]
+    return None
+
+
+def pipeline_parameters(device: str = "cpu") -> List[Parameter]:
+    """PIPELINE_FIELDS as pipeline parameters of a pipeline for ``device``, from the TrainConfig
+    fields. KFP parameters cannot be None: a field whose default is None shows its real default
+    where that is known when compiling, and otherwise 0 / "" for "the default"."""
     hints = field_types()
     out = []
     for name in PIPELINE_FIELDS:
         f = TrainConfig.__dataclass_fields__[name]
         kind = hints[name]
-        unset = f.default is None
+        value = f.default if f.default is not None else _known_default(name, device)
         # Flags become parameter names: the run form has no --train-steps, it has train_steps.
         text = re.sub(r"--([a-z-]+)", lambda m: m.group(1).replace("-", "_"), f.metadata["help"])
-        if unset:
+        if value is None:
             text += "; %s means the default" % ('""' if kind is str else 0)
-        out.append(Parameter(name, kind, kind() if unset else f.default, text + "."))
+            value = kind()
+        out.append(Parameter(name, kind, value, text + "."))
     return out
 
 
