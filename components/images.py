@@ -31,7 +31,7 @@ TARGETS = tuple(TRAIN_POD)  # ascend, gpu, cpu
 # The image each target's steps run in; every step of one target uses the same image.
 IMAGES = {target: f"{REGISTRY}/hrnet-{target}:{TAG}" for target in TARGETS}
 
-# The data PVC (raw image trees, e.g. ImageNet) the convert step mounts at DATA_MOUNT,
+# The data PVC (raw image trees, e.g. ImageNet) the prepare-data step mounts at DATA_MOUNT,
 # so source_uri may be a path under it as well as an s3:// / minio:// URI.
 DATA_PVC = "hrnet-data"
 DATA_MOUNT = "/data"

@@ -362,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     target_flags(p)
     p.add_argument("-o", "--output", required=True, help="the YAML file to write")
     p.add_argument("--data-pvc", default=images.DATA_PVC,
-                   help=f"PVC mounted at {images.DATA_MOUNT} in the convert step "
+                   help=f"PVC mounted at {images.DATA_MOUNT} in the prepare-data step "
                         f"('' for none; default {images.DATA_PVC})")
     p.set_defaults(_run=_compile)
 

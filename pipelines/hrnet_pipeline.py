@@ -1,4 +1,5 @@
-"""The HRNet pipeline: validate -> convert (or import TFRecords) -> train -> evaluate -> export.
+"""The HRNet pipeline: validate -> prepare-data (convert, or refer to TFRecords) -> train -> evaluate,
+export -> deploy.
 
 One YAML per target (ascend | gpu | cpu), chosen when compiling; everything else is a
 run-time parameter. ``PYTHONPATH=. kfp dsl compile --py pipelines/hrnet_pipeline.py --output
@@ -21,15 +22,13 @@ import os
 from typing import Optional
 
 from kfp import dsl, kubernetes
-from kfp.dsl import Dataset, Input, Model
 
 from components import images
-from components.convert import convert
+from components.data import prepare_data
 from components.deploy import deploy
 from components.evaluate import evaluate
 from components.export import export
 from components.record import record_run
-from components.reference import reference_records
 from components.train import train
 from components.train_job import train_job
 from components.validate import validate
@@ -42,12 +41,11 @@ PIPELINE_NAME = "hrnet-classification"
 TARGETS = images.TRAIN_POD
 # How long the deploy step waits for the InferenceService to be Ready (model download and load included).
 DEPLOY_TIMEOUT = 900.0
-# (request, limit) of the CPU-only steps: convert decodes and re-encodes JPEGs in parallel,
-# evaluate runs the model over the validation split, the others are light.
+# (request, limit) of the CPU-only steps: prepare-data decodes and re-encodes JPEGs in parallel
+# (when it converts), evaluate runs the model over the validation split, the others are light.
 STEP_RESOURCES = {
     "validate": (("100m", "1"), ("256M", "1G")),
-    "convert": (("4", "16"), ("8G", "32G")),
-    "reference": (("100m", "1"), ("256M", "1G")),
+    "data": (("4", "16"), ("8G", "32G")),
     "evaluate": (("4", "16"), ("8G", "32G")),
     # Launches and follows a multi-node job, then copies its checkpoint into the Model artifact.
     "train-job": (("500m", "2"), ("512M", "2G")),
@@ -114,7 +112,7 @@ def _configure_train(task, target: str, image: str, devices, retries: int, sized
 def build_pipeline(target: str = "ascend", image: Optional[str] = None, data_pvc: Optional[str] = images.DATA_PVC,
                    train_retries: int = 2, train_devices: int = cluster.MAX_DEVICES):
     """The pipeline function for ``target``; ``image`` overrides components.images.image_for(target),
-    ``data_pvc`` (None: none) is mounted at /data in the convert step, ``train_retries``: how
+    ``data_pvc`` (None: none) is mounted at /data in the prepare-data step, ``train_retries``: how
     often a failed train step is tried again (0: never), ``train_devices``: the devices the
     single train pod's CPU and memory are sized for (a run may use fewer, not more: its
     validate step refuses more)."""
@@ -124,72 +122,60 @@ def build_pipeline(target: str = "ascend", image: Optional[str] = None, data_pvc
     # hrnet serve runs on KServe's Python server, which the Ascend image (Python 3.9) cannot hold.
     serving_image = images.image_for("cpu") if target == "ascend" else image
 
-    @dsl.pipeline(name="evaluate-export", description="HRNet: evaluate and export the trained weights")
-    def evaluate_export(dataset: Input[Dataset], model: Input[Model], export_onnx: bool, deploy_model: bool,
-                        deploy_name: str, serving_runtime: str):
+    def evaluate_export(dataset, model, run):
+        """Evaluate, export and (when asked) deploy ``model``: written once, placed in each train
+        branch, since KFP's local runner cannot merge two branches' artifacts (dsl.OneOf) and a
+        sub-pipeline would nest the run graph one level deeper."""
         evaluate_task = evaluate(dataset=dataset, model=model)
         _configure(evaluate_task, "evaluate", image)
-        export_task = export(model=model, onnx=export_onnx)
+        export_task = export(model=model, onnx=run["export_onnx"])
         _configure(export_task, "export", image)
-        with dsl.If(deploy_model == True, name="deploy"):  # noqa: E712 (KFP builds the condition from ==)
-            # Only weights that were evaluated are served.
-            deploy_task = deploy(exported=export_task.outputs["exported"], name=deploy_name, runtime=serving_runtime,
-                                 image=serving_image, timeout=DEPLOY_TIMEOUT).after(evaluate_task)
-            _configure(deploy_task, "deploy", image, secret=False)
-
-    @dsl.pipeline(name="train-evaluate-export", description="HRNet: train, evaluate and export one data set")
-    def train_evaluate_export(dataset: Input[Dataset], config: dict, devices: int, nodes: int, checkpoint_uri: str,
-                              job_timeout: float, export_onnx: bool, deploy_model: bool, deploy_name: str,
-                              serving_runtime: str):
-        last = dict(export_onnx=export_onnx, deploy_model=deploy_model, deploy_name=deploy_name,
-                    serving_runtime=serving_runtime)
-        # Both branches end in the same sub-pipeline, for the reason given below for the data source.
-        with dsl.If(nodes == 1, name="one-server"):
-            train_task = train(dataset=dataset, config=config, devices=devices, checkpoint_uri=checkpoint_uri)
-            _configure_train(train_task, target, image, devices, train_retries, train_devices)
-            evaluate_export(dataset=dataset, model=train_task.outputs["model"], **last)
-        with dsl.Else(name="several-servers"):
-            # This pod only launches and follows the job: no accelerator, small requests. Named
-            # after the run, a retry of it re-attaches to the job it created.
-            job_task = train_job(dataset=dataset, config=config, nodes=nodes, devices=devices,
-                                 checkpoint_uri=checkpoint_uri, target=target, image=image,
-                                 job_name=dsl.PIPELINE_JOB_ID_PLACEHOLDER, timeout=job_timeout)
-            _configure(job_task, "train-job", image)
-            if train_retries:
-                job_task.set_retry(num_retries=train_retries, backoff_duration="150s", backoff_factor=2.0)
-            evaluate_export(dataset=dataset, model=job_task.outputs["model"], **last)
+        # Only weights that were evaluated are served.
+        deploy_task = deploy(exported=export_task.outputs["exported"], enabled=run["deploy"], name=run["deploy_name"],
+                             runtime=run["serving_runtime"], image=serving_image, timeout=DEPLOY_TIMEOUT
+                             ).after(evaluate_task)
+        _configure(deploy_task, "deploy", image, secret=False)
+        for task in (evaluate_task, export_task, deploy_task):  # not evaluate-2 ... in the other branch
+            task.set_display_name(task.component_spec.name.replace("_", "-"))
 
     def hrnet_pipeline(*args):
         run = parameters.bind(args)
         record_task = record_run()
         _configure(record_task, "record-run", image, secret=False)
         record_task.set_caching_options(False)
+        # The run graph is at most three levels deep: the exit handler, the train branches, a branch.
         with dsl.ExitHandler(record_task, name="hrnet-run"):
             check = validate(**parameters.validate_arguments(run, device, train_devices))
             _configure(check, "validate", image, secret=False)
             check.set_caching_options(False)
-            rest = dict(config=check.outputs["config"], devices=run["devices"], nodes=run["nodes"],
-                        checkpoint_uri=run["checkpoint_uri"], job_timeout=run["job_timeout"],
-                        export_onnx=run["export_onnx"], deploy_model=run["deploy"], deploy_name=run["deploy_name"],
-                        serving_runtime=run["serving_runtime"])
             # Datasets pass by reference (hrnet.data.reference): KFP's launcher would download a
             # whole Dataset artifact into every pod that takes it.
-            # Both branches run the same sub-pipeline: KFP's local runner cannot merge
-            # artifacts of two branches (dsl.OneOf), and a sub-pipeline reads as one step anyway.
-            with dsl.If(check.outputs["source"] == "convert", name="convert-images"):
-                convert_task = convert(source_uri=run["source_uri"], datasets_uri=run["datasets_uri"])
-                _configure(convert_task, "convert", image)
-                # KFP's cache key is the source URI, not what is there: a changed tree under the
-                # same URI must be converted again. Converting unchanged input is a quick no-op
-                # when datasets_uri holds it already (the converter's own fingerprint).
-                convert_task.set_caching_options(False)
-                if data_pvc:
-                    kubernetes.mount_pvc(convert_task, pvc_name=data_pvc, mount_path=images.DATA_MOUNT)
-                train_evaluate_export(dataset=convert_task.outputs["dataset"], **rest)
-            with dsl.Else(name="use-tfrecords"):
-                records = reference_records(tfrecords_uri=run["tfrecords_uri"])
-                _configure(records, "reference", image)
-                train_evaluate_export(dataset=records.outputs["dataset"], **rest)
+            data = prepare_data(source_uri=run["source_uri"], tfrecords_uri=run["tfrecords_uri"],
+                                datasets_uri=run["datasets_uri"]).after(check)
+            _configure(data, "data", image)
+            # KFP's cache key is the source URI, not what is there: a changed tree under the
+            # same URI must be converted again. Converting unchanged input is a quick no-op
+            # when datasets_uri holds it already (the converter's own fingerprint).
+            data.set_caching_options(False)
+            if data_pvc:
+                kubernetes.mount_pvc(data, pvc_name=data_pvc, mount_path=images.DATA_MOUNT)
+            dataset, config = data.outputs["dataset"], check.outputs["config"]
+            with dsl.If(run["nodes"] == 1, name="one-server"):
+                train_task = train(dataset=dataset, config=config, devices=run["devices"],
+                                   checkpoint_uri=run["checkpoint_uri"])
+                _configure_train(train_task, target, image, run["devices"], train_retries, train_devices)
+                evaluate_export(dataset, train_task.outputs["model"], run)
+            with dsl.Else(name="several-servers"):
+                # This pod only launches and follows the job: no accelerator, small requests. Named
+                # after the run, a retry of it re-attaches to the job it created.
+                job_task = train_job(dataset=dataset, config=config, nodes=run["nodes"], devices=run["devices"],
+                                     checkpoint_uri=run["checkpoint_uri"], target=target, image=image,
+                                     job_name=dsl.PIPELINE_JOB_ID_PLACEHOLDER, timeout=run["job_timeout"])
+                _configure(job_task, "train-job", image)
+                if train_retries:
+                    job_task.set_retry(num_retries=train_retries, backoff_duration="150s", backoff_factor=2.0)
+                job_task.set_display_name("train")
+                evaluate_export(dataset, job_task.outputs["model"], run)
 
     # KFP reads the parameters from the signature and their run-form descriptions from the
     # Args: section of the docstring, both made from pipelines/parameters.py.

@@ -45,7 +45,7 @@ def parameters_for(device: str) -> List[Parameter]:
         Parameter("serving_runtime", str, "tensorflow", "tensorflow: KServe's TensorFlow Serving loads the "
                                                         "SavedModel; hrnet: the project's cpu or gpu image runs "
                                                         "`hrnet serve` (class names in the answers)."),
-        Parameter("datasets_uri", str, "", "Where converted records go; \"\" puts them beside the convert step's "
+        Parameter("datasets_uri", str, "", "Where converted records go; \"\" puts them beside the prepare-data step's "
                                            "artifacts. The steps pass only a reference, and each fetches just the "
                                            "shards it reads."),
     ]

@@ -111,7 +111,7 @@ def bucket_runs(seaweedfs_server, tmp_path_factory):
 @pytest.mark.parametrize("run", ["images", "records"])
 def test_the_pipeline_runs_in_the_cpu_image_against_a_real_bucket(bucket_runs, run):
     workdir, top1, steps = bucket_runs[run]
-    expected = ["validate", "convert" if run == "images" else "reference-records", "train", "evaluate", "export",
+    expected = ["validate", "prepare-data", "train", "evaluate", "export", "deploy",
                 "record-run"]
     assert [s for s in expected if s in steps] == expected, sorted(steps)
     assert top1 > 0.5, top1  # chance is 0.1

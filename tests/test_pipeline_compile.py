@@ -11,8 +11,8 @@ from components import images
 from pipelines.__main__ import compile_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = ("validate", "convert", "reference-records", "train", "evaluate", "export", "record-run")
-STORAGE_STEPS = ("convert", "reference-records", "train", "evaluate", "export")
+STEPS = ("validate", "prepare-data", "train", "evaluate", "export", "record-run")
+STORAGE_STEPS = ("prepare-data", "train", "evaluate", "export")
 
 
 def compile_ir(tmp_path, target, **kwargs):
@@ -31,7 +31,7 @@ def compiled(tmp_path_factory):
 
 
 def executors_of(ir, step):
-    """Executor labels of every use of component ``step`` (it appears once per data-source branch)."""
+    """Executor labels of every use of component ``step`` (evaluate, export and deploy appear once per train branch)."""
     found = [spec["executorLabel"] for name, spec in ir["components"].items()
              if re.fullmatch(f"comp-{step}(-\\d+)?", name) and "executorLabel" in spec]
     assert found, f"no executor for step {step}"
@@ -74,7 +74,7 @@ def test_ascend_chip_count_follows_the_devices_parameter(compiled):
         component = next(n for n, c in ir["components"].items() if c.get("executorLabel") == label)
         assert trace_to_root(ir, component, placeholder.group(1)) == {("root", "devices")}
     # The same parameter reaches the launcher as its process count.
-    for component in ("comp-train", "comp-train-2"):
+    for component in ("comp-train",):
         assert trace_to_root(ir, component, "devices") == {("root", "devices")}
         # and its --device comes with the config the validate step checked, given the target's.
         assert trace_to_root(ir, component, "config") == {("task", "validate", "config")}
@@ -92,7 +92,7 @@ def test_ascend_train_pod_lands_on_a_chip_node(compiled):
         resources = container(ir, label)["resources"]
         assert resources["resourceCpuRequest"] and resources["resourceMemoryRequest"]
     # Only training needs the chips: the other steps may run on any node.
-    for step in ("validate", "convert", "evaluate", "export", "record-run"):
+    for step in ("validate", "prepare-data", "evaluate", "export", "record-run"):
         for label in executors_of(ir, step):
             assert "accelerator" not in container(ir, label).get("resources", {})
             assert "nodeSelector" not in k8s.get(label, {}) and "tolerations" not in k8s.get(label, {})
@@ -168,8 +168,8 @@ def test_every_step_states_requests_and_limits(compiled, target):
             resources = container(ir, label)["resources"]
             assert resources["cpuRequest"] <= resources["cpuLimit"], (step, resources)
             assert resources["memoryRequest"] <= resources["memoryLimit"], (step, resources)
-    # convert decodes every image and evaluate runs the model: more than the bookkeeping steps.
-    for step in ("convert", "evaluate"):
+    # prepare-data decodes every image and evaluate runs the model: more than the bookkeeping steps.
+    for step in ("prepare-data", "evaluate"):
         for label in executors_of(ir, step):
             assert container(ir, label)["resources"]["cpuRequest"] >= 2
 
@@ -240,10 +240,10 @@ def test_image_registry_and_tag_are_set_when_compiling(tmp_path, monkeypatch):
 
 def test_train_retries_and_the_exit_handler_records_the_run(compiled):
     ir, _, _ = compiled["ascend"]
-    # The one-server train step and the multi-node launcher, once per data-source branch.
+    # The one-server train step and the multi-node launcher.
     retried = [(name, spec["dag"]["tasks"][task]) for name, spec in ir["components"].items()
                for task in ("train", "train-job") if task in spec.get("dag", {}).get("tasks", {})]
-    assert sorted(t["taskInfo"]["name"] for _, t in retried) == ["train", "train", "train-job", "train-job"]
+    assert sorted(t["taskInfo"]["name"] for _, t in retried) == ["train", "train"]  # the launcher is shown as train
     for _, task in retried:
         policy = task["retryPolicy"]
         assert policy["maxRetryCount"] >= 1
@@ -259,22 +259,37 @@ def test_train_retries_and_the_exit_handler_records_the_run(compiled):
     assert set(root_tasks) == {"exit-handler-1", "record-run"}
 
 
-def test_validate_runs_first_and_picks_the_data_source(compiled):
+def dag_depth(ir, component="root") -> int:
+    """How many DAGs deep the deepest step sits below the root's DAG."""
+    spec = ir["root"] if component == "root" else ir["components"][component]
+    inner = [dag_depth(ir, t["componentRef"]["name"]) for t in spec["dag"]["tasks"].values()
+             if "dag" in ir["components"][t["componentRef"]["name"]]]
+    return 1 + max(inner) if inner else 0
+
+
+@pytest.mark.parametrize("target", images.TARGETS)
+def test_the_run_graph_is_at_most_three_levels_deep_with_names_a_user_knows(compiled, target):
+    """The exit handler (hrnet-run), the train branches, a branch: no sub-pipelines and no
+    condition around deploy, and every step under its own name in both train branches."""
+    ir, _, _ = compiled[target]
+    assert dag_depth(ir) == 3
+    shown = sorted({t["taskInfo"]["name"] for spec in list(ir["components"].values()) + [ir["root"]]
+                    for t in spec.get("dag", {}).get("tasks", {}).values()})
+    assert shown == ["condition-branches-2", "deploy", "evaluate", "export", "hrnet-run", "one-server", "prepare-data",
+                     "record-run", "several-servers", "train", "validate"]
+
+
+def test_validate_runs_first_then_one_step_prepares_the_data(compiled):
     ir, _, _ = compiled["cpu"]
     handler = ir["components"]["comp-exit-handler-1"]["dag"]["tasks"]
     assert handler["validate"].get("dependentTasks") is None
-    others = [t for name, t in handler.items() if name != "validate"]
-    assert others and all(t.get("dependentTasks") == ["validate"] for t in others)
-    branches = ir["components"][others[0]["componentRef"]["name"]]["dag"]["tasks"]
-    conditions = sorted(t["triggerPolicy"]["condition"] for t in branches.values())
-    assert all("pipelinechannel--validate-source" in c for c in conditions)
-    assert any("'convert'" in c for c in conditions)
-    # The convert branch converts; the other refers to the given TFRecords (no importer: it
-    # would download the whole data set into every pod that takes it).
-    branch_steps = {name: set(ir["components"][t["componentRef"]["name"]]["dag"]["tasks"])
-                    for name, t in branches.items()}
-    assert sorted(map(sorted, branch_steps.values())) == [["convert", "train-evaluate-export"],
-                                                         ["reference-records", "train-evaluate-export-2"]]
+    assert handler["prepare-data"]["dependentTasks"] == ["validate"]
+    assert trace_to_root(ir, "comp-prepare-data", "tfrecords_uri") == {("root", "tfrecords_uri")}
+    assert trace_to_root(ir, "comp-prepare-data", "source_uri") == {("root", "source_uri")}
+    # The train branches take its one Dataset (no importer: it would download the whole data
+    # set into every pod that takes it).
+    branches = [name for name in handler if name.startswith("condition-branches")]
+    assert len(branches) == 1 and handler[branches[0]]["dependentTasks"] == ["prepare-data", "validate"]
 
 
 def test_run_time_parameters(compiled):
@@ -341,16 +356,16 @@ def test_an_output_that_cannot_be_written_is_one_line(tmp_path, capsys):
 def test_the_multi_node_launcher_asks_for_no_accelerator_and_is_named_after_the_run(compiled, target):
     ir, _, _ = compiled[target]
     labels = executors_of(ir, "train-job")
-    assert len(labels) == 2  # once per data-source branch
+    assert len(labels) == 1
     for label in labels:
         resources = container(ir, label)["resources"]
         assert "accelerator" not in resources
         assert resources["cpuLimit"] <= 2 and resources["memoryLimit"] <= 2
-    for component in ("comp-train-job", "comp-train-job-2"):
-        assert trace_to_root(ir, component, "nodes") == {("root", "nodes")}
-        assert trace_to_root(ir, component, "devices") == {("root", "devices")}
-        assert trace_to_root(ir, component, "target") == {("constant", target)}
-        assert trace_to_root(ir, component, "job_name") == {("constant", "{{$.pipeline_job_uuid}}")}
+    component = "comp-train-job"
+    assert trace_to_root(ir, component, "nodes") == {("root", "nodes")}
+    assert trace_to_root(ir, component, "devices") == {("root", "devices")}
+    assert trace_to_root(ir, component, "target") == {("constant", target)}
+    assert trace_to_root(ir, component, "job_name") == {("constant", "{{$.pipeline_job_uuid}}")}
     # The branches are chosen by nodes: one train pod for 1, the launcher for more.
     conditions = {t["triggerPolicy"]["condition"] for spec in ir["components"].values()
                   for t in spec.get("dag", {}).get("tasks", {}).values() if "nodes" in t.get("triggerPolicy", {})
@@ -362,18 +377,28 @@ def test_the_multi_node_launcher_asks_for_no_accelerator_and_is_named_after_the_
 @pytest.mark.parametrize("target", images.TARGETS)
 def test_deploy_runs_when_asked_once_evaluated_in_an_image_that_holds_kserve(compiled, target):
     ir, _, _ = compiled[target]
-    gates = [t for name, spec in ir["components"].items() if name.startswith("comp-evaluate-export")
-             for t in spec["dag"]["tasks"].values() if t["componentRef"]["name"].startswith("comp-condition")]
-    assert len(gates) == 4  # two data sources x one or several servers
-    for gate in gates:
-        assert gate["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--deploy_model'] == true"
-        assert sorted(gate["dependentTasks"]) == ["evaluate", "export"]
-        (task,) = ir["components"][gate["componentRef"]["name"]]["dag"]["tasks"].values()
-        assert task["componentRef"]["name"].startswith("comp-deploy")
+    deploys = [t for spec in ir["components"].values() for t in spec.get("dag", {}).get("tasks", {}).values()
+               if t["componentRef"]["name"].startswith("comp-deploy")]
+    assert len(deploys) == 2  # one or several servers
+    for task in deploys:
+        # A step that serves only when asked (deploy=true), after the weights were evaluated.
+        assert "triggerPolicy" not in task
+        assert sorted(task["dependentTasks"]) == sorted(t for t in task["dependentTasks"]
+                                                        if t.startswith(("evaluate", "export")))
+        assert len(task["dependentTasks"]) == 2
         # Python 3.9 in the Ascend image cannot hold KServe's server: the cpu image serves.
         serving = images.image_for("cpu" if target == "ascend" else target)
         assert task["inputs"]["parameters"]["image"] == {"runtimeValue": {"constant": serving}}
     assert trace_to_root(ir, "comp-deploy", "name") == {("root", "deploy_name")}
+    assert trace_to_root(ir, "comp-deploy", "enabled") == {("root", "deploy")}
+
+
+def test_deploy_not_asked_for_touches_nothing():
+    from components.deploy import deploy
+
+    # The component's own function, as its pod runs it, with no Kubernetes API anywhere near.
+    assert deploy.python_func(exported=None, enabled=False, name="hrnet", runtime="tensorflow", image="x",
+                              timeout=1.0) == ""
 
 
 def test_an_ascend_pipeline_with_its_own_image_still_serves_from_the_cpu_image(tmp_path):

@@ -44,7 +44,8 @@ def test_the_run_learns_the_digits(demo_run):
 
 def test_the_console_gets_a_short_account_and_each_step_its_whole_log(demo_run):
     lines = demo_run["console"].splitlines()
-    steps = ["validate", "convert", "train", "evaluate", "export", "record-run"]
+    # deploy runs as a step that, not asked to serve (deploy=false), says so and touches nothing.
+    steps = ["validate", "prepare-data", "train", "evaluate", "export", "deploy", "record-run"]
     done = [ln.split()[0] for ln in lines if " done in " in ln]
     # evaluate and export both follow train, in either order
     assert done[:3] == steps[:3] and sorted(done[3:5]) == steps[3:5] and done[5:] == steps[5:], lines
@@ -154,7 +155,7 @@ def test_the_data_set_passes_by_reference(demo_run):
     """The Dataset artifact the steps take is a reference (a few kilobytes), not the records."""
     from hrnet.data import reference
 
-    (artifact,) = glob.glob(os.path.join(demo_run["run_dir"], "convert*", "dataset"))
+    (artifact,) = glob.glob(os.path.join(demo_run["run_dir"], "prepare-data*", "dataset"))
     assert os.listdir(artifact) == [reference.REFERENCE]
     records = reference.resolve(artifact)
     assert os.path.dirname(records) == os.path.dirname(artifact)  # beside it, in the pipeline root
@@ -181,7 +182,7 @@ def test_a_retried_train_step_resumes_with_no_checkpoint_uri(demo_run, tmp_path)
     import subprocess
     import sys
 
-    (dataset,) = glob.glob(os.path.join(demo_run["run_dir"], "convert*", "dataset"))
+    (dataset,) = glob.glob(os.path.join(demo_run["run_dir"], "prepare-data*", "dataset"))
     model = str(tmp_path / "train" / "model")
     config = dict(model="w18_small_v1", device="cpu", batch_size=32, train_steps=20, lr=0.05, precision="fp32",
                   image_size=32, seed=1, flip=False, checkpoint_every=5, log_every=5)
@@ -227,7 +228,7 @@ def test_the_train_step_fine_tunes_from_an_official_pytorch_checkpoint(demo_run,
     made = subprocess.run([sys.executable, "-c", _OFFICIAL_PTH, str(pth)], capture_output=True, text=True)
     assert made.returncode == 0, made.stderr[-3000:]
     conv1 = np.load(str(pth) + ".conv1.npy").transpose(2, 3, 1, 0)
-    (dataset,) = glob.glob(os.path.join(demo_run["run_dir"], "convert*", "dataset"))
+    (dataset,) = glob.glob(os.path.join(demo_run["run_dir"], "prepare-data*", "dataset"))
     model = tmp_path / "train" / "model"
     # One step at an lr so small that the weights stay the imported ones (up to 1e-6).
     config = dict(model="w18_small_v1", device="cpu", batch_size=8, train_steps=1, lr=1e-9, precision="fp32",

@@ -86,8 +86,8 @@ def check_pipeline_parameters(source_uri: str, tfrecords_uri: str, devices: int,
                          "(TFRecords made by `hrnet convert` or slim); "
                          f"got source_uri={source_uri!r} tfrecords_uri={tfrecords_uri!r}")
     if "://" in source_uri and not is_remote(source_uri):
-        # A path is checked where it is mounted (the convert step's /data); a URI of another
-        # store is refused now, not by the convert step's stack trace.
+        # A path is checked where it is mounted (the prepare-data step's /data); a URI of another
+        # store is refused now, not by the prepare-data step's stack trace.
         raise ValueError(f"source_uri {source_uri!r} is neither an s3:// / minio:// URI nor a path")
     if tfrecords_uri and not is_remote(tfrecords_uri) and not os.path.isdir(tfrecords_uri):
         # KFP imports the records as an artifact: in a cluster that takes an object-store URI.
