@@ -117,8 +117,8 @@ def test_the_step_serves_its_export_and_returns_the_url(tmp_path, export_uri, mo
         monkeypatch.setenv("KUBECONFIG", write_kubeconfig(tmp_path, k8s))
         monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
         monkeypatch.setenv("POD_NAMESPACE", "hrnet")
-        url = step.python_func(exported=Model(uri=export_uri), name="digits", runtime="tensorflow", image="",
-                               timeout=30.0)
+        url = step.python_func(exported=Model(uri=export_uri), enabled=True, name="digits", runtime="tensorflow",
+                               image="", timeout=30.0)
         (made,) = k8s.created
     assert url == "http://digits.hrnet.example.com"
     assert made["metadata"]["labels"][deploy.LABEL] == "digits"
