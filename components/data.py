@@ -8,18 +8,18 @@ from components.images import IMAGES
 
 
 @dsl.component(base_image=IMAGES["cpu"], install_kfp_package=False)
-def prepare_data(source_uri: str, tfrecords_uri: str, datasets_uri: str, dataset: Output[Dataset]):
-    """``tfrecords_uri`` given: ``dataset`` refers to those records (ours or slim's), checked
-    to be complete by their manifest where they have one; nothing is copied. Otherwise
-    TFRecords + labels.txt + manifest.json of ``source_uri`` (a folder or s3:// / minio:// URI)
-    are written at ``datasets_uri``, or "" for a ``tfrecords`` prefix beside this step's
-    artifact in the pipeline root. Either way ``dataset`` holds only a reference
-    (hrnet.data.reference), so the steps after this one fetch just the shards they read. The
-    validate step has checked that exactly one of the two is given."""
+def prepare_data(source: str, source_uri: str, tfrecords_uri: str, datasets_uri: str, dataset: Output[Dataset]):
+    """``source``: the validate step's choice. "tfrecords": ``dataset`` refers to the records at
+    ``tfrecords_uri`` (ours or slim's), checked to be complete by their manifest where they
+    have one; nothing is copied. "convert": TFRecords + labels.txt + manifest.json of
+    ``source_uri`` (a folder or s3:// / minio:// URI) are written at ``datasets_uri``, or "" for
+    a ``tfrecords`` prefix beside this step's artifact in the pipeline root. Either way
+    ``dataset`` holds only a reference (hrnet.data.reference), so the steps after this one
+    fetch just the shards they read."""
     from hrnet import storage
     from hrnet.data.reference import refer, write_reference
 
-    if tfrecords_uri:
+    if source == "tfrecords":
         refer(tfrecords_uri, dataset.path)
         dataset.metadata["records"] = tfrecords_uri
         return

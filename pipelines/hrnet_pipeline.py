@@ -150,8 +150,8 @@ def build_pipeline(target: str = "ascend", image: Optional[str] = None, data_pvc
             check.set_caching_options(False)
             # Datasets pass by reference (hrnet.data.reference): KFP's launcher would download a
             # whole Dataset artifact into every pod that takes it.
-            data = prepare_data(source_uri=run["source_uri"], tfrecords_uri=run["tfrecords_uri"],
-                                datasets_uri=run["datasets_uri"]).after(check)
+            data = prepare_data(source=check.outputs["source"], source_uri=run["source_uri"],
+                                tfrecords_uri=run["tfrecords_uri"], datasets_uri=run["datasets_uri"])
             _configure(data, "data", image)
             # KFP's cache key is the source URI, not what is there: a changed tree under the
             # same URI must be converted again. Converting unchanged input is a quick no-op

@@ -284,6 +284,7 @@ def test_validate_runs_first_then_one_step_prepares_the_data(compiled):
     handler = ir["components"]["comp-exit-handler-1"]["dag"]["tasks"]
     assert handler["validate"].get("dependentTasks") is None
     assert handler["prepare-data"]["dependentTasks"] == ["validate"]
+    assert trace_to_root(ir, "comp-prepare-data", "source") == {("task", "validate", "source")}
     assert trace_to_root(ir, "comp-prepare-data", "tfrecords_uri") == {("root", "tfrecords_uri")}
     assert trace_to_root(ir, "comp-prepare-data", "source_uri") == {("root", "source_uri")}
     # The train branches take its one Dataset (no importer: it would download the whole data

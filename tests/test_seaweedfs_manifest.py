@@ -100,7 +100,7 @@ class ManifestSeaweed(_ServerProcess):
         """The image's busybox wget, or where this machine has none, a stand-in that does the
         one thing the hook asks of it (exit 0 once the URL answers 200)."""
         if shutil.which("wget"):
-            return "/usr/bin"
+            return os.path.dirname(shutil.which("wget"))
         folder = Path(self.dir) / "bin"
         folder.mkdir(exist_ok=True)
         shim = folder / "wget"
