@@ -6,8 +6,11 @@ Every validation record is seen exactly once (hrnet.data.eval_dataset: no shuffl
 repeat, the last batch partial), and the count is checked against the data set's own
 count. The model is rebuilt from the checkpoint's manifest and loads its portable
 weights, so a checkpoint trained under Keras 2 is evaluated under Keras 3 and back.
-Outputs in ``out``: metrics.json (top1, top5, count, per_class) and manifest.json, last.
+Outputs in ``out``: metrics.json (top1, top5, count, per_class, the confusion matrix, the
+most-confused pairs and the most confident mistakes), the mistakes' thumbnails
+(mistake-NN.png) and manifest.json, last.
 """
+import heapq
 import json
 import logging
 import os
@@ -73,19 +76,26 @@ def _named_failures(dataset):
             raise
 
 
-def tally(predict, dataset, num_classes: int, expected: int, what: str, batch_size: int) -> Tally:
-    """Run ``predict`` (images -> top-k classes) over ``dataset`` (batches of images and
-    0-based labels, each record once); checks every label and the record count."""
+def tally(predict, dataset, num_classes: int, expected: int, what: str, batch_size: int,
+          mistakes: Optional["Mistakes"] = None) -> Tally:
+    """Run ``predict`` (images -> top-k classes; with ``mistakes``, and the class
+    probabilities) over ``dataset`` (batches of images and 0-based labels, each record once);
+    checks every label and the record count."""
     result = Tally(num_classes)
     total_batches = -(-expected // batch_size)
     for i, (images, labels) in enumerate(_named_failures(dataset)):
-        top = predict(images).numpy()
+        if mistakes is None:
+            top, probabilities = predict(images).numpy(), None
+        else:
+            top, probabilities = (t.numpy() for t in predict(images))
         labels = labels.numpy()
         if labels.min() < 0 or labels.max() >= num_classes:
             raise HrnetError("%s holds label %d, outside the model's %d classes"
                              % (what, int(labels.max() if labels.max() >= num_classes else labels.min()),
                                 num_classes))
         result.add(top, labels)
+        if mistakes is not None:
+            mistakes.add(images.numpy(), labels, top[:, 0], probabilities)
         if (i + 1) % 50 == 0 or i + 1 == total_batches:
             log.info("evaluated %d/%d images (%d/%d batches), top-1 so far %.4f", result.count, expected, i + 1,
                      total_batches, result.top1)
@@ -95,20 +105,73 @@ def tally(predict, dataset, num_classes: int, expected: int, what: str, batch_si
     return result
 
 
-def top_k_predictor(model, image_size: int, num_classes: int):
-    """A tf.function: float images [batch, size, size, 3] -> the top-5 (or fewer) classes."""
+def top_k_predictor(model, image_size: int, num_classes: int, probabilities: bool = False):
+    """A tf.function: float images [batch, size, size, 3] -> the top-5 (or fewer) classes;
+    with ``probabilities``, and the softmax over every class."""
     import tensorflow as tf
 
     @tf.function(input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.float32)])
     def predict(images):
         logits = model(images, training=False)
-        return tf.math.top_k(logits, k=min(5, num_classes)).indices
+        top = tf.math.top_k(logits, k=min(5, num_classes)).indices
+        return (top, tf.nn.softmax(tf.cast(logits, tf.float32))) if probabilities else top
 
     return predict
 
 
+# The misclassified images the report shows, and their thumbnails' size in pixels.
+MISTAKES = 16
+THUMBNAIL = 96
+
+
+class Mistakes:
+    """The ``keep`` misclassified images the model was surest about: the highest loss (the
+    lowest probability of the true class), as fastai's top losses; ties go to the earlier
+    image. Only these are kept (as thumbnails), so memory does not grow with the split."""
+
+    def __init__(self, keep: int = MISTAKES):
+        self.keep = keep
+        self._heap: List[tuple] = []  # (loss, -position, entry): the smallest loss on top
+        self._seen = 0
+
+    def add(self, images, labels, predicted, probabilities) -> None:
+        """A batch: normalized float images, true and predicted (top-1) classes, the softmax."""
+        import numpy as np
+
+        wrong = np.nonzero(predicted != labels)[0]
+        losses = -np.log(np.maximum(probabilities[wrong, labels[wrong]], 1e-30))
+        for i, loss in zip(wrong.tolist(), losses.tolist()):
+            key = (loss, -(self._seen + i))
+            if len(self._heap) == self.keep and key <= self._heap[0][:2]:
+                continue
+            entry = {"position": self._seen + i, "true": int(labels[i]), "predicted": int(predicted[i]),
+                     "probability": float(probabilities[i, predicted[i]]),
+                     "true_probability": float(probabilities[i, labels[i]]), "thumbnail": thumbnail(images[i])}
+            (heapq.heappushpop if len(self._heap) == self.keep else heapq.heappush)(self._heap, key + (entry,))
+        self._seen += len(labels)
+
+    def worst_first(self) -> List[Dict[str, Any]]:
+        return [entry for *_, entry in sorted(self._heap, key=lambda item: item[:2], reverse=True)]
+
+
+def thumbnail(image):
+    """A normalized float image [h, w, 3] back to RGB bytes, at most THUMBNAIL pixels a side."""
+    import numpy as np
+    from PIL import Image
+
+    from hrnet.data.input import MEAN_RGB, STDDEV_RGB
+
+    rgb = np.clip(np.rint((image * np.float32(STDDEV_RGB) + np.float32(MEAN_RGB)) * 255.0), 0, 255)
+    picture = Image.fromarray(rgb.astype(np.uint8))
+    if max(picture.size) > THUMBNAIL:
+        picture.thumbnail((THUMBNAIL, THUMBNAIL), Image.BILINEAR)
+    return picture
+
+
 # The most-confused pairs listed in metrics.json and the reports.
 CONFUSED_PAIRS = 20
+# The mistakes' thumbnails in the evaluation folder.
+MISTAKE_IMAGE = "mistake-%02d.png"
 
 
 def most_confused(confusion, names: List[str], top: int = CONFUSED_PAIRS) -> List[Dict[str, Any]]:
@@ -184,8 +247,9 @@ def evaluate(data: str, checkpoint: str, out: Optional[str] = None, batch_size: 
     start = time.time()
     dataset = hdata.eval_dataset(info, batch_size=batch_size, image_size=size, split=split, crop_ratio=crop_ratio,
                                  data_cache=int(data_cache_gb * GB))
-    result = tally(top_k_predictor(model, size, num_classes), dataset, num_classes, expected,
-                   "%s (%s)" % (data, split), batch_size)
+    mistakes = Mistakes()
+    result = tally(top_k_predictor(model, size, num_classes, probabilities=True), dataset, num_classes, expected,
+                   "%s (%s)" % (data, split), batch_size, mistakes)
     metrics = {
         "top1": result.top1,
         "top5": result.top5,
@@ -198,6 +262,11 @@ def evaluate(data: str, checkpoint: str, out: Optional[str] = None, batch_size: 
         "seconds": round(time.time() - start, 1),
     }
     metrics.update(class_metrics(result.confusion, list(info.class_names), list(info.class_texts)))
+    worst = mistakes.worst_first()
+    metrics["mistakes"] = [dict({k: v for k, v in m.items() if k != "thumbnail"}, image=MISTAKE_IMAGE % n,
+                                true_name=metrics["confusion_matrix"]["classes"][m["true"]],
+                                predicted_name=metrics["confusion_matrix"]["classes"][m["predicted"]])
+                           for n, m in enumerate(worst, 1)]
     log.info("%s (%s weights, step %s) on %d %s images: top-1 %.4f, top-5 %.4f", ckpt["model"], picked["which"],
              picked["step"], result.count, split, metrics["top1"], metrics["top5"])
     if out:
@@ -205,10 +274,14 @@ def evaluate(data: str, checkpoint: str, out: Optional[str] = None, batch_size: 
             path = os.path.join(out_dir, METRICS)
             with open(path, "w") as f:
                 f.write(metrics_json(metrics))
+            files = [path]
+            for entry, mistake in zip(metrics["mistakes"], worst):
+                files.append(os.path.join(out_dir, entry["image"]))
+                mistake["thumbnail"].save(files[-1])
             write_manifest(out_dir, {
                 "kind": "evaluation", "data": data, "checkpoint": checkpoint, "model": ckpt["model"],
                 "weights": picked["which"], "step": picked["step"], "split": split, "count": result.count,
-                "top1": metrics["top1"], "top5": metrics["top5"], "files": [file_entry(path, out_dir)],
+                "top1": metrics["top1"], "top5": metrics["top5"], "files": [file_entry(f, out_dir) for f in files],
             })
     return metrics
 

@@ -52,6 +52,20 @@ def test_evaluate_counts_every_validation_record_once_and_matches_per_image_pred
     assert written["count"] == 23 and written["top1"] == metrics["top1"]
     manifest = json.loads((tmp_path / "eval" / "manifest.json").read_text())
     assert manifest["kind"] == "evaluation" and manifest["step"] == 2
+    # The report's mistakes: the wrong ones with the lowest probability of their true class, surest first.
+    probabilities = tf.nn.softmax(model(images, training=False)).numpy()
+    wrong = np.nonzero(ranked[:, 0] != labels)[0]
+    surest = wrong[np.argsort(probabilities[wrong, labels[wrong]], kind="stable")][:16]
+    mistakes = written["mistakes"]
+    # (The reference reads the images in another order than the records: compared by content.)
+    assert len(surest) == len(mistakes) == 16 and len({m["position"] for m in mistakes}) == 16
+    assert [(m["true"], m["predicted"]) for m in mistakes] == list(zip(labels[surest].tolist(),
+                                                                       ranked[surest, 0].tolist()))
+    assert [m["true_probability"] for m in mistakes] == pytest.approx(probabilities[surest, labels[surest]].tolist(),
+                                                                      abs=1e-4)
+    listed = {f["path"] for f in manifest["files"]}
+    assert listed == {"metrics.json"} | {m["image"] for m in mistakes}
+    assert all((tmp_path / "eval" / m["image"]).read_bytes().startswith(b"\x89PNG") for m in mistakes)
 
 
 def test_evaluate_refuses_mismatched_or_incomplete_inputs(tiny_run, tmp_path):
