@@ -1,28 +1,39 @@
 """A one-page HTML report of a trained and evaluated checkpoint.
 
-What the Kubeflow Pipelines UI shows for the evaluate step (an HTML artifact), readable in
-any browser too: the headline metrics, the training curve from the checkpoint's
-``history.jsonl`` (an inline SVG, no JavaScript and no network), and a per-class table from
-the evaluation's ``metrics.json`` with the most-confused pairs; and the same in Markdown
-(``markdown_summary``). Pure Python: no TensorFlow.
+What the Kubeflow Pipelines UI shows for the evaluate step (an HTML artifact, shown alone:
+everything is inline, with no JavaScript and no network), readable in any browser too: the
+headline metrics, the run's settings and duration, the training curves from the checkpoint's
+``history.jsonl``, the confusion matrix, the accuracy by class, the most confident mistakes
+as thumbnails and the per-class table, from the evaluation's ``metrics.json``; and a shorter
+Markdown summary (``markdown_summary``). The figures are matplotlib's (hrnet.figures). No
+TensorFlow.
 """
+import base64
 import html
 import json
 import os
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from hrnet.errors import HrnetError
-from hrnet.run_folder import HISTORY
+from hrnet.run_folder import CONFIG_FILE, HISTORY
 
 METRICS = "metrics.json"
 MANIFEST = "manifest.json"
+# Past this many classes the per-class table lists only the weakest (all are in metrics.json).
+TABLE_ROWS = 100
 
 _STYLE = """
-body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
+body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 64em; padding: 0 1em; color: #222; }
+h2 { margin-top: 1.6em; border-bottom: 1px solid #ddd; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
 th, td { border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: right; }
-th { background: #f3f3f3; } td.name { text-align: left; }
+th { background: #f3f3f3; } td.name, th.name { text-align: left; }
 tr.worst td { background: #fff1f0; }
+figure { margin: 0.5em 0 1em; } figure svg { max-width: 100%; height: auto; }
+figcaption { color: #555; font-size: 0.9em; }
+.mistakes { display: flex; flex-wrap: wrap; gap: 0.8em; }
+.mistakes figure { width: 8.5em; margin: 0; }
+.mistakes img { width: 8.5em; height: 8.5em; object-fit: contain; image-rendering: pixelated; background: #eee; }
 .headline { font-size: 1.3em; } .muted { color: #777; }
 """
 
@@ -44,55 +55,15 @@ def read_history(checkpoint: str) -> List[Dict[str, float]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-# (history key, legend, colour, axis): the curves the chart draws; loss on the left axis,
-# accuracies on the right one (0..1).
-CURVES = (("loss", "train loss", "#d9480f", "loss"), ("top1", "train top-1", "#1c7ed6", "accuracy"),
-          ("val_top1", "validation top-1", "#2b8a3e", "accuracy"))
+def read_config(checkpoint: str) -> Dict[str, Any]:
+    """The run's train_config.yaml ({} for imported weights, which have none)."""
+    import yaml
 
-
-def curve_svg(history: Sequence[Dict[str, float]], width: int = 640, height: int = 260) -> str:
-    """Training loss (left axis), training and validation top-1 (right axis, 0..1) against
-    the epoch (the step when no epoch was logged), with a legend."""
-    lines = {key: [(h.get("epoch", h["step"]), h[key]) for h in history if key in h and "step" in h]
-             for key, *_ in CURVES}
-    if not lines["loss"]:
-        return '<p class="muted">no training history was logged</p>'
-    axis = "epoch" if all("epoch" in h for h in history if "step" in h) else "step"
-    left, right, top, bottom = 56, 48, 28, 32
-    xs = [x for points in lines.values() for x, _ in points]
-    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    losses = [v for _, v in lines["loss"]]
-    lo, hi = min(losses), max(losses) if max(losses) > min(losses) else min(losses) + 1
-
-    def x(value: float) -> float:
-        return left + (value - x0) / (x1 - x0) * (width - left - right)
-
-    def y(fraction: float) -> float:
-        return top + (1.0 - fraction) * (height - top - bottom)
-
-    shapes, legend = [], []
-    for i, (key, name, color, scale) in enumerate(c for c in CURVES if lines[c[0]]):
-        points = [(px, (v - lo) / (hi - lo) if scale == "loss" else v) for px, v in lines[key]]
-        coords = " ".join(f"{x(px):.1f},{y(py):.1f}" for px, py in points)
-        shapes.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{coords}"/>')
-        if len(points) == 1:  # one validation: a dot, since a one-point line is invisible
-            shapes.append(f'<circle cx="{x(points[0][0]):.1f}" cy="{y(points[0][1]):.1f}" r="3" fill="{color}"/>')
-        lx = left + i * 150
-        legend.append(f'<line x1="{lx}" y1="10" x2="{lx + 18}" y2="10" stroke="{color}" stroke-width="2"/>'
-                      f'<text x="{lx + 22}" y="14" font-size="11">{html.escape(name)}</text>')
-    text = [
-        (left - 6, y(1), "end", f"{hi:.3g}"), (left - 6, y(0), "end", f"{lo:.3g}"),
-        (width - right + 6, y(1), "start", "1.0"), (width - right + 6, y(0), "start", "0.0"),
-        (x(x0), height - 10, "middle", f"{x0:g}"), (x(x1), height - 10, "middle", f"{x1:g}"),
-        ((left + width - right) / 2, height - 10, "middle", axis),
-    ]
-    labels = "".join(f'<text x="{tx:.1f}" y="{ty:.1f}" text-anchor="{anchor}" font-size="11">'
-                     f'{html.escape(s)}</text>' for tx, ty, anchor, s in text)
-    frame = (f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" '
-             f'fill="none" stroke="#aaa"/>')
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-            f'aria-label="training loss, training and validation top-1 by {axis}">'
-            f'{frame}{"".join(shapes)}{labels}{"".join(legend)}</svg>')
+    path = os.path.join(checkpoint, CONFIG_FILE)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return yaml.safe_load(f) or {}
 
 
 def per_class_rows(metrics: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -141,38 +112,141 @@ def _facts(metrics: Dict[str, Any], manifest: Dict[str, Any]) -> str:
     return ", ".join(facts)
 
 
+def _duration(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return ""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def settings(metrics: Dict[str, Any], manifest: Dict[str, Any], config: Dict[str, Any],
+             history: Sequence[Dict[str, Any]]) -> List[Tuple[str, str]]:
+    """(setting, value) of the run, for what it knows: imported weights know little."""
+    peak_lr = max((h["lr"] for h in history if "lr" in h), default=None)
+    evaluated_step = metrics.get("step", manifest.get("step", "?"))
+    replicas = manifest.get("num_replicas")
+    rows = [
+        ("model", f"{manifest.get('model', '?')}" + (f", {manifest['params'] / 1e6:.2f} M parameters"
+                                                      if manifest.get("params") else "")),
+        ("classes", manifest.get("num_classes")),
+        ("image size", manifest.get("image_size")),
+        ("device", f"{manifest['device']}" + (f" x {replicas}" if replicas else "") if "device" in manifest else None),
+        ("precision", manifest.get("precision")),
+        ("batch", f"{manifest['global_batch_size']} images per step" if "global_batch_size" in manifest else None),
+        ("trained", f"step {manifest['step']} of {manifest.get('train_steps', '?')}" +
+         (f", {manifest['epochs']:g} epochs" if manifest.get("epochs") else "") if "train_steps" in manifest else None),
+        ("learning rate", (", ".join(filter(None, (config.get("schedule"), f"peak {peak_lr:.4g}"))) +
+                           (f", {config['warmup_epochs']:g} warmup epochs" if config.get("warmup_epochs") else ""))
+         if peak_lr is not None else None),
+        ("optimizer", (f"SGD, momentum {config['momentum']:g}{' (Nesterov)' if config.get('nesterov') else ''}, "
+                       f"weight decay {config.get('weight_decay', 0):g}, label smoothing "
+                       f"{config.get('label_smoothing', 0):g}") if "momentum" in config else None),
+        ("seed", config.get("seed")),
+        ("training time", _duration(manifest.get("seconds")) or None),
+        ("evaluated", f"{metrics['count']} {metrics.get('split', 'validation')} images, "
+                      f"{metrics.get('weights', 'last')} weights (step {evaluated_step})"
+                      + (f" in {_duration(metrics['seconds'])}" if metrics.get("seconds") is not None else "")),
+        ("software", ", ".join(f"{k} {manifest[k]}" for k in ("tensorflow", "keras") if k in manifest) or None),
+    ]
+    return [(k, str(v)) for k, v in rows if v is not None]
+
+
+def _figure(figure, caption: str, anchor: str) -> str:
+    from hrnet.figures import to_svg
+
+    return f'<figure id="{anchor}">{to_svg(figure)}<figcaption>{html.escape(caption)}</figcaption></figure>'
+
+
+def _data_uri(path: str) -> Optional[str]:
+    if not os.path.exists(path):
+        return None
+    with open(path, "rb") as f:
+        return "data:image/png;base64," + base64.b64encode(f.read()).decode("ascii")
+
+
+def mistakes_html(metrics: Dict[str, Any], rows: Sequence[Dict[str, Any]], evaluation: str) -> str:
+    """The most confident mistakes: each thumbnail with its true and predicted class."""
+    texts = {r["index"]: r.get("text", "") for r in rows}
+    cells = []
+    for m in metrics.get("mistakes", []):
+        uri = _data_uri(os.path.join(evaluation, m["image"]))
+        if uri is None:  # an evaluation without its thumbnails (evaluated with no --out)
+            continue
+        true = _label(m["true_name"], texts.get(m["true"], ""))
+        predicted = _label(m["predicted_name"], texts.get(m["predicted"], ""))
+        cells.append(f'<figure><img src="{uri}" alt="{html.escape(true)}, taken for {html.escape(predicted)}">'
+                     f'<figcaption><b>{html.escape(true)}</b><br>taken for {html.escape(predicted)} '
+                     f'({100 * m["probability"]:.1f}%)</figcaption></figure>')
+    if not cells:
+        return ""
+    return ('<h2>Most confident mistakes</h2><p class="muted">The misclassified validation images the model was '
+            'surest about (lowest probability of the true class): true class, what it was taken for, and '
+            f'with what probability.</p><div class="mistakes" id="mistakes">{"".join(cells)}</div>')
+
+
 def render(checkpoint: str, evaluation: str, worst: int = 5, pairs: int = 10) -> str:
     """The report's HTML for a checkpoint folder and its evaluation folder."""
+    from hrnet import figures
+
     metrics = _read_json(os.path.join(evaluation, METRICS))
     manifest = _read_json(os.path.join(checkpoint, MANIFEST))
+    history = read_history(checkpoint)
     rows = per_class_rows(metrics)
     shaded = {r["index"] for r in weakest(rows, worst)}
+    numbered = any(str(r.get("name", "")) != str(r["index"]) for r in rows)  # else "#" repeats the name
+    ranked = sorted(rows, key=lambda r: (r["top1"], r["index"]))
+    listed = ranked[:TABLE_ROWS // 2] if len(rows) > TABLE_ROWS else ranked
     table = "".join(
-        f'<tr class="{"worst" if r["index"] in shaded else ""}"><td>{r["index"]}</td>'
-        f'<td class="name">{html.escape(str(r.get("name", "")))}</td>'
-        f'<td class="name">{html.escape(str(r.get("text", "")))}</td>'
-        f'<td>{r["count"]}</td><td>{100 * r["top1"]:.2f}</td></tr>'
-        for r in rows)
-    note = f"the {len(shaded)} weakest classes are shaded (ties included)" if shaded else ""
+        f'<tr class="{"worst" if r["index"] in shaded else ""}">' + (f'<td>{r["index"]}</td>' if numbered else "") +
+        f'<td class="name">{html.escape(_label(str(r.get("name", "")), str(r.get("text", ""))))}</td>'
+        f'<td>{r["count"]}</td><td>{r.get("correct", round(r["top1"] * r["count"]))}</td>'
+        f'<td>{100 * r["top1"]:.2f}</td></tr>'
+        for r in listed)
+    notes = [f"weakest first; the {len(shaded)} weakest are shaded (ties included)" if shaded else "weakest first"]
+    if len(listed) < len(rows):
+        notes.append(f"the {len(listed)} weakest of {len(rows)} classes: all are in metrics.json")
     confused = "".join(f'<tr><td class="name">{html.escape(t)}</td><td class="name">{html.escape(p)}</td>'
                        f'<td>{n}</td><td>{100 * n / of:.1f}</td></tr>'
                        for t, p, n, of in confused_rows(metrics, rows, pairs))
-    confused_section = (f'<h2>Most confused</h2><table><tr><th>true class</th><th>taken for</th><th>images</th>'
-                        f'<th>% of the class</th></tr>{confused}</table>') if confused else ""
+    confused_section = (f'<h2>Most confused classes</h2><table id="confused"><tr><th class="name">true class</th>'
+                        f'<th class="name">taken for</th><th>images</th><th>% of the class</th></tr>{confused}</table>'
+                        ) if confused else ""
+    curves = figures.training_curves(history, manifest.get("best"))
+    training = (_figure(curves, "Training loss and top-1 (averaged over each logging window), validation top-1 "
+                                "(the star: the best, whose weights are kept) and the learning rate.", "curves")
+                if curves is not None else '<p class="muted">no training history was logged</p>')
+    charts = ""
+    matrix = metrics.get("confusion_matrix")
+    if matrix:
+        charts += _figure(figures.confusion_heatmap(matrix["rows"], matrix["classes"]),
+                          "Rows: the true class; columns: the class predicted (top-1); colour: the share of the "
+                          "true class's images.", "confusion")
+    if rows:
+        charts += _figure(figures.class_accuracy(rows, metrics["top1"]), "Top-1 of each class's images.", "classes")
+    settings_rows = "".join(f'<tr><th class="name">{html.escape(k)}</th><td class="name">{html.escape(v)}</td></tr>'
+                            for k, v in settings(metrics, manifest, read_config(checkpoint), history))
     model = html.escape(str(manifest.get("model", "?")))
+    header = ('<tr>' + ('<th>#</th>' if numbered else '') +
+              '<th class="name">class</th><th>images</th><th>correct</th><th>top-1 %</th></tr>')
     return f"""<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>HRNet {model}: evaluation</title><style>{_STYLE}</style></head>
+<html lang="en"><head><meta charset="utf-8"><title>HRNet {model}: evaluation</title><style>{_STYLE}</style></head>
 <body>
 <h1>HRNet {model}</h1>
 <p class="headline">top-1 <b>{100 * metrics["top1"]:.2f}%</b> &nbsp; top-5 <b>{100 * metrics["top5"]:.2f}%</b>
- &nbsp; on {metrics["count"]} validation images</p>
+ &nbsp; on {metrics["count"]} {html.escape(str(metrics.get("split", "validation")))} images</p>
 <p class="muted">{html.escape(_facts(metrics, manifest))}</p>
+<h2>Run</h2>
+<table id="settings">{settings_rows}</table>
 <h2>Training</h2>
-{curve_svg(read_history(checkpoint))}
+{training}
+<h2>Evaluation</h2>
+{charts}
+{mistakes_html(metrics, rows, evaluation)}
 {confused_section}
 <h2>Per class</h2>
-<p class="muted">{note}</p>
-<table><tr><th>#</th><th>class</th><th>name</th><th>images</th><th>top-1 %</th></tr>{table}</table>
+<p class="muted">{html.escape("; ".join(notes))}</p>
+<table id="per-class">{header}{table}</table>
 </body></html>
 """
 

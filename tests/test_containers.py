@@ -10,12 +10,15 @@ train / evaluate step that fetches more of the data set than the split it reads.
 The images come from `make images-local` (images/base/make-base.sh bases, then the
 Dockerfiles); `make test` builds them first, with a Docker engine it starts itself.
 """
+import glob
 import os
 import re
+import shlex
 import subprocess
 import sys
 
 import pytest
+from test_images import lock
 
 from components import images
 
@@ -118,6 +121,12 @@ def test_the_pipeline_runs_in_the_cpu_image_against_a_real_bucket(bucket_runs, r
     # The SavedModel in its version folder, as KServe's TensorFlow runtime loads it from a storageUri.
     (version,) = [root for root, _, files in os.walk(workdir) if "saved_model.pb" in files]
     assert os.path.basename(version) == "1" and os.path.exists(os.path.join(version, "..", "manifest.json"))
+    # The evaluate step's report, drawn in the image: its three figures and its mistakes' thumbnails.
+    (report,) = glob.glob(os.path.join(workdir, "**", "evaluate*", "report"), recursive=True)
+    with open(report, encoding="utf-8") as f:
+        page = f.read()
+    assert re.findall(r'<figure id="(\w+)"', page) == ["curves", "confusion", "classes"]
+    assert page.count('<img src="data:image/png;base64,') > 0
 
 
 @pytest.mark.parametrize("run", ["images", "records"])
@@ -144,7 +153,12 @@ def test_the_ascend_python_layer_runs_tf_2_6_on_python_3_9():
         "hrnet train --data /tmp/records --out /tmp/run --model w18_small_v1 --image-size 32 --batch-size 8 "
         "--train-steps 3 --log-every 1 --seed 1",
         # Training validated at its end and kept the best weights: evaluate and export take them.
-        "hrnet evaluate --data /tmp/records --checkpoint /tmp/run",
+        "hrnet evaluate --data /tmp/records --checkpoint /tmp/run --out /tmp/eval",
+        # The evaluate step's report, drawn by this image's older matplotlib (numpy 1.19).
+        "python3 -c " + shlex.quote(
+            "import re, matplotlib; from hrnet.report import write_report; "
+            "page = open(write_report('/tmp/report.html', '/tmp/run', '/tmp/eval')).read(); "
+            "print('report', matplotlib.__version__, re.findall('<figure id=.(\\w+)', page), page.count('<img '))"),
         "hrnet export --checkpoint /tmp/run --out /tmp/export --no-onnx",
         "ls /tmp/export/1 /tmp/export/frozen",
     ])
@@ -155,6 +169,9 @@ def test_the_ascend_python_layer_runs_tf_2_6_on_python_3_9():
     assert "13,187,464" in output  # w18_small_v1's official parameter count
     assert "step 3/3" in output and "saved_model.pb" in output and "hrnet.pb" in output
     assert re.search(r"w18_small_v1 \(best weights, step 3\): top-1 [\d.]+%", output), output[-3000:]
+    report = re.search(r"report (\S+) \[(.*)\] (\d+)", output)
+    assert report and report[1] == lock("ascend")["matplotlib"], output[-3000:]
+    assert report[2] == "'curves', 'confusion', 'classes'" and int(report[3]) > 0, report[0]
 
 
 def test_hrnet_serve_runs_in_the_cpu_image(bucket_runs, tmp_path):
