@@ -103,8 +103,13 @@ def confused_rows(metrics: Dict[str, Any], rows: Sequence[Dict[str, Any]],
             for p in metrics.get("most_confused", [])[:top]]
 
 
+def _weights(metrics: Dict[str, Any], manifest: Dict[str, Any]) -> str:
+    """Which weights were evaluated: "best weights (step 90)"."""
+    return f"{metrics.get('weights', 'last')} weights (step {metrics.get('step', manifest.get('step', '?'))})"
+
+
 def _facts(metrics: Dict[str, Any], manifest: Dict[str, Any]) -> str:
-    facts = [f"{metrics.get('weights', 'last')} weights (step {metrics.get('step', manifest.get('step', '?'))})"]
+    facts = [_weights(metrics, manifest)]
     facts += [f"{k} {manifest[k]}" for k in ("image_size", "precision", "device") if k in manifest]
     best = manifest.get("best")
     if best:
@@ -124,7 +129,6 @@ def settings(metrics: Dict[str, Any], manifest: Dict[str, Any], config: Dict[str
              history: Sequence[Dict[str, Any]]) -> List[Tuple[str, str]]:
     """(setting, value) of the run, for what it knows: imported weights know little."""
     peak_lr = max((h["lr"] for h in history if "lr" in h), default=None)
-    evaluated_step = metrics.get("step", manifest.get("step", "?"))
     replicas = manifest.get("num_replicas")
     rows = [
         ("model", f"{manifest.get('model', '?')}" + (f", {manifest['params'] / 1e6:.2f} M parameters"
@@ -144,8 +148,7 @@ def settings(metrics: Dict[str, Any], manifest: Dict[str, Any], config: Dict[str
                        f"{config.get('label_smoothing', 0):g}") if "momentum" in config else None),
         ("seed", config.get("seed")),
         ("training time", _duration(manifest.get("seconds")) or None),
-        ("evaluated", f"{metrics['count']} {metrics.get('split', 'validation')} images, "
-                      f"{metrics.get('weights', 'last')} weights (step {evaluated_step})"
+        ("evaluated", f"{metrics['count']} {metrics.get('split', 'validation')} images, {_weights(metrics, manifest)}"
                       + (f" in {_duration(metrics['seconds'])}" if metrics.get("seconds") is not None else "")),
         ("software", ", ".join(f"{k} {manifest[k]}" for k in ("tensorflow", "keras") if k in manifest) or None),
     ]
