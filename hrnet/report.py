@@ -15,7 +15,7 @@ import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from hrnet.errors import HrnetError
-from hrnet.run_folder import CONFIG_FILE, HISTORY
+from hrnet.run_folder import CONFIG_FILE, HISTORY, read_history
 
 METRICS = "metrics.json"
 MANIFEST = "manifest.json"
@@ -44,15 +44,6 @@ def _read_json(path: str) -> Dict[str, Any]:
             return json.load(f)
     except FileNotFoundError:
         raise HrnetError(f"cannot write the report: {path} is missing") from None
-
-
-def read_history(checkpoint: str) -> List[Dict[str, float]]:
-    """Every line of history.jsonl (training and validation), oldest first; [] when there is none."""
-    path = os.path.join(checkpoint, HISTORY)
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def read_config(checkpoint: str) -> Dict[str, Any]:
@@ -155,7 +146,7 @@ def settings(metrics: Dict[str, Any], manifest: Dict[str, Any], config: Dict[str
     return [(k, str(v)) for k, v in rows if v is not None]
 
 
-def _figure(figure, caption: str, anchor: str) -> str:
+def _figure_html(figure, caption: str, anchor: str) -> str:
     from hrnet.figures import to_svg
 
     return f'<figure id="{anchor}">{to_svg(figure)}<figcaption>{html.escape(caption)}</figcaption></figure>'
@@ -194,7 +185,7 @@ def render(checkpoint: str, evaluation: str, worst: int = 5, pairs: int = 10) ->
 
     metrics = _read_json(os.path.join(evaluation, METRICS))
     manifest = _read_json(os.path.join(checkpoint, MANIFEST))
-    history = read_history(checkpoint)
+    history = read_history(os.path.join(checkpoint, HISTORY))
     rows = per_class_rows(metrics)
     shaded = {r["index"] for r in weakest(rows, worst)}
     numbered = any(str(r.get("name", "")) != str(r["index"]) for r in rows)  # else "#" repeats the name
@@ -216,17 +207,18 @@ def render(checkpoint: str, evaluation: str, worst: int = 5, pairs: int = 10) ->
                         f'<th class="name">taken for</th><th>images</th><th>% of the class</th></tr>{confused}</table>'
                         ) if confused else ""
     curves = figures.training_curves(history, manifest.get("best"))
-    training = (_figure(curves, "Training loss and top-1 (averaged over each logging window), validation top-1 "
-                                "(the star: the best, whose weights are kept) and the learning rate.", "curves")
+    training = (_figure_html(curves, "Training loss and top-1 (averaged over each logging window), validation top-1 "
+                                     "(the star: the best, whose weights are kept) and the learning rate.", "curves")
                 if curves is not None else '<p class="muted">no training history was logged</p>')
     charts = ""
     matrix = metrics.get("confusion_matrix")
     if matrix:
-        charts += _figure(figures.confusion_heatmap(matrix["rows"], matrix["classes"]),
-                          "Rows: the true class; columns: the class predicted (top-1); colour: the share of the "
-                          "true class's images.", "confusion")
+        charts += _figure_html(figures.confusion_heatmap(matrix["rows"], matrix["classes"]),
+                               "Rows: the true class; columns: the class predicted (top-1); colour: the share of "
+                               "the true class's images.", "confusion")
     if rows:
-        charts += _figure(figures.class_accuracy(rows, metrics["top1"]), "Top-1 of each class's images.", "classes")
+        charts += _figure_html(figures.class_accuracy(rows, metrics["top1"]), "Top-1 of each class's images.",
+                               "classes")
     settings_rows = "".join(f'<tr><th class="name">{html.escape(k)}</th><td class="name">{html.escape(v)}</td></tr>'
                             for k, v in settings(metrics, manifest, read_config(checkpoint), history))
     model = html.escape(str(manifest.get("model", "?")))
