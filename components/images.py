@@ -32,7 +32,7 @@ TARGETS = tuple(TRAIN_POD)  # ascend, gpu, cpu
 IMAGES = {target: f"{REGISTRY}/hrnet-{target}:{TAG}" for target in TARGETS}
 
 # The data PVC (raw image trees, e.g. ImageNet) the prepare-data step mounts at DATA_MOUNT,
-# so source_uri may be a path under it as well as an s3:// / minio:// URI.
+# so data_uri may be a path under it (an image tree) as well as an s3:// / minio:// URI.
 DATA_PVC = "hrnet-data"
 DATA_MOUNT = "/data"
 

@@ -1,6 +1,6 @@
 """First step: check the run's parameters before any pod asks for accelerators.
 
-A bad value (devices 3, an unknown model, no data source) fails this step in seconds with
+A bad value (devices 3, an unknown model, no data) fails this step in seconds with
 a message naming it, instead of a train pod failing after it got its chips.
 """
 from typing import NamedTuple
@@ -14,8 +14,7 @@ from components.images import IMAGES
 # they are hrnet.train.pipeline_args.PIPELINE_FIELDS (tests/test_parameters.py checks that they agree).
 @dsl.component(base_image=IMAGES["cpu"], install_kfp_package=False)
 def validate(
-    source_uri: str,
-    tfrecords_uri: str,
+    data_uri: str,
     devices: int,
     nodes: int,
     device: str,
@@ -32,11 +31,10 @@ def validate(
     deploy_name: str,
     serving_runtime: str,
     train_devices: int,
-) -> NamedTuple("Checked", [("source", str), ("config", dict)]):
-    """Raise ValueError naming the first bad parameter. ``source``: the data source to use,
-    "convert" (an image tree) or "tfrecords" (records converted before); ``config``: the
-    train step's TrainConfig values, typed."""
+) -> NamedTuple("Checked", [("config", dict)]):
+    """Raise ValueError naming the first bad parameter; ``config``: the train step's TrainConfig
+    values, typed (a named output, which the run's UI shows by its name)."""
     parameters = dict(locals())  # taken before the import below adds a name of its own
     from hrnet.train.pipeline_args import check_pipeline_parameters
 
-    return check_pipeline_parameters(**parameters)
+    return (check_pipeline_parameters(**parameters),)

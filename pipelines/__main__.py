@@ -2,7 +2,7 @@
 
     python -m pipelines compile --target ascend -o hrnet-ascend.yaml
     python -m pipelines submit --host http://localhost:8080 --target ascend \\
-        -p source_uri=/data/imagenet -p devices=8
+        -p data_uri=/data/imagenet -p devices=8
     python -m pipelines run-local          # the whole pipeline here, on the demo digits
 """
 import argparse
@@ -27,8 +27,8 @@ from pipelines.console import ANSI, StepLog
 # run-local's defaults: the demo digits (32x32) to about 98% top-1 after 2-3 minutes of training
 # on 2 cores. Digits must not be mirrored, and crops keep most of a 32 px digit (ImageNet's 8%
 # would cut it away). ONNX is left out: tf2onnx adds a minute here; the SavedModel shows the export.
-DEMO = dict(model="w18_small_v1", devices=1, batch_size=32, epochs=12.0, lr=0.05, precision="fp32", image_size=32,
-            seed=1, export_onnx=False,
+DEMO = dict(data_uri="", model="w18_small_v1", devices=1, batch_size=32, epochs=12.0, lr=0.05, precision="fp32",
+            image_size=32, seed=1, export_onnx=False,
             train_config=dict(schedule="cosine", warmup_epochs=0.5, flip=False, area_range=[0.6, 1.0],
                               label_smoothing=0.1, log_every=15))
 
@@ -212,6 +212,9 @@ def _reason(error: Exception) -> str:
 
 def _submit(args) -> int:
     arguments = parse_arguments(args.param or [], target=args.target)
+    missing = [p for p in parameters.PARAMETERS if p.default is parameters.REQUIRED and p.name not in arguments]
+    if missing:  # here, not as the server's 400 after the upload
+        raise UsageError(f"the run needs -p {missing[0].name}=...: {missing[0].description}")
     with tempfile.TemporaryDirectory() as tmp:
         package = args.package or compile_pipeline(args.target, os.path.join(tmp, f"hrnet-{args.target}.yaml"),
                                                    image=args.image, train_devices=args.train_devices)
@@ -250,12 +253,12 @@ def _docker_runner(workdir: str):
     return local.DockerRunner(network_mode="host", environment=environment, user=user)
 
 
-def run_local(workdir: str, runner: str = "subprocess", source_uri: str = "", tfrecords_uri: str = "",
-              datasets_uri: str = "", console: Optional[TextIO] = None, **params) -> Dict[str, Any]:
+def run_local(workdir: str, runner: str = "subprocess", data_uri: str = "", datasets_uri: str = "",
+              console: Optional[TextIO] = None, **params) -> Dict[str, Any]:
     """The cpu pipeline on this machine with kfp.local: each step a subprocess here, or
     (``runner="docker"``) a container of the cpu image. The data: the demo digits, unless
-    ``source_uri`` (an image tree) or ``tfrecords_uri`` names other data; ``datasets_uri``:
-    where converted records go (see the pipeline). ``console``: where the short account goes
+    ``data_uri`` names other data (an image tree or TFRecords); ``datasets_uri``: where
+    converted records go (see the pipeline). ``console``: where the short account goes
     (pipelines.console), each step's whole output then to a file under ``workdir/logs``;
     without it kfp.local prints everything to stdout.
 
@@ -276,12 +279,12 @@ def run_local(workdir: str, runner: str = "subprocess", source_uri: str = "", tf
     if runner not in ("subprocess", "docker"):
         raise UsageError(f"runner must be subprocess or docker, not {runner!r}")
     workdir = os.path.abspath(workdir)
-    if not source_uri and not tfrecords_uri:
-        source_uri = os.path.join(workdir, "demo-data")
+    if not data_uri:
+        data_uri = os.path.join(workdir, "demo-data")
         try:
-            read_manifest(source_uri)
+            read_manifest(data_uri)
         except (FileNotFoundError, IncompleteError):  # absent or half-written: write it (again)
-            write_demo_data(source_uri)
+            write_demo_data(data_uri)
     # A container sees only the pipeline root (mounted at the same path): it is the work folder.
     runs_dir = os.path.join(workdir, "runs") if runner == "subprocess" else workdir
     os.makedirs(runs_dir, exist_ok=True)
@@ -301,7 +304,7 @@ def run_local(workdir: str, runner: str = "subprocess", source_uri: str = "", tf
     with contextlib.redirect_stdout(logs) if logs else contextlib.nullcontext():
         try:
             # raises RuntimeError naming the failed step
-            pipeline(source_uri=source_uri, tfrecords_uri=tfrecords_uri, datasets_uri=datasets_uri, **params)
+            pipeline(data_uri=data_uri, datasets_uri=datasets_uri, **params)
         finally:
             if logs:
                 logs.close()
@@ -321,16 +324,19 @@ def run_local(workdir: str, runner: str = "subprocess", source_uri: str = "", tf
 
 
 def _run_local(args) -> int:
+    from hrnet.storage import is_remote
     from hrnet.train.pipeline_args import check_pipeline_parameters
 
     params = {name: getattr(args, name) for name in parameters.NAMES}
     # The validate step's own check, here first: a bad value is one line and exit 2 before
     # the pipeline starts, not a failed step's traceback (the demo data stands for no source).
-    demo = "" if params["source_uri"] or params["tfrecords_uri"] else "demo"
-    check_pipeline_parameters(**parameters.validate_arguments(dict(params, source_uri=params["source_uri"] or demo),
-                                                              "cpu", cluster.MAX_DEVICES))
+    data = params["data_uri"]
+    check_pipeline_parameters(**parameters.validate_arguments(dict(params, data_uri=data or "demo"), "cpu",
+                                                              cluster.MAX_DEVICES))
+    if data and not is_remote(data) and not os.path.exists(data):
+        raise UsageError(f"--data-uri {data}: no such file or folder")
     result = run_local(args.workdir, runner=args.runner, console=None if args.verbose else sys.stdout, **params)
-    data = args.source_uri or args.tfrecords_uri or "the demo digits"
+    data = data or "the demo digits"
     print()
     print(f"HRNet {params['model']} on {data}: top-1 {100 * result['top1']:.2f}%, "
           f"top-5 {100 * result['top5']:.2f}% on {result['count']} validation images ({result['seconds']:.0f} s)")
@@ -371,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", required=True, help="the KFP API endpoint, e.g. http://localhost:8080")
     p.add_argument("--package", help="submit this compiled YAML instead of compiling --target")
     p.add_argument("-p", "--param", action="append", metavar="KEY=VALUE",
-                   help="a pipeline parameter (repeatable), e.g. -p source_uri=/data/imagenet -p devices=8")
+                   help="a pipeline parameter (repeatable), e.g. -p data_uri=/data/imagenet -p devices=8")
     p.add_argument("--experiment", default="hrnet", help="experiment name (default hrnet)")
     p.add_argument("--run-name", help="run name (default: package name and time)")
     p.add_argument("--namespace", help="the user's namespace on a multi-user KFP")
@@ -404,7 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_parameter(parser: argparse.ArgumentParser, param, default) -> None:
     """A flag for a pipeline parameter (pipelines/parameters.py)."""
     flag = "--" + param.name.replace("_", "-")
-    text = f"{param.description} (here: {json.dumps(default)})".replace("%", "%%")
+    # The one required parameter is the data, which run-local defaults to the demo digits.
+    shown = "the demo digits" if param.default is parameters.REQUIRED else json.dumps(default)
+    text = f"{param.description} (here: {shown})".replace("%", "%%")
     if param.type is bool:
         parser.add_argument(flag, dest=param.name, action=argparse.BooleanOptionalAction, default=default, help=text)
         return

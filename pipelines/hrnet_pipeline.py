@@ -150,10 +150,9 @@ def build_pipeline(target: str = "ascend", image: Optional[str] = None, data_pvc
             check.set_caching_options(False)
             # Datasets pass by reference (hrnet.data.reference): KFP's launcher would download a
             # whole Dataset artifact into every pod that takes it.
-            data = prepare_data(source=check.outputs["source"], source_uri=run["source_uri"],
-                                tfrecords_uri=run["tfrecords_uri"], datasets_uri=run["datasets_uri"])
+            data = prepare_data(data_uri=run["data_uri"], datasets_uri=run["datasets_uri"]).after(check)
             _configure(data, "data", image)
-            # KFP's cache key is the source URI, not what is there: a changed tree under the
+            # KFP's cache key is the data URI, not what is there: a changed tree under the
             # same URI must be converted again. Converting unchanged input is a quick no-op
             # when datasets_uri holds it already (the converter's own fingerprint).
             data.set_caching_options(False)

@@ -11,15 +11,18 @@ from typing import Any, Dict, List
 
 from hrnet.train.pipeline_args import PIPELINE_FIELDS, Parameter, pipeline_parameters
 
+# The default of a parameter a run must give: KFP marks it required in the run form.
+REQUIRED = inspect.Parameter.empty
+
 
 def parameters_for(device: str) -> List[Parameter]:
     """The parameters of a pipeline whose train step runs on ``device`` (its defaults differ:
     the precision)."""
     return [
-        Parameter("source_uri", str, "", "An image tree to convert (ImageNet layout or class folders): a path under "
-                                         "/data or an s3:// / minio:// URI. Give this or tfrecords_uri."),
-        Parameter("tfrecords_uri", str, "", "TFRecords converted before (an s3:// / minio:// URI). Give this or "
-                                            "source_uri."),
+        Parameter("data_uri", str, REQUIRED, "The data, required: an image tree to convert (ImageNet layout or "
+                                             "class folders) or TFRecords converted before (by `hrnet convert` or "
+                                             "slim), as an s3:// / minio:// URI or a path under /data. The "
+                                             "prepare-data step tells which from what is there."),
         Parameter("devices", int, 1, "Accelerators (or CPU processes) in the train pod: 1, 2, 4 or 8; per server "
                                      "when nodes > 1."),
         Parameter("nodes", int, 1, "Servers to train on. 1: one train pod. More: the train step launches a Volcano "
@@ -78,6 +81,6 @@ def validate_arguments(run: Dict[str, Any], device: str, train_devices: int) -> 
     """The validate step's arguments (hrnet.train.pipeline_args.check_pipeline_parameters's)
     from a run's parameters: the pipeline passes them to the step, run-local checks them
     before it starts the pipeline."""
-    names = ("source_uri", "tfrecords_uri", "devices", "nodes", "train_config", "deploy_name", "serving_runtime")
+    names = ("data_uri", "devices", "nodes", "train_config", "deploy_name", "serving_runtime")
     return dict({name: run[name] for name in names + tuple(PIPELINE_FIELDS)}, device=device,
                 train_devices=train_devices)

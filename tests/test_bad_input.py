@@ -156,7 +156,9 @@ def test_run_local_refuses_nan(capsys):
 
 @pytest.mark.parametrize("flags, words", [(["--model", "nope"], "unknown HRNet model 'nope'"),
                                           (["--devices", "3"], "devices"),
-                                          (["--deploy-name", "Not_A_Name"], "name 'Not_A_Name' must be a DNS label")])
+                                          (["--deploy-name", "Not_A_Name"], "name 'Not_A_Name' must be a DNS label"),
+                                          (["--data-uri", "/no/such/data"], "--data-uri /no/such/data: no such file"),
+                                          (["--data-uri", "gs://b/x"], "data_uri 'gs://b/x' is neither")])
 def test_run_local_refuses_a_bad_parameter_in_one_line_before_the_pipeline_starts(tmp_path, capsys, flags, words):
     from pipelines.__main__ import main
 

@@ -103,9 +103,9 @@ def bucket_runs(seaweedfs_server, tmp_path_factory):
     try:
         write_demo_data(f"s3://{bucket}/demo")
         records = f"s3://{bucket}/datasets/demo"
-        from_images = run_pipeline(tmp, "from-images", "--source-uri", f"s3://{bucket}/demo",
+        from_images = run_pipeline(tmp, "from-images", "--data-uri", f"s3://{bucket}/demo",
                                    "--datasets-uri", records)
-        from_records = run_pipeline(tmp, "from-records", "--tfrecords-uri", records)
+        from_records = run_pipeline(tmp, "from-records", "--data-uri", records)
         yield {"images": from_images, "records": from_records, "bucket": bucket}
     finally:
         monkeypatch.undo()

@@ -59,7 +59,11 @@ def test_the_compiled_pipeline_has_exactly_the_declared_parameters(compiled_inpu
     for param in parameters.parameters_for(images.TRAIN_POD[target]["device"]):
         got = compiled_inputs[param.name]
         assert got["parameterType"] == IR_TYPES[param.type], param.name
-        assert got["defaultValue"] == param.default, param.name
+        if param.default is parameters.REQUIRED:
+            # No default, so KFP marks it required: its UI asks for it, its API refuses a run without it.
+            assert "defaultValue" not in got and not got.get("isOptional"), param.name
+        else:
+            assert got["defaultValue"] == param.default and got["isOptional"], param.name
         assert got["description"] == param.description, param.name
 
 
@@ -71,8 +75,8 @@ def test_the_run_form_shows_real_defaults_where_the_target_fixes_them(compiled_i
     assert compiled_inputs["precision"]["defaultValue"] == {"npu": "mixed_fp16"}.get(device, "fp32")
     assert compiled_inputs["epochs"]["defaultValue"] == 100.0
     run = {p.name: p.default for p in parameters.parameters_for(device)}
-    _, shown = pipeline_args.check_pipeline_parameters(**parameters.validate_arguments(
-        dict(run, source_uri="s3://b/images"), device, 8))
+    shown = pipeline_args.check_pipeline_parameters(**parameters.validate_arguments(
+        dict(run, data_uri="s3://b/images"), device, 8))
     data = dict(num_classes=10, label_offset=0, train_count=12800, num_replicas=1)
     unset = TrainConfig(data="d", out="o", device=device, model=run["model"]).resolve(**data)
     given = TrainConfig.from_dict(dict(shown, data="d", out="o")).resolve(**data)
@@ -129,7 +133,7 @@ def test_run_local_has_a_flag_per_pipeline_parameter_with_the_demo_values():
 
 def test_the_components_take_the_declared_parameters():
     inputs = validate.component_spec.inputs
-    assert set(inputs) == {"source_uri", "tfrecords_uri", "devices", "nodes", "device", "train_config",
+    assert set(inputs) == {"data_uri", "devices", "nodes", "device", "train_config",
                            "deploy_name", "serving_runtime", "train_devices", *PIPELINE_FIELDS}
     declared = {p.name: p for p in parameters.PARAMETERS}
     for name, spec in inputs.items():

@@ -116,7 +116,7 @@ def test_a_run_asking_more_devices_than_the_train_pod_was_compiled_for_is_refuse
     from pipelines.__main__ import main
 
     run = {p.name: p.default for p in parameters.PARAMETERS}
-    run.update(source_uri="s3://bucket/images", devices=4)
+    run.update(data_uri="s3://bucket/images", devices=4)
     with pytest.raises(ValueError, match=r"devices=4, but this pipeline's train pod was compiled with CPU and "
                                          r"memory for 2: compile it again .*--train-devices 4"):
         check_pipeline_parameters(**parameters.validate_arguments(run, "npu", 2))
@@ -284,9 +284,7 @@ def test_validate_runs_first_then_one_step_prepares_the_data(compiled):
     handler = ir["components"]["comp-exit-handler-1"]["dag"]["tasks"]
     assert handler["validate"].get("dependentTasks") is None
     assert handler["prepare-data"]["dependentTasks"] == ["validate"]
-    assert trace_to_root(ir, "comp-prepare-data", "source") == {("task", "validate", "source")}
-    assert trace_to_root(ir, "comp-prepare-data", "tfrecords_uri") == {("root", "tfrecords_uri")}
-    assert trace_to_root(ir, "comp-prepare-data", "source_uri") == {("root", "source_uri")}
+    assert trace_to_root(ir, "comp-prepare-data", "data_uri") == {("root", "data_uri")}
     # The train branches take its one Dataset (no importer: it would download the whole data
     # set into every pod that takes it).
     branches = [name for name in handler if name.startswith("condition-branches")]
@@ -296,7 +294,7 @@ def test_validate_runs_first_then_one_step_prepares_the_data(compiled):
 def test_run_time_parameters(compiled):
     ir, _, _ = compiled["ascend"]
     params = ir["root"]["inputDefinitions"]["parameters"]
-    expected = {"source_uri": "STRING", "tfrecords_uri": "STRING", "model": "STRING", "devices": "NUMBER_INTEGER",
+    expected = {"data_uri": "STRING", "model": "STRING", "devices": "NUMBER_INTEGER",
                 "epochs": "NUMBER_DOUBLE", "train_steps": "NUMBER_INTEGER", "batch_size": "NUMBER_INTEGER",
                 "lr": "NUMBER_DOUBLE", "precision": "STRING", "image_size": "NUMBER_INTEGER",
                 "seed": "NUMBER_INTEGER", "train_config": "STRUCT", "checkpoint_uri": "STRING", "init_from": "STRING",

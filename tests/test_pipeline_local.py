@@ -62,13 +62,17 @@ def test_the_console_gets_a_short_account_and_each_step_its_whole_log(demo_run):
 
 def test_a_failed_step_ends_the_run_at_once_with_its_error_line(tmp_path):
     """Bad input fails the train step: no retry here (a retry waits 150 s), and the console
-    shows hrnet's one error line, not the executor's traceback."""
-    empty = tmp_path / "no-records"
-    empty.mkdir()
+    shows hrnet's one error line, not the executor's traceback. The data: shards named as
+    slim names them, so prepare-data takes them as records, without the labels or manifest
+    that would say their classes."""
+    slim = tmp_path / "slim-records"
+    slim.mkdir()
+    for split in ("train", "validation"):
+        (slim / f"{split}-00000-of-00001").write_bytes(b"")
     done = subprocess.run([sys.executable, "-m", "pipelines", "run-local", "--workdir", str(tmp_path / "w"),
-                           "--tfrecords-uri", str(empty)], capture_output=True, text=True, timeout=300)
+                           "--data-uri", str(slim)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 1, done.stdout + done.stderr
-    assert "hrnet train: error: " in done.stdout and "holds neither a manifest.json" in done.stdout
+    assert "hrnet train: error: " in done.stdout and "give num_classes and label_offset" in done.stdout
     assert "Traceback" not in done.stdout and "FAILURE" in done.stderr
     (train_log,) = glob.glob(str(tmp_path / "w" / "logs" / "*" / "train*.log"))
     with open(train_log) as f:

@@ -83,14 +83,14 @@ def kfp_api():
 def test_submit_creates_a_run_with_typed_parameters(kfp_api, capsys):
     host, api = kfp_api
     code = main(["submit", "--host", host, "--target", "ascend", "--experiment", "imagenet",
-                 "-p", "source_uri=/data/imagenet", "-p", "devices=8", "-p", "lr=0.4", "-p", "epochs=90"])
+                 "-p", "data_uri=/data/imagenet", "-p", "devices=8", "-p", "lr=0.4", "-p", "epochs=90"])
     assert code == 0
     assert "submitted run run-1" in capsys.readouterr().out
     (_, _, experiment), = [r for r in api.requests if r[0] == "POST" and r[1].endswith("/experiments")]
     assert experiment["display_name"] == "imagenet"
     (_, _, run), = [r for r in api.requests if r[0] == "POST" and r[1].endswith("/runs")]
     assert run["experiment_id"] == "exp-1"
-    assert run["runtime_config"]["parameters"] == {"source_uri": "/data/imagenet", "devices": 8, "lr": 0.4,
+    assert run["runtime_config"]["parameters"] == {"data_uri": "/data/imagenet", "devices": 8, "lr": 0.4,
                                                    "epochs": 90.0}
     assert run["service_account"] == images.SERVICE_ACCOUNT
     spec = run["pipeline_spec"]
@@ -104,7 +104,7 @@ def test_submit_wait_reports_a_failed_run(kfp_api, capsys):
     host, api = kfp_api
     api.run_state = "FAILED"
     try:
-        code = main(["submit", "--host", host, "--target", "cpu", "-p", "source_uri=/data/x", "--wait"])
+        code = main(["submit", "--host", host, "--target", "cpu", "-p", "data_uri=/data/x", "--wait"])
     finally:
         api.run_state = "SUCCEEDED"
     assert code == 1
@@ -116,7 +116,7 @@ def test_submit_a_compiled_package(kfp_api, tmp_path):
     package = tmp_path / "hrnet-gpu.yaml"
     assert main(["compile", "--target", "gpu", "-o", str(package)]) == 0
     assert main(["submit", "--host", host, "--package", str(package), "--service-account", "",
-                 "-p", "tfrecords_uri=s3://bucket/imagenet-tfrecords"]) == 0
+                 "-p", "data_uri=s3://bucket/imagenet-tfrecords"]) == 0
     (_, _, run), = [r for r in api.requests if r[0] == "POST" and r[1].endswith("/runs")]
     executors = run["pipeline_spec"]["pipeline_spec"]["deploymentSpec"]["executors"]
     assert executors["exec-train"]["container"]["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
@@ -127,7 +127,7 @@ def test_unreachable_host_is_one_clear_line(capsys):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    code = main(["submit", "--host", f"http://127.0.0.1:{port}", "-p", "source_uri=/data/x"])
+    code = main(["submit", "--host", f"http://127.0.0.1:{port}", "-p", "data_uri=/data/x"])
     err = capsys.readouterr().err
     assert code == 2
     assert f"cannot reach Kubeflow Pipelines at http://127.0.0.1:{port}" in err
@@ -137,7 +137,7 @@ def test_unreachable_host_is_one_clear_line(capsys):
 def test_a_backend_older_than_the_pipeline_needs_is_refused_before_a_run_is_made(kfp_api, capsys):
     host, api = kfp_api
     api.healthz = {"multi_user": False, "tag_name": "2.2.0"}
-    code = main(["submit", "--host", host, "--target", "cpu", "-p", "source_uri=/data/x"])
+    code = main(["submit", "--host", host, "--target", "cpu", "-p", "data_uri=/data/x"])
     err = capsys.readouterr().err
     assert code == 2
     assert err.strip().splitlines() == [
@@ -155,7 +155,7 @@ def test_a_backend_older_than_the_pipeline_needs_is_refused_before_a_run_is_made
 def test_backend_version_from_either_healthz_answer(kfp_api, capsys, healthz, warning):
     host, api = kfp_api
     api.healthz = healthz
-    assert main(["submit", "--host", host, "--target", "cpu", "-p", "source_uri=/data/x"]) == 0
+    assert main(["submit", "--host", host, "--target", "cpu", "-p", "data_uri=/data/x"]) == 0
     err = capsys.readouterr().err
     assert (warning in err) if warning else "submit:" not in err, err
     assert [r for r in api.requests if r[0] == "POST" and r[1].endswith("/runs")]
@@ -179,9 +179,19 @@ def test_parameters_are_typed_and_checked():
 
 
 def test_missing_package_is_reported(tmp_path, capsys):
-    code = main(["submit", "--host", "http://127.0.0.1:1", "--package", str(tmp_path / "nope.yaml")])
+    code = main(["submit", "--host", "http://127.0.0.1:1", "--package", str(tmp_path / "nope.yaml"),
+                 "-p", "data_uri=/data/x"])
     assert code == 2
     assert "no such pipeline package" in capsys.readouterr().err
+
+
+def test_a_run_without_its_data_is_refused_before_anything_is_sent(kfp_api, capsys):
+    host, api = kfp_api
+    code = main(["submit", "--host", host, "--target", "cpu", "-p", "devices=1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "the run needs -p data_uri=...: The data, required" in err
+    assert not api.requests
 
 
 @pytest.mark.parametrize("flag, header, secret", [("--token-file", "Authorization", "Bearer tok-3f9a1c"),
@@ -192,7 +202,7 @@ def test_submit_to_a_multi_user_kubeflow_sends_the_token_or_cookies_and_never_pr
     api.require = (header, secret)
     secret_file = tmp_path / "secret"
     secret_file.write_text(secret.replace("Bearer ", "") + "\n")
-    args = ["submit", "--host", host, "--target", "cpu", "--namespace", "alice", "-p", "source_uri=/data/x"]
+    args = ["submit", "--host", host, "--target", "cpu", "--namespace", "alice", "-p", "data_uri=/data/x"]
 
     assert main(args) == 2  # without credentials: one line saying what a multi-user Kubeflow needs
     out, err = capsys.readouterr()

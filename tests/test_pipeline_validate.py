@@ -13,7 +13,7 @@ from kfp import local
 from components.validate import validate
 from pipelines.hrnet_pipeline import build_pipeline
 
-GOOD = dict(source_uri="/data/raw", tfrecords_uri="", model="w18_small_v1", devices=1, nodes=1,
+GOOD = dict(data_uri="/data/raw", model="w18_small_v1", devices=1, nodes=1,
             device="cpu",
             batch_size=32, epochs=1.0, train_steps=0, lr=0.0, precision="", image_size=32, seed=0,
             train_config=dict(schedule="cosine", flip=False, area_range=[0.35, 1]), init_from="", deploy_name="hrnet",
@@ -30,7 +30,7 @@ def runs_dir(tmp_path_factory):
 def test_devices_3_fails_the_first_step_and_the_run_is_recorded(runs_dir, capfd):
     pipeline = build_pipeline("cpu", data_pvc=None)
     with pytest.raises(RuntimeError, match="validate"):
-        pipeline(source_uri="/data/raw", devices=3)
+        pipeline(data_uri="/data/raw", devices=3)
     out = capfd.readouterr()
     assert "devices must be 1, 2, 4 or 8" in out.out + out.err
     (run_dir,) = glob.glob(str(runs_dir / "hrnet-classification-*"))
@@ -46,10 +46,8 @@ def test_devices_3_fails_the_first_step_and_the_run_is_recorded(runs_dir, capfd)
     (dict(deploy_name="HRNet"), "the InferenceService name 'HRNet' must be a DNS label"),
     (dict(deploy_name="a" * 46), "at most 45 characters"),
     (dict(serving_runtime="triton"), "unknown serving runtime 'triton'; choose one of tensorflow, hrnet"),
-    (dict(source_uri=""), "give exactly one data source"),
-    (dict(tfrecords_uri="s3://bucket/records"), "give exactly one data source"),
-    (dict(source_uri="", tfrecords_uri="/no/such/records"), "tfrecords_uri '/no/such/records' is neither"),
-    (dict(source_uri="gs://bkt/x"), "source_uri 'gs://bkt/x' is neither an s3:// / minio:// URI nor a path"),
+    (dict(data_uri=""), "data_uri is required: an image tree to convert or TFRecords"),
+    (dict(data_uri="gs://bkt/x"), "data_uri 'gs://bkt/x' is neither an s3:// / minio:// URI nor a path"),
     (dict(precision="fp8"), "precision must be one of fp32, mixed_fp16, bf16"),
     (dict(image_size=100), "image_size must be a positive multiple of 32"),
     (dict(device="npu", precision="bf16"), "Ascend 910 has no bf16"),
@@ -67,7 +65,6 @@ def test_devices_3_fails_the_first_step_and_the_run_is_recorded(runs_dir, capfd)
     (dict(nodes=0), "nodes must be 1 or more"),
     (dict(devices=8, train_devices=1), "devices=8, but this pipeline's train pod was compiled with CPU and memory "
                                        "for 1"),
-    (dict(source_uri="", tfrecords_uri=os.getcwd(), nodes=2), "share no disk: give an s3:// / minio:// URI"),
 ])
 def test_bad_parameters_are_named(runs_dir, capfd, change, message):
     with pytest.raises(RuntimeError, match="validate"):
@@ -76,12 +73,9 @@ def test_bad_parameters_are_named(runs_dir, capfd, change, message):
     assert message in out.out + out.err
 
 
-def test_good_parameters_pick_the_data_source_and_type_the_config(runs_dir):
-    checked = validate(**GOOD).outputs
-    assert checked["source"] == "convert"
+def test_good_parameters_give_the_typed_config(runs_dir):
     # Only what the run sets, typed: 0 and "" (the library's defaults) are left out, and the
     # whole numbers a KFP struct carries as doubles are ints again.
-    assert checked["config"] == dict(model="w18_small_v1", device="cpu", batch_size=32, epochs=1.0,
-                                     image_size=32, schedule="cosine", flip=False, area_range=[0.35, 1.0])
-    assert validate(**dict(GOOD, source_uri="", tfrecords_uri="s3://bucket/records", devices=8)
-                    ).outputs["source"] == "tfrecords"
+    assert validate(**GOOD).outputs["config"] == dict(model="w18_small_v1", device="cpu", batch_size=32, epochs=1.0,
+                                                       image_size=32, schedule="cosine", flip=False,
+                                                       area_range=[0.35, 1.0])

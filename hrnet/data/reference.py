@@ -43,6 +43,51 @@ def refer(records_uri: str, folder: str) -> Dict[str, Any]:
     return {"kind": KIND, "uri": records_uri, "manifest": manifest}
 
 
+def holds_records(uri: str) -> bool:
+    """Whether ``uri`` holds TFRecords (ours: a manifest.json of kind tfrecords; slim's: train- /
+    validation- shards at its top) rather than an image tree to convert. Only its top level is
+    listed: an image tree of a million files costs one request."""
+    manifest_uri = uri.rstrip("/") + "/" + MANIFEST
+    if storage.exists(manifest_uri):
+        try:
+            body = json.loads(storage.read_text(manifest_uri))
+        except ValueError:  # someone else's manifest.json, beside their images
+            body = None
+        kind = body.get("kind") if isinstance(body, dict) else None
+        if kind not in (None, "tfrecords", "image-folders"):  # another step's output: a checkpoint, an export
+            raise HrnetError(f"{uri} holds a {kind!r} output, neither TFRecords nor an image tree")
+        return kind == "tfrecords"
+    try:
+        names = storage.list_names(uri)
+    except FileNotFoundError:
+        names = []
+    if not names:
+        raise HrnetError(f"{uri}: there is nothing there (give an image tree to convert, or TFRecords)")
+    return any(schema.is_shard(name, split) for name in names for split in schema.SPLITS)
+
+
+def prepare(data_uri: str, folder: str, artifact_uri: str, datasets_uri: str = "") -> Dict[str, Any]:
+    """The pipeline's data set (its prepare-data step): a reference in ``folder`` to the TFRecords
+    at ``data_uri``, or to the records its image tree converts to, at ``datasets_uri`` ("":
+    beside ``artifact_uri``, the step's Dataset artifact). Returns the artifact's metadata."""
+    if holds_records(data_uri):
+        if storage.is_remote(artifact_uri) and not storage.is_remote(data_uri):
+            # A pipeline root in object storage means the steps run in pods of their own, and
+            # only this one mounts the data volume (the local runner's steps share the disk).
+            raise HrnetError(f"{data_uri} holds TFRecords on a volume that only the prepare-data step mounts, so "
+                             "the train and evaluate pods cannot read them: copy them to object storage and give "
+                             "that s3:// / minio:// URI, or give the image tree to convert")
+        refer(data_uri, folder)
+        return {"records": data_uri}
+    from hrnet.data.convert import convert_dataset
+
+    records = datasets_uri or storage.sibling(artifact_uri, "tfrecords")
+    manifest = convert_dataset(data_uri, records)
+    write_reference(folder, records, manifest)
+    return dict({key: manifest[key] for key in ("num_classes", "label_offset", "counts", "num_skipped")},
+                records=records)
+
+
 def resolve(data: str) -> str:
     """The records' location: ``data`` itself, or the URI a reference folder names."""
     if storage.is_remote(data):

@@ -329,6 +329,26 @@ def list_files(uri: str) -> List[str]:
     return sorted(objects.list_objects(s, bucket, prefix, uri))
 
 
+def list_names(uri: str) -> List[str]:
+    """The names directly under the folder ``uri`` (files and folders, sorted), without
+    listing what is below them: an image tree of a million files is one request's work."""
+    if not is_remote(uri):
+        path = local_path(uri)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"no such directory: {path}")
+        return sorted(os.listdir(path))
+    s = settings_from_env()
+    bucket, prefix = split_uri(uri)
+    base = prefix + "/" if prefix else ""
+
+    def go():
+        names = (o.object_name[len(base):].rstrip("/")
+                 for o in get_client(s).list_objects(bucket, prefix=base or None, recursive=False))
+        return sorted(name for name in names if name)
+
+    return with_retries(s, f"list {uri}", go)
+
+
 def read_bytes(uri: str) -> bytes:
     """The content of a small file (whole in memory), checked against its sha256."""
     if not is_remote(uri):

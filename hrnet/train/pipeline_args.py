@@ -9,7 +9,7 @@ values, which become ``hrnet train`` flags (train_command).
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List
 
 from hrnet import configs
 from hrnet.runtime import check_devices, check_nodes, cluster, resolve_precision
@@ -70,28 +70,23 @@ def _from_pipeline(name: str, value):
     return None if TrainConfig.__dataclass_fields__[name].default is None and not value else value
 
 
-def check_pipeline_parameters(source_uri: str, tfrecords_uri: str, devices: int, device: str,
-                              train_config: Dict[str, Any], nodes: int = 1, deploy_name: str = "hrnet",
-                              serving_runtime: str = "tensorflow", train_devices: int = cluster.MAX_DEVICES,
-                              **fields) -> Tuple[str, Dict[str, Any]]:
+def check_pipeline_parameters(data_uri: str, devices: int, device: str, train_config: Dict[str, Any],
+                              nodes: int = 1, deploy_name: str = "hrnet", serving_runtime: str = "tensorflow",
+                              train_devices: int = cluster.MAX_DEVICES, **fields) -> Dict[str, Any]:
     """Check a pipeline run's parameters before any pod asks for accelerators; ValueError
-    naming the first bad one. ``fields``: the PIPELINE_FIELDS. Returns the data source to use
-    ("convert": an image tree, "tfrecords": records converted before) and the train step's
-    config: the TrainConfig values the run sets, typed (train_command's input). ``train_devices``:
-    the devices the compiled pipeline's single train pod has CPU and memory for."""
+    naming the first bad one. ``fields``: the PIPELINE_FIELDS. Returns the train step's config:
+    the TrainConfig values the run sets, typed (train_command's input). ``train_devices``: the
+    devices the compiled pipeline's single train pod has CPU and memory for. What ``data_uri``
+    holds (an image tree or TFRecords) is for the prepare-data step to find: this step has no
+    object-store credentials and does not mount /data."""
     if sorted(fields) != sorted(PIPELINE_FIELDS):
         raise TypeError("check_pipeline_parameters takes the fields %s, got %s" % (PIPELINE_FIELDS, sorted(fields)))
-    if bool(source_uri) == bool(tfrecords_uri):
-        raise ValueError("give exactly one data source: source_uri (an image tree to convert) or tfrecords_uri "
-                         "(TFRecords made by `hrnet convert` or slim); "
-                         f"got source_uri={source_uri!r} tfrecords_uri={tfrecords_uri!r}")
-    if "://" in source_uri and not is_remote(source_uri):
-        # A path is checked where it is mounted (the prepare-data step's /data); a URI of another
-        # store is refused now, not by the prepare-data step's stack trace.
-        raise ValueError(f"source_uri {source_uri!r} is neither an s3:// / minio:// URI nor a path")
-    if tfrecords_uri and not is_remote(tfrecords_uri) and not os.path.isdir(tfrecords_uri):
-        # KFP imports the records as an artifact: in a cluster that takes an object-store URI.
-        raise ValueError(f"tfrecords_uri {tfrecords_uri!r} is neither an s3:// / minio:// URI nor a folder here")
+    if not data_uri:
+        raise ValueError("data_uri is required: an image tree to convert or TFRecords, as an s3:// / minio:// URI "
+                         "or a path under /data")
+    if "://" in data_uri and not is_remote(data_uri):
+        # A URI of another store is refused now, not by the prepare-data step's stack trace.
+        raise ValueError(f"data_uri {data_uri!r} is neither an s3:// / minio:// URI nor a path")
     init_from = fields["init_from"]
     if init_from and not is_remote(init_from) and not os.path.exists(init_from):
         raise ValueError(f"init_from {init_from!r} is neither an s3:// / minio:// URI nor a path here (weights of "
@@ -104,9 +99,6 @@ def check_pipeline_parameters(source_uri: str, tfrecords_uri: str, devices: int,
         raise ValueError(f"devices={devices}, but this pipeline's train pod was compiled with CPU and memory for "
                          f"{train_devices}: compile it again with `python -m pipelines compile --train-devices "
                          f"{devices}`")
-    if nodes > 1 and tfrecords_uri and not is_remote(tfrecords_uri):
-        raise ValueError(f"tfrecords_uri {tfrecords_uri!r} is a folder, but the servers of a multi-node job "
-                         "(nodes > 1) share no disk: give an s3:// / minio:// URI")
     if not isinstance(train_config, dict):
         raise ValueError(f"train_config must be a mapping of TrainConfig keys to values, got {train_config!r}")
     taken = sorted(set(train_config) & set(PIPELINE_FIELDS + PIPELINE_SET))
@@ -114,9 +106,9 @@ def check_pipeline_parameters(source_uri: str, tfrecords_uri: str, devices: int,
         raise ValueError(f"train_config may not set {taken[0]}: the pipeline sets it (from its own parameters)")
     values = dict(train_config, device=device, **{k: _from_pipeline(k, v) for k, v in fields.items()})
     values = {k: v for k, v in values.items() if v is not None}
-    config = TrainConfig.from_dict(dict(values, data=source_uri or tfrecords_uri, out="(the Model artifact)"),
+    config = TrainConfig.from_dict(dict(values, data=data_uri, out="(the Model artifact)"),
                                    where="train_config").validate().to_dict()
-    return ("convert" if source_uri else "tfrecords"), {k: config[k] for k in values}
+    return {k: config[k] for k in values}
 
 
 def to_flags(values: Dict[str, Any]) -> List[str]:
