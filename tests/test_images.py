@@ -382,11 +382,11 @@ def test_ascend_image_kfp_runs_the_components_compiled_by_the_project_kfp(compil
     for name, function, source, _ in component_sources(ir):
         component = next(c for c, spec in ir["components"].items() if spec.get("executorLabel") == name)
         returns = ir["components"][component].get("outputDefinitions", {}).get("parameters", {})
-        # validate's (source, config), a NamedTuple of a string and a struct; deploy's URL, a string
-        returned = {"source": "convert", "config": {"batch_size": 8}} if len(returns) > 1 else \
-            {"Output": "http://hrnet.hrnet.example.com"} if returns else None
+        # validate's (config,), a NamedTuple of a struct; deploy's URL, a string (KFP's "Output")
+        samples = {"config": {"batch_size": 8}, "Output": "http://hrnet.hrnet.example.com"}
+        returned = {n: samples[n] for n in returns} or None
         jobs.append({"name": name, "component": component, "function": function, "source": source,
-                     "return": returned and (list(returned.values()) if len(returned) > 1 else returned["Output"]),
+                     "return": returned and (returned["Output"] if "Output" in returned else list(returned.values())),
                      "expected": returned,
                      "executor_input": executor_input(ir, component, tmp_path)})
     assert len(jobs) >= 5
